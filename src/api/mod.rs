@@ -1,0 +1,146 @@
+//! The HTTP API: routes, the middleware stack, and the OpenAPI document
+//! generated from the same route list (so every route is documented).
+
+mod guard;
+pub mod json;
+mod keys;
+mod settings;
+mod system;
+mod usage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, Response as HttpResponse};
+use axum::response::{IntoResponse, Response};
+use axum::{middleware, BoxError, Extension, Router};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::state::AppState;
+use crate::Error;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "voxgate", description = "AI voice agents on the phone, and a generation API."),
+    modifiers(&SecuritySchemes),
+    security(("bearer" = []), ("x-api-key" = []))
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("sk_live_...").build()),
+        );
+        components.add_security_scheme("x-api-key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))));
+    }
+}
+
+/// The routes behind the API guard (key + scope + rate limit).
+fn guarded_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(keys::list_keys, keys::create_key))
+        .routes(routes!(keys::get_key, keys::revoke_key))
+        .routes(routes!(keys::rotate_key))
+        .routes(routes!(usage::get_usage))
+        .routes(routes!(settings::get_settings, settings::set_settings))
+}
+
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(system::health))
+        .routes(routes!(system::ready))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::openapi))
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+        .merge(guarded_routes())
+        .merge(public_routes())
+        .into_openapi()
+}
+
+/// The whole application, ready to serve.
+pub fn router(state: AppState) -> Router {
+    let (guarded, guarded_doc) = OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(guarded_routes()).split_for_parts();
+    let (public, public_doc) = public_routes().split_for_parts();
+    let mut doc = guarded_doc;
+    doc.merge(public_doc);
+    let doc_json = system::OpenApiJson(Arc::new(doc.to_pretty_json().unwrap_or_else(|_| "{}".into())));
+
+    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
+    let timeout = Duration::from_secs(state.config.request_timeout_secs);
+    let request_id = HeaderName::from_static("x-request-id");
+
+    Router::new()
+        .merge(guarded)
+        .merge(public)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(Extension(doc_json))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        .layer(
+            ServiceBuilder::new()
+                .layer(CatchPanicLayer::custom(panic_response))
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(HandleErrorLayer::new(timeout_response))
+                .timeout(timeout),
+        )
+        .with_state(state)
+}
+
+/// One span per request; the key never appears (only its account, added by
+/// the guard), and neither does the query string.
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %request_id,
+        account_id = tracing::field::Empty,
+    )
+}
+
+async fn not_found() -> Error {
+    Error::NotFound("no such endpoint".into())
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
+async fn timeout_response(err: BoxError) -> Response {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        Error::Unavailable("request timed out".into()).into_response()
+    } else {
+        Error::Internal(anyhow::anyhow!("middleware error: {err}")).into_response()
+    }
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> HttpResponse<axum::body::Body> {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    Error::Internal(anyhow::anyhow!("handler panicked: {detail}")).into_response()
+}

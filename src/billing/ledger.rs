@@ -1,0 +1,249 @@
+//! The credits ledger. Every change of a balance is one ledger row with a
+//! reason and an idempotency key, written in the same transaction as a
+//! conditional update of `accounts.credits`, so:
+//! - two concurrent debits can never spend the same credit (the update only
+//!   succeeds while `credits >= n`, and the column has `CHECK (credits >= 0)`);
+//! - replaying a debit, grant or refund with the same key changes nothing;
+//! - `accounts.credits` always equals the sum of the account's ledger deltas.
+//!
+//! Each transaction starts with a write, so SQLite takes its write lock at
+//! the first statement and concurrent writers queue on the busy timeout
+//! instead of failing on a stale read snapshot.
+
+use sqlx::Row;
+
+use crate::clock::now_ms;
+use crate::db::Db;
+use crate::domain::{AccountId, Credits};
+use crate::{Error, Result};
+
+/// Why a balance changed. Stored as text (`as_db`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Credits added by an operator or a purchase.
+    Grant,
+    /// A generation job of the given kind (`image`, `video`, ...).
+    Generation(&'static str),
+    /// One started minute of a connected call.
+    CallMinute,
+    /// Money returned for a failed operation.
+    Refund,
+}
+
+impl Reason {
+    pub fn as_db(self) -> String {
+        match self {
+            Reason::Grant => "grant".into(),
+            Reason::Generation(kind) => format!("generate.{kind}"),
+            Reason::CallMinute => "call.minute".into(),
+            Reason::Refund => "refund".into(),
+        }
+    }
+}
+
+/// A client- or system-chosen key that makes a ledger write happen once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 200;
+
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.is_empty() || s.len() > Self::MAX_LEN {
+            return Err(Error::bad_request(format!(
+                "idempotency key must be 1-{} characters, got {}",
+                Self::MAX_LEN,
+                s.len()
+            )));
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::bad_request("idempotency key must be printable ASCII without spaces"));
+        }
+        Ok(IdempotencyKey(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn refund_key(&self) -> String {
+        format!("refund:{}", self.0)
+    }
+}
+
+/// The result of a debit that went through (now or on an earlier call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Debit {
+    pub amount: Credits,
+    /// False when the key had already been applied and nothing changed.
+    pub applied: bool,
+}
+
+/// The result of a refund request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refund {
+    /// The debit's amount went back to the account now.
+    Refunded(Credits),
+    /// It had been refunded before; nothing changed.
+    AlreadyRefunded(Credits),
+    /// No debit with that key exists for the account.
+    NoSuchDebit,
+}
+
+/// Takes `amount` from the account, or fails with `PaymentRequired` and
+/// changes nothing.
+pub async fn debit(
+    db: &Db,
+    account: AccountId,
+    amount: Credits,
+    reason: Reason,
+    reference: Option<&str>,
+    key: &IdempotencyKey,
+) -> Result<Debit> {
+    if amount == Credits::ZERO {
+        return Err(Error::bad_request("a debit must be at least 1 credit"));
+    }
+    let n = amount.to_db()?;
+    let mut tx = db.pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (account_id, idempotency_key) DO NOTHING",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(account.to_string())
+    .bind(-n)
+    .bind(reason.as_db())
+    .bind(reference)
+    .bind(key.as_str())
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await?;
+        return replayed(db, account, key, -n).await.map(|amount| Debit { amount, applied: false });
+    }
+    let updated = sqlx::query(
+        "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 RETURNING credits",
+    )
+    .bind(n)
+    .bind(account.to_string())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if updated.is_none() {
+        tx.rollback().await?;
+        let balance = balance(db, account).await?;
+        return Err(Error::PaymentRequired { needed: amount.get(), balance: balance.get() });
+    }
+    tx.commit().await?;
+    Ok(Debit { amount, applied: true })
+}
+
+/// Adds `amount` to the account, once per key.
+pub async fn grant(db: &Db, account: AccountId, amount: Credits, key: &IdempotencyKey) -> Result<Credits> {
+    if amount == Credits::ZERO {
+        return Err(Error::bad_request("a grant must be at least 1 credit"));
+    }
+    let n = amount.to_db()?;
+    let mut tx = db.pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, created_at) \
+         SELECT $1, id, $2, $3, NULL, $4, $5 FROM accounts WHERE id = $6 \
+         ON CONFLICT (account_id, idempotency_key) DO NOTHING",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(n)
+    .bind(Reason::Grant.as_db())
+    .bind(key.as_str())
+    .bind(now_ms())
+    .bind(account.to_string())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        let updated = sqlx::query("UPDATE accounts SET credits = credits + $1 WHERE id = $2")
+            .bind(n)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            return Err(Error::not_found("account"));
+        }
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+        // Either the key was used already or the account does not exist.
+        replayed(db, account, key, n).await?;
+    }
+    balance(db, account).await
+}
+
+/// Returns the credits of the debit made with `debit_key`, once.
+pub async fn refund(db: &Db, account: AccountId, debit_key: &IdempotencyKey) -> Result<Refund> {
+    let mut tx = db.pool.begin().await?;
+    let row = sqlx::query(
+        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, refund_of, created_at) \
+         SELECT $1, account_id, -delta, $2, reference, $3, idempotency_key, $4 FROM ledger \
+         WHERE account_id = $5 AND idempotency_key = $6 AND delta < 0 \
+         ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING delta",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(Reason::Refund.as_db())
+    .bind(debit_key.refund_key())
+    .bind(now_ms())
+    .bind(account.to_string())
+    .bind(debit_key.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        tx.rollback().await?;
+        let previous: Option<i64> =
+            sqlx::query_scalar("SELECT delta FROM ledger WHERE account_id = $1 AND idempotency_key = $2")
+                .bind(account.to_string())
+                .bind(debit_key.refund_key())
+                .fetch_optional(&db.pool)
+                .await?;
+        return match previous {
+            Some(n) => Ok(Refund::AlreadyRefunded(Credits::from_db(n)?)),
+            None => Ok(Refund::NoSuchDebit),
+        };
+    };
+    let n: i64 = row.try_get(0)?;
+    sqlx::query("UPDATE accounts SET credits = credits + $1 WHERE id = $2")
+        .bind(n)
+        .bind(account.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Refund::Refunded(Credits::from_db(n)?))
+}
+
+/// The account's current balance.
+pub async fn balance(db: &Db, account: AccountId) -> Result<Credits> {
+    let v: Option<i64> = sqlx::query_scalar("SELECT credits FROM accounts WHERE id = $1")
+        .bind(account.to_string())
+        .fetch_optional(&db.pool)
+        .await?;
+    Credits::from_db(v.ok_or_else(|| Error::not_found("account"))?)
+}
+
+/// The amount recorded under `key`, which must equal `expected_delta`: one
+/// key names one operation, and reusing it for another amount is a client bug.
+async fn replayed(db: &Db, account: AccountId, key: &IdempotencyKey, expected_delta: i64) -> Result<Credits> {
+    let delta: Option<i64> =
+        sqlx::query_scalar("SELECT delta FROM ledger WHERE account_id = $1 AND idempotency_key = $2")
+            .bind(account.to_string())
+            .bind(key.as_str())
+            .fetch_optional(&db.pool)
+            .await?;
+    match delta {
+        None => Err(Error::not_found("account")),
+        Some(d) if d == expected_delta => Credits::from_db(d.abs()),
+        Some(_) => Err(Error::bad_request(format!(
+            "idempotency key '{}' was already used for a different operation",
+            key.as_str()
+        ))),
+    }
+}

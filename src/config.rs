@@ -1,0 +1,162 @@
+//! Process configuration: defaults, then `voxgate.toml`, then environment.
+//!
+//! Environment variables are `VOXGATE_<FIELD>` with `__` between nested
+//! fields (`VOXGATE_RATE_LIMITS__READS__REQUESTS=100`), plus the conventional
+//! `DATABASE_URL`. The config is read once in `main` and carried in `AppState`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on. Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// `sqlite://voxgate.db` (default) or `postgres://...`.
+    pub database_url: String,
+    /// Upper bound of the connection pool.
+    pub db_max_connections: u32,
+    /// Identifies this process among several sharing one database.
+    pub node_id: String,
+    pub log: LogConfig,
+    pub rate_limits: RateLimits,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// A request that takes longer is answered with 503.
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `voxgate=debug,sqlx=warn`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Per-key request quotas, one per class of endpoint (the contract's table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// `POST /api/generate/*`.
+    pub generation: Quota,
+    /// `GET` endpoints.
+    pub reads: Quota,
+    /// Other writes (`POST`/`PATCH` outside generation and uploads).
+    pub writes: Quota,
+    /// `/api/upload/*`.
+    pub uploads: Quota,
+    /// `DELETE`.
+    pub deletes: Quota,
+}
+
+/// `requests` per `seconds`, refilled continuously (GCRA).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub requests: u32,
+    pub seconds: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://voxgate.db".into(),
+            db_max_connections: 16,
+            node_id: "node-1".into(),
+            log: LogConfig { format: LogFormat::Pretty, filter: "info".into() },
+            rate_limits: RateLimits::default(),
+            max_body_bytes: 1024 * 1024,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            generation: Quota { requests: 5, seconds: 10 },
+            reads: Quota { requests: 20, seconds: 10 },
+            writes: Quota { requests: 20, seconds: 10 },
+            uploads: Quota { requests: 10, seconds: 60 },
+            deletes: Quota { requests: 10, seconds: 60 },
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file if it exists, then the environment.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(path))
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Env::prefixed("VOXGATE_").split("__"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let rl = &self.rate_limits;
+        for (name, q) in [
+            ("generation", rl.generation),
+            ("reads", rl.reads),
+            ("writes", rl.writes),
+            ("uploads", rl.uploads),
+            ("deletes", rl.deletes),
+        ] {
+            anyhow::ensure!(
+                q.requests > 0 && q.seconds > 0,
+                "rate_limits.{name}: requests and seconds must both be at least 1"
+            );
+        }
+        anyhow::ensure!(self.db_max_connections > 0, "db_max_connections must be at least 1");
+        anyhow::ensure!(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024");
+        anyhow::ensure!(self.request_timeout_secs > 0, "request_timeout_secs must be at least 1");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("voxgate.toml", "bind = \"127.0.0.1:9000\"\n[rate_limits.reads]\nrequests = 7\nseconds = 3\n")?;
+            jail.set_env("VOXGATE_BIND", "127.0.0.1:9001");
+            jail.set_env("DATABASE_URL", "postgres://127.0.0.1/test");
+            let c = Config::load(Path::new("voxgate.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.bind.port(), 9001);
+            assert_eq!(c.database_url, "postgres://127.0.0.1/test");
+            assert_eq!(c.rate_limits.reads, Quota { requests: 7, seconds: 3 });
+            assert_eq!(c.rate_limits.generation, Quota { requests: 5, seconds: 10 });
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_quota_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("VOXGATE_RATE_LIMITS__READS__REQUESTS", "0");
+            let err = Config::load(Path::new("missing.toml")).unwrap_err().to_string();
+            assert!(err.contains("rate_limits.reads"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,12 @@
+//! Types that carry the rules: values parsed at the edge that cannot be
+//! invalid afterwards. Handlers and services work only with these.
+
+mod credits;
+mod ids;
+mod plan;
+mod scope;
+
+pub use credits::Credits;
+pub use ids::{AccountId, KeyId};
+pub use plan::Plan;
+pub use scope::{Scope, Scopes};

@@ -1,0 +1,27 @@
+//! voxgate: AI voice agents on the phone.
+//!
+//! This crate is the server process: configuration, storage, API keys and
+//! scopes, the credits ledger, rate limits, the SSRF guard for user-supplied
+//! URLs, metrics and the HTTP API. Telephony (`voxgate-sip`), media
+//! (`voxgate-media`) and the speech pipeline (`voxgate-agents`) live in their
+//! own crates and know nothing of HTTP.
+
+pub mod accounts;
+pub mod api;
+pub mod auth;
+pub mod billing;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod limits;
+pub mod metrics;
+pub mod net;
+pub mod server;
+pub mod settings;
+pub mod state;
+pub mod telemetry;
+
+pub use error::{Error, Result};

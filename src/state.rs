@@ -1,0 +1,21 @@
+//! `AppState`: everything a request handler may use, built once in
+//! `server::build_state` and passed by axum's `State`.
+
+use std::sync::Arc;
+
+use crate::auth::usage_recorder::KeyUsageRecorder;
+use crate::config::Config;
+use crate::db::Db;
+use crate::limits::RequestLimiter;
+use crate::metrics::Metrics;
+use crate::net::ssrf::SsrfGuard;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub limiter: Arc<RequestLimiter>,
+    pub metrics: Arc<Metrics>,
+    pub ssrf: SsrfGuard,
+    pub key_usage: KeyUsageRecorder,
+}
