@@ -103,7 +103,7 @@ impl Config {
         let config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(path))
             .merge(Env::raw().only(&["DATABASE_URL"]))
-            .merge(Env::prefixed("VOXGATE_").split("__"))
+            .merge(Env::prefixed("VOXGATE_").ignore(&["CONFIG"]).split("__"))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         config.validate()?;

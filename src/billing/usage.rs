@@ -64,7 +64,7 @@ pub struct BillingCycle {
 pub async fn used_in_cycle(db: &Db, account: AccountId, at_ms: i64) -> Result<(UsedCounts, BillingCycle)> {
     let (start, end) = month_bounds(at_ms);
     let rows = sqlx::query(
-        "SELECT l.reason, COUNT(*), COALESCE(SUM(-l.delta), 0) FROM ledger l \
+        "SELECT l.reason, COUNT(*), CAST(COALESCE(SUM(-l.delta), 0) AS BIGINT) FROM ledger l \
          WHERE l.account_id = $1 AND l.delta < 0 AND l.created_at >= $2 AND l.created_at < $3 \
          AND NOT EXISTS (SELECT 1 FROM ledger r WHERE r.account_id = l.account_id AND r.refund_of = l.idempotency_key) \
          GROUP BY l.reason",

@@ -1,0 +1,204 @@
+//! Test harness shared by the black-box tests: a database of its own per
+//! test (a SQLite file, or a fresh PostgreSQL database when
+//! `VG_TEST_BACKEND=postgres`), the real `voxgate` binary started on a
+//! free loopback port, and the CLI run against the same database.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_voxgate");
+
+/// A database that exists for one test and is removed afterwards.
+pub struct TestDb {
+    pub url: String,
+    dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("VG_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn backend_is_postgres() -> bool {
+    std::env::var("VG_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if backend_is_postgres() {
+            use sqlx::Connection;
+            let name = format!("vg_test_{}", uuid::Uuid::new_v4().simple());
+            let admin = pg_admin_url();
+            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("PostgreSQL for tests");
+            sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str()).await.expect("create db");
+            let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).expect("db url has a path");
+            TestDb { url: format!("{base}/{name}"), dir, pg_name: Some(name) }
+        } else {
+            let url = format!("sqlite://{}/voxgate.db", dir.path().display());
+            TestDb { url, dir, pg_name: None }
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else { return };
+        let admin = pg_admin_url();
+        // Drop runs outside async context; a thread of its own runs the query.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::Executor::execute(&mut conn, format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The running server and what a client needs to talk to it.
+pub struct TestServer {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra environment (e.g. `VOXGATE_RATE_LIMITS__READS__REQUESTS`).
+    pub async fn start_with(extra_env: &[(&str, &str)]) -> TestServer {
+        let db = TestDb::new().await;
+        let mut env = vec![
+            ("DATABASE_URL".to_owned(), db.url.clone()),
+            ("VOXGATE_BIND".to_owned(), "127.0.0.1:0".to_owned()),
+            ("VOXGATE_LOG__FILTER".to_owned(), "warn".to_owned()),
+            ("VOXGATE_CONFIG".to_owned(), db.dir().join("voxgate.toml").display().to_string()),
+        ];
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .current_dir(db.dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start voxgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("voxgate listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("voxgate did not report its address");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        TestServer { base, http, db, child: Some(child), env }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Runs a `voxgate` CLI command against this server's database; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.db.dir())
+            .output()
+            .expect("run voxgate cli");
+        assert!(out.status.success(), "voxgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
+    }
+
+    /// Creates an account with the CLI and a `*` key for it; returns (account id, key).
+    pub fn account(&self, plan: &str, credits: u64) -> (String, String) {
+        let id = self.cli(&["accounts", "create", "--name", "Test Co", "--plan", plan, "--credits", &credits.to_string()]);
+        let key = self.cli(&["keys", "create", "--account", &id]);
+        (id, key)
+    }
+
+    pub fn key_with_scopes(&self, account: &str, scopes: &str) -> String {
+        self.cli(&["keys", "create", "--account", account, "--scopes", scopes])
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(key).send().await.expect("request")
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
+        self.http.post(self.url(path)).bearer_auth(key).json(&body).send().await.expect("request")
+    }
+
+    pub async fn delete(&self, path: &str, key: &str) -> reqwest::Response {
+        self.http.delete(self.url(path)).bearer_auth(key).send().await.expect("request")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Status and JSON body of a response.
+pub async fn json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, body)
+}
+
+/// Asserts the contract's error shape and returns the message.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
+    let (got, body) = json(resp).await;
+    assert_eq!(got, status, "status for {body}");
+    assert_eq!(body["code"], code, "code in {body}");
+    let obj = body.as_object().expect("object");
+    assert_eq!(obj.len(), 2, "error body has exactly error and code: {body}");
+    let msg = body["error"].as_str().expect("error is a string").to_owned();
+    assert!(!msg.is_empty());
+    msg
+}
