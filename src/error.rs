@@ -129,6 +129,38 @@ mod tests {
         assert_eq!(e.code(), "INTERNAL_ERROR");
     }
 
+    #[tokio::test]
+    async fn every_code_renders_the_contract_shape() {
+        let cases = [
+            (Error::bad_request("width: must be 256-2048"), 400, "BAD_REQUEST"),
+            (Error::Unauthorized("Invalid API key"), 401, "UNAUTHORIZED"),
+            (Error::PaymentRequired { needed: 10, balance: 3 }, 402, "PAYMENT_REQUIRED"),
+            (Error::Forbidden("no".into()), 403, "FORBIDDEN"),
+            (Error::not_found("call"), 404, "NOT_FOUND"),
+            (Error::MethodNotAllowed, 405, "METHOD_NOT_ALLOWED"),
+            (Error::RateLimited { retry_after_secs: 7 }, 429, "RATE_LIMITED"),
+            (Error::Internal(anyhow::anyhow!("boom")), 500, "INTERNAL_ERROR"),
+            (Error::Unavailable("db down".into()), 503, "SERVICE_UNAVAILABLE"),
+        ];
+        for (error, status, code) in cases {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            let bytes = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["code"], code);
+            assert!(body["error"].as_str().is_some_and(|m| !m.is_empty()));
+            assert_eq!(body.as_object().unwrap().len(), 2);
+            assert_eq!(retry_after.is_some(), status == 429);
+        }
+    }
+
+    #[test]
+    fn payment_required_names_the_amounts() {
+        let e = Error::PaymentRequired { needed: 10, balance: 3 };
+        assert_eq!(e.to_string(), "insufficient credits: 10 needed, 3 available");
+    }
+
     #[test]
     fn pool_timeout_is_service_unavailable() {
         let e = Error::Database(sqlx::Error::PoolTimedOut);

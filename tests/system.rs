@@ -17,6 +17,20 @@ async fn health_and_ready() {
 }
 
 #[tokio::test]
+async fn ready_is_503_when_the_database_is_gone() {
+    let mut s = TestServer::start().await;
+    if !common::backend_is_postgres() {
+        eprintln!("runs in the PostgreSQL pass only: an open SQLite pool cannot lose its database");
+        return;
+    }
+    assert!(s.db.destroy());
+    let resp = s.http.get(s.url("/ready")).send().await.unwrap();
+    common::expect_error(resp, 503, "SERVICE_UNAVAILABLE").await;
+    // Liveness does not depend on the database.
+    assert_eq!(s.http.get(s.url("/health")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
 async fn openapi_lists_every_route() {
     let s = TestServer::start().await;
     let (status, doc) = json(s.http.get(s.url("/api/openapi")).send().await.unwrap()).await;

@@ -49,23 +49,38 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Removes a PostgreSQL test database now, cutting off its clients.
+    /// Returns false for SQLite, which cannot be taken away from an open pool.
+    pub fn destroy(&mut self) -> bool {
+        let Some(name) = self.pg_name.take() else { return false };
+        drop_pg_database(name);
+        true
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else { return };
-        let admin = pg_admin_url();
-        // Drop runs outside async context; a thread of its own runs the query.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                use sqlx::Connection;
-                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
-                sqlx::Executor::execute(&mut conn, format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        if let Some(name) = self.pg_name.take() {
+            drop_pg_database(name);
+        }
     }
+}
+
+/// Runs outside any async context (Drop), so a thread of its own does it.
+fn drop_pg_database(name: String) {
+    let admin = pg_admin_url();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+            sqlx::Executor::execute(&mut conn, format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                .await
+                .ok()
+        })
+    })
+    .join();
 }
 
 /// The running server and what a client needs to talk to it.
