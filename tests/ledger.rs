@@ -131,3 +131,15 @@ async fn a_refused_debit_changes_nothing_and_usage_nets_out_refunds() {
         .collect();
     assert_eq!(reasons, ["grant", "generate.image", "generate.video", "refund"].iter().map(|s| s.to_string()).collect());
 }
+
+#[tokio::test]
+async fn debits_and_grants_for_an_unknown_account_are_not_found() {
+    let (_tdb, db, _) = setup(10).await;
+    let ghost = voxgate::domain::AccountId::new();
+    let key = IdempotencyKey::parse("k").unwrap();
+    let err = billing::debit(&db, ghost, Credits::new(1), Reason::CallMinute, None, &key).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let err = billing::grant(&db, ghost, Credits::new(1), &key).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert!(matches!(billing::ledger::balance(&db, ghost).await, Err(Error::NotFound(_))));
+}

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::context::AuthContext;
 use crate::clock::{now_ms, rfc3339};
-use crate::db::{is_unique_violation, Db};
+use crate::db::{is_foreign_key_violation, is_unique_violation, Db};
 use crate::domain::{AccountId, KeyId, Plan, Scopes};
 use crate::{Error, Result};
 
@@ -128,7 +128,7 @@ async fn insert(
                 return Ok((info, secret));
             }
             Err(e) if is_unique_violation(&e) => continue,
-            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.is_foreign_key_violation()) => {
+            Err(e) if is_foreign_key_violation(&e) => {
                 return Err(Error::not_found("account"))
             }
             Err(e) => return Err(e.into()),

@@ -13,7 +13,7 @@
 use sqlx::Row;
 
 use crate::clock::now_ms;
-use crate::db::Db;
+use crate::db::{is_foreign_key_violation, Db};
 use crate::domain::{AccountId, Credits};
 use crate::{Error, Result};
 
@@ -117,7 +117,8 @@ pub async fn debit(
     .bind(key.as_str())
     .bind(now_ms())
     .execute(&mut *tx)
-    .await?
+    .await
+    .map_err(|e| if is_foreign_key_violation(&e) { Error::not_found("account") } else { e.into() })?
     .rows_affected();
     if inserted == 0 {
         tx.rollback().await?;

@@ -97,7 +97,7 @@ impl SsrfGuard {
                 if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error("too many redirects");
                 }
-                match check_static("redirect", attempt.url().as_str()).and_then(|u| check_literal_host(&u)) {
+                match check_redirect(attempt.url()) {
                     Ok(()) => attempt.follow(),
                     Err(e) => attempt.error(e.to_string()),
                 }
@@ -132,9 +132,10 @@ fn check_static(field: &str, raw: &str) -> Result<Url> {
     Ok(url)
 }
 
-/// IP-literal hosts never reach the resolver, so redirects to them are
-/// checked here.
-fn check_literal_host(url: &Url) -> Result<()> {
+/// A redirect target gets the static checks, and its host is checked here
+/// when it is an IP literal (literals never reach the guarded resolver).
+fn check_redirect(url: &Url) -> Result<()> {
+    check_static("redirect", url.as_str())?;
     let ip = match url.host() {
         Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
         Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
@@ -309,6 +310,31 @@ mod tests {
         for ip in ["::ffff:93.184.215.14", "64:ff9b::5db8:d70e", "2606:4700:4700::1111"] {
             assert!(blocked_ip(ip.parse().unwrap()).is_none(), "{ip}");
         }
+    }
+
+    #[test]
+    fn redirects_to_internal_targets_are_refused() {
+        for target in [
+            "http://93.184.215.14/",
+            "https://169.254.169.254/latest/meta-data/",
+            "https://[::ffff:10.0.0.1]/",
+            "https://localhost/admin",
+            "https://0x7f000001/",
+        ] {
+            assert!(check_redirect(&Url::parse(target).unwrap()).is_err(), "{target}");
+        }
+        assert!(check_redirect(&Url::parse("https://93.184.215.14/next").unwrap()).is_ok());
+        assert!(check_redirect(&Url::parse("https://cdn.example.com/next").unwrap()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_guarded_client_refuses_to_connect_to_names_that_resolve_internally() {
+        let client = guard().client(Duration::from_secs(5)).unwrap();
+        let err = client.get("https://rebind.example.com/hook").send().await.unwrap_err();
+        let chain = format!("{:?}", err);
+        assert!(chain.contains("refusing to connect"), "{chain}");
+        let err = client.get("https://api.localhost/hook").send().await.unwrap_err();
+        assert!(format!("{:?}", err).contains("refusing to connect"));
     }
 
     #[test]
