@@ -2,5 +2,12 @@
 //!
 //! Owns RTP sessions (symmetric RTP, SSRC latching, RTCP), the jitter buffer,
 //! G.711 and Opus codecs, resampling, RFC 4733 DTMF, WebSocket media streams
-//! and the WebRTC peer. Knows nothing of HTTP or SIP signalling. Empty until
-//! the issue "SIP user agent and RTP media engine" lands.
+//! and the WebRTC peer. Knows nothing of HTTP or SIP signalling.
+//!
+//! Present so far: [`g711`], [`jitter`], [`dtmf`]. RTP sessions, SDP, Opus,
+//! resampling and pacing come with the rest of the issue "SIP user agent and
+//! RTP media engine".
+
+pub mod dtmf;
+pub mod g711;
+pub mod jitter;
