@@ -4,14 +4,15 @@
 //! G.711 and Opus codecs, resampling, RFC 4733 DTMF, WebSocket media streams
 //! and the WebRTC peer. Knows nothing of HTTP or SIP signalling.
 //!
-//! Present so far: [`g711`], [`jitter`], [`dtmf`], [`sdp`]. RTP sessions,
-//! Opus, resampling and pacing come with the rest of the issue "SIP user
+//! Present so far: [`g711`], [`jitter`], [`dtmf`], [`sdp`], [`resample`].
+//! RTP sessions, Opus and pacing come with the rest of the issue "SIP user
 //! agent and RTP media engine".
 
 pub mod dtmf;
 pub mod error;
 pub mod g711;
 pub mod jitter;
+pub mod resample;
 pub mod sdp;
 
 pub use error::MediaError;
