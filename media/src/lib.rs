@@ -4,9 +4,9 @@
 //! G.711 and Opus codecs, resampling, RFC 4733 DTMF, WebSocket media streams
 //! and the WebRTC peer. Knows nothing of HTTP or SIP signalling.
 //!
-//! Present so far: [`g711`], [`jitter`], [`dtmf`], [`sdp`], [`resample`].
-//! RTP sessions, Opus and pacing come with the rest of the issue "SIP user
-//! agent and RTP media engine".
+//! Present so far: [`g711`], [`jitter`], [`dtmf`], [`sdp`], [`resample`] and
+//! RTP [`session`]s with G.711. Opus comes with the rest of the issue "SIP
+//! user agent and RTP media engine".
 
 pub mod dtmf;
 pub mod error;
@@ -14,5 +14,6 @@ pub mod g711;
 pub mod jitter;
 pub mod resample;
 pub mod sdp;
+pub mod session;
 
 pub use error::MediaError;

@@ -1,0 +1,708 @@
+//! One call leg's RTP session: a task that owns the UDP sockets, the jitter
+//! buffer and the codecs, and runs on a drift-free 20 ms clock.
+//!
+//! Each tick it plays one frame out of the jitter buffer (decoded, resampled
+//! to 16 kHz, handed to the speech pipeline through a bounded channel) and
+//! sends one frame from the outgoing queue (or silence, so NATs and SBCs keep
+//! the stream alive). The outgoing queue can be flushed at once (barge-in).
+//! RTP is symmetric: the session sends to where the far end's packets come
+//! from once it has latched onto a source (RFC 4961); packets from any other
+//! source are ignored afterwards. RTCP sender/receiver reports with loss and
+//! jitter go out every 5 s (RFC 3550 §6.4.1).
+//!
+//! The task never blocks on anything but its socket and its clock; the rest
+//! of the system talks to it through [`MediaHandle`].
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+use webrtc_util::marshal::{Marshal, Unmarshal};
+
+use crate::dtmf::{self, Digit, DtmfReceiver, ToneDetector};
+use crate::error::MediaError;
+use crate::g711::Law;
+use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+use crate::resample::{frame_len, FrameResampler};
+use crate::sdp::{Codec, Direction, RemoteMedia};
+
+/// The rate of the PCM frames exchanged with the speech pipeline.
+pub const PIPELINE_RATE: u32 = 16_000;
+const TICK: Duration = Duration::from_millis(20);
+const RTCP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Hands out even RTP ports (RTCP on the odd one above) from a range.
+#[derive(Debug)]
+pub struct PortRange {
+    ip: IpAddr,
+    min: u16,
+    max: u16,
+    next: AtomicU16,
+}
+
+impl PortRange {
+    pub fn new(ip: IpAddr, min: u16, max: u16) -> Self {
+        let min = min + (min % 2);
+        PortRange { ip, min, max: max.max(min + 1), next: AtomicU16::new(min) }
+    }
+
+    /// Binds the next free RTP/RTCP pair.
+    pub async fn bind(&self) -> Result<(UdpSocket, UdpSocket), MediaError> {
+        let pairs = u32::from((self.max - self.min) / 2).max(1);
+        for _ in 0..pairs {
+            let port = self
+                .next
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                    Some(if p + 2 >= self.max { self.min } else { p + 2 })
+                })
+                .unwrap_or(self.min);
+            let Ok(rtp) = UdpSocket::bind(SocketAddr::new(self.ip, port)).await else { continue };
+            let Ok(rtcp) = UdpSocket::bind(SocketAddr::new(self.ip, port + 1)).await else { continue };
+            return Ok((rtp, rtcp));
+        }
+        Err(MediaError::Io(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free RTP port pair in range")))
+    }
+}
+
+/// 20 ms of caller audio at 16 kHz, with the time its packet reached us.
+#[derive(Debug, Clone)]
+pub struct AudioFrame {
+    pub pcm: Vec<i16>,
+    /// When the RTP packet carrying it arrived (None for concealment/silence).
+    pub received_at: Option<Instant>,
+}
+
+/// Things the session reports besides audio.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    Dtmf(Digit),
+    /// No RTP for the configured time.
+    Timeout,
+    /// The first packet of agent audio left after a quiet period.
+    PlayoutStarted { at: Instant },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionStats {
+    pub jitter: JitterStats,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    /// Packets from a source other than the latched one.
+    pub ignored_packets: u64,
+    /// Frames dropped because the pipeline did not keep up.
+    pub dropped_frames: u64,
+    pub remote: Option<SocketAddr>,
+    /// Loss the far end reports about our stream (RTCP), in percent.
+    pub remote_loss_percent: Option<f64>,
+}
+
+enum Control {
+    Play(Vec<i16>),
+    Flush,
+    Dtmf(char),
+    Remote(RemoteMedia),
+    Direction(Direction),
+}
+
+/// What the rest of the system holds to use a running session. Dropping
+/// it (or calling [`MediaHandle::stop`]) ends the task.
+pub struct MediaHandle {
+    control: mpsc::Sender<Control>,
+    pub incoming: mpsc::Receiver<AudioFrame>,
+    pub events: mpsc::Receiver<MediaEvent>,
+    stats: watch::Receiver<SessionStats>,
+    local: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// No RTP for this long raises [`MediaEvent::Timeout`].
+    pub media_timeout: Duration,
+    /// Latch onto the first source even if it differs from the SDP address
+    /// (the far end is behind NAT).
+    pub latch_any_source: bool,
+    pub jitter: JitterConfig,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { media_timeout: Duration::from_secs(30), latch_any_source: true, jitter: JitterConfig::default() }
+    }
+}
+
+impl MediaHandle {
+    /// Where we receive RTP (for our SDP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Queues 16 kHz PCM to send, after whatever is queued.
+    pub async fn play(&self, pcm: Vec<i16>) {
+        let _ = self.control.send(Control::Play(pcm)).await;
+    }
+
+    /// Drops everything queued (barge-in); takes effect at the next tick.
+    pub async fn flush(&self) {
+        let _ = self.control.send(Control::Flush).await;
+    }
+
+    pub async fn send_dtmf(&self, digit: char) -> Result<(), MediaError> {
+        dtmf::event_of(digit).ok_or_else(|| MediaError::Sdp(format!("'{digit}' is not a DTMF key")))?;
+        let _ = self.control.send(Control::Dtmf(digit)).await;
+        Ok(())
+    }
+
+    /// Applies a new remote description (answer, early media, re-INVITE).
+    pub async fn set_remote(&self, remote: RemoteMedia) {
+        let _ = self.control.send(Control::Remote(remote)).await;
+    }
+
+    /// Our direction (hold: `SendOnly`/`Inactive` stop what we send or receive).
+    pub async fn set_direction(&self, d: Direction) {
+        let _ = self.control.send(Control::Direction(d)).await;
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Ends the session and waits for its task.
+    pub async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MediaHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a session on a bound socket pair. `remote` may be unknown until
+/// the answer arrives (then call [`MediaHandle::set_remote`]).
+pub fn start(
+    sockets: (UdpSocket, UdpSocket),
+    remote: Option<RemoteMedia>,
+    config: SessionConfig,
+) -> Result<MediaHandle, MediaError> {
+    let local = sockets.0.local_addr()?;
+    let (control_tx, control_rx) = mpsc::channel(256);
+    let (incoming_tx, incoming_rx) = mpsc::channel(50);
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (stats_tx, stats_rx) = watch::channel(SessionStats::default());
+    let leg = Leg::new(sockets, remote, config, incoming_tx, events_tx, stats_tx)?;
+    let task = tokio::spawn(leg.run(control_rx));
+    Ok(MediaHandle {
+        control: control_tx,
+        incoming: incoming_rx,
+        events: events_rx,
+        stats: stats_rx,
+        local,
+        task: Some(task),
+    })
+}
+
+struct Codecs {
+    codec: Codec,
+    law: Law,
+    decode_rs: FrameResampler,
+    encode_rs: FrameResampler,
+}
+
+impl Codecs {
+    fn new(codec: Codec) -> Result<Self, MediaError> {
+        let law = match codec {
+            Codec::Pcmu => Law::Ulaw,
+            Codec::Pcma => Law::Alaw,
+            Codec::Opus => return Err(MediaError::Sdp("opus is negotiated but not yet supported by the media engine".into())),
+        };
+        Ok(Codecs {
+            codec,
+            law,
+            decode_rs: FrameResampler::new(codec.clock_rate(), PIPELINE_RATE)?,
+            encode_rs: FrameResampler::new(PIPELINE_RATE, codec.clock_rate())?,
+        })
+    }
+}
+
+struct Leg {
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+    remote: Option<RemoteMedia>,
+    codecs: Option<Codecs>,
+    direction: Direction,
+    config: SessionConfig,
+    latched: Option<SocketAddr>,
+    jitter: JitterBuffer<Bytes>,
+    dtmf_rx: DtmfReceiver,
+    tones: ToneDetector,
+    outgoing: VecDeque<i16>,
+    dtmf_out: VecDeque<(bool, [u8; 4])>,
+    dtmf_ts: Option<u32>,
+    ssrc: u32,
+    seq: u16,
+    ts: u32,
+    remote_ssrc: Option<u32>,
+    last_rx: Instant,
+    timed_out: bool,
+    was_playing: bool,
+    stats: SessionStats,
+    octets_sent: u32,
+    incoming: mpsc::Sender<AudioFrame>,
+    events: mpsc::Sender<MediaEvent>,
+    stats_tx: watch::Sender<SessionStats>,
+}
+
+impl Leg {
+    fn new(
+        (rtp, rtcp): (UdpSocket, UdpSocket),
+        remote: Option<RemoteMedia>,
+        config: SessionConfig,
+        incoming: mpsc::Sender<AudioFrame>,
+        events: mpsc::Sender<MediaEvent>,
+        stats_tx: watch::Sender<SessionStats>,
+    ) -> Result<Self, MediaError> {
+        let codecs = remote.as_ref().map(|r| Codecs::new(r.codec)).transpose()?;
+        let clock_rate = remote.as_ref().map_or(8000, |r| r.codec.clock_rate());
+        Ok(Leg {
+            rtp,
+            rtcp,
+            codecs,
+            direction: remote.as_ref().map_or(Direction::SendRecv, |r| r.direction.reversed()),
+            remote,
+            jitter: JitterBuffer::new(JitterConfig { clock_rate, ..config.jitter }),
+            config,
+            latched: None,
+            dtmf_rx: DtmfReceiver::new(8000),
+            tones: ToneDetector::new(PIPELINE_RATE),
+            outgoing: VecDeque::new(),
+            dtmf_out: VecDeque::new(),
+            dtmf_ts: None,
+            ssrc: rand::random::<u32>(),
+            seq: rand::random::<u16>(),
+            ts: rand::random::<u32>(),
+            remote_ssrc: None,
+            last_rx: Instant::now(),
+            timed_out: false,
+            was_playing: false,
+            stats: SessionStats::default(),
+            octets_sent: 0,
+            incoming,
+            events,
+            stats_tx,
+        })
+    }
+
+    async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        let mut tick = tokio::time::interval(TICK);
+        // Burst: a late tick is caught up, so the stream never drifts from wall time.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        let mut rtcp_tick = tokio::time::interval_at(tokio::time::Instant::now() + RTCP_INTERVAL, RTCP_INTERVAL);
+        let mut buf = vec![0u8; 2048];
+        let mut rtcp_buf = vec![0u8; 1500];
+        loop {
+            tokio::select! {
+                biased;
+                msg = control.recv() => match msg {
+                    Some(msg) => self.on_control(msg),
+                    None => break,
+                },
+                r = self.rtp.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = r {
+                        self.on_rtp(&buf[..n], from);
+                    }
+                }
+                r = self.rtcp.recv_from(&mut rtcp_buf) => {
+                    if let Ok((n, _)) = r {
+                        self.on_rtcp(&rtcp_buf[..n]);
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.on_tick().await.is_err() {
+                        break;
+                    }
+                }
+                _ = rtcp_tick.tick() => self.send_rtcp().await,
+            }
+        }
+    }
+
+    fn on_control(&mut self, msg: Control) {
+        match msg {
+            Control::Play(pcm) => self.outgoing.extend(pcm),
+            Control::Flush => self.outgoing.clear(),
+            Control::Dtmf(digit) => {
+                if let Some(packets) = dtmf::event_packets(digit, 100, 20, 8000) {
+                    self.dtmf_out.extend(packets);
+                }
+            }
+            Control::Remote(remote) => {
+                let codec_changed = self.remote.as_ref().is_none_or(|r| r.codec != remote.codec);
+                if codec_changed {
+                    match Codecs::new(remote.codec) {
+                        Ok(c) => {
+                            self.jitter = JitterBuffer::new(JitterConfig { clock_rate: remote.codec.clock_rate(), ..self.config.jitter });
+                            self.codecs = Some(c);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "remote codec not usable"),
+                    }
+                }
+                // A new address (re-INVITE moving the stream) releases the latch.
+                if self.remote.as_ref().map(|r| r.rtp) != Some(remote.rtp) {
+                    self.latched = None;
+                }
+                self.direction = remote.direction.reversed();
+                self.remote = Some(remote);
+            }
+            Control::Direction(d) => self.direction = d,
+        }
+    }
+
+    fn on_rtp(&mut self, data: &[u8], from: SocketAddr) {
+        let Some(remote) = self.remote.as_ref() else { return };
+        let mut raw = data;
+        let Ok(packet) = rtp::packet::Packet::unmarshal(&mut raw) else { return };
+        let pt = packet.header.payload_type;
+        let ours = pt == remote.payload_type || Some(pt) == remote.dtmf_payload_type;
+        match self.latched {
+            Some(addr) if addr != from => {
+                self.stats.ignored_packets += 1;
+                return;
+            }
+            Some(_) => {}
+            None => {
+                // Latch onto the SDP address, or (behind NAT) the first source
+                // sending our negotiated payload types.
+                if Some(from) == remote.rtp || (self.config.latch_any_source && ours) {
+                    self.latched = Some(from);
+                    self.stats.remote = Some(from);
+                } else {
+                    self.stats.ignored_packets += 1;
+                    return;
+                }
+            }
+        }
+        if !ours {
+            return;
+        }
+        self.last_rx = Instant::now();
+        self.timed_out = false;
+        self.remote_ssrc = Some(packet.header.ssrc);
+        self.stats.packets_received += 1;
+        if Some(pt) == remote.dtmf_payload_type {
+            if let Some(d) = self.dtmf_rx.push(packet.header.timestamp, &packet.payload) {
+                let _ = self.events.try_send(MediaEvent::Dtmf(d));
+            }
+            return;
+        }
+        if self.direction.we_receive() {
+            self.jitter.push(packet.header.sequence_number, packet.header.timestamp, self.last_rx, packet.payload);
+        }
+    }
+
+    fn on_rtcp(&mut self, data: &[u8]) {
+        let mut raw = data;
+        let Ok(packets) = rtcp::packet::unmarshal(&mut raw) else { return };
+        for p in packets {
+            let reports = if let Some(sr) = p.as_any().downcast_ref::<rtcp::sender_report::SenderReport>() {
+                sr.reports.clone()
+            } else if let Some(rr) = p.as_any().downcast_ref::<rtcp::receiver_report::ReceiverReport>() {
+                rr.reports.clone()
+            } else {
+                continue;
+            };
+            if let Some(r) = reports.iter().find(|r| r.ssrc == self.ssrc) {
+                self.stats.remote_loss_percent = Some(f64::from(r.fraction_lost) * 100.0 / 256.0);
+            }
+        }
+    }
+
+    /// One 20 ms step: play one frame in, send one frame out.
+    async fn on_tick(&mut self) -> Result<(), ()> {
+        let now = Instant::now();
+        if !self.timed_out && now.duration_since(self.last_rx) >= self.config.media_timeout {
+            self.timed_out = true;
+            let _ = self.events.try_send(MediaEvent::Timeout);
+        }
+        self.play_in(now);
+        self.send_out().await;
+        self.stats.jitter = self.jitter.stats();
+        self.stats_tx.send_replace(self.stats.clone());
+        if self.incoming.is_closed() {
+            return Err(());
+        }
+        Ok(())
+    }
+
+    fn play_in(&mut self, now: Instant) {
+        let Some(codecs) = self.codecs.as_mut() else { return };
+        let codec_frame = frame_len(codecs.codec.clock_rate());
+        let (pcm8, received_at) = match self.jitter.pop() {
+            Playout::Frame(payload) => {
+                let mut pcm = Vec::with_capacity(codec_frame);
+                codecs.law.decode(&payload, &mut pcm);
+                (pcm, Some(now))
+            }
+            // G.711 has no concealment of its own: silence is the honest fill.
+            Playout::Lost | Playout::Buffering => (vec![0; codec_frame], None),
+        };
+        let mut pcm = Vec::with_capacity(frame_len(PIPELINE_RATE));
+        if codecs.decode_rs.process(&pcm8, &mut pcm).is_err() {
+            return;
+        }
+        if received_at.is_some() {
+            let floats: Vec<f32> = pcm.iter().map(|s| f32::from(*s) / 32768.0).collect();
+            for key in self.tones.push(&floats) {
+                // In-band detection only when the far end did not negotiate RFC 4733.
+                if self.remote.as_ref().is_some_and(|r| r.dtmf_payload_type.is_none()) {
+                    let _ = self.events.try_send(MediaEvent::Dtmf(Digit { digit: key, duration_ms: 0 }));
+                }
+            }
+        }
+        if self.incoming.try_send(AudioFrame { pcm, received_at }).is_err() {
+            self.stats.dropped_frames += 1;
+        }
+    }
+
+    async fn send_out(&mut self) {
+        let Some(remote) = self.remote.clone() else { return };
+        let Some(dest) = self.latched.or(remote.rtp) else { return };
+        let Some(codecs) = self.codecs.as_mut() else { return };
+        let samples = frame_len(codecs.codec.clock_rate()) as u32;
+        if let (Some((marker, payload)), Some(pt)) = (self.dtmf_out.front().copied(), remote.dtmf_payload_type) {
+            self.dtmf_out.pop_front();
+            let event_ts = *self.dtmf_ts.get_or_insert(self.ts);
+            self.send_packet(dest, pt, marker, event_ts, Bytes::copy_from_slice(&payload)).await;
+            if self.dtmf_out.is_empty() || self.dtmf_out.front().is_some_and(|p| p.0) {
+                self.dtmf_ts = None;
+            }
+            self.ts = self.ts.wrapping_add(samples);
+            return;
+        }
+        self.dtmf_out.clear();
+        let frame16 = frame_len(PIPELINE_RATE);
+        let have = self.outgoing.len().min(frame16);
+        let speaking = have > 0;
+        let mut pcm: Vec<i16> = self.outgoing.drain(..have).collect();
+        pcm.resize(frame16, 0);
+        let mut pcm8 = Vec::with_capacity(samples as usize);
+        if codecs.encode_rs.process(&pcm, &mut pcm8).is_err() {
+            return;
+        }
+        let mut payload = Vec::with_capacity(pcm8.len());
+        codecs.law.encode(&pcm8, &mut payload);
+        if self.direction.we_send() {
+            // Marker on the first packet of a talk spurt (RFC 3551 §4.1).
+            let marker = speaking && !self.was_playing;
+            if marker {
+                let _ = self.events.try_send(MediaEvent::PlayoutStarted { at: Instant::now() });
+            }
+            let ts = self.ts;
+            self.send_packet(dest, remote.payload_type, marker, ts, Bytes::from(payload)).await;
+        }
+        self.was_playing = speaking;
+        self.ts = self.ts.wrapping_add(samples);
+    }
+
+    async fn send_packet(&mut self, dest: SocketAddr, pt: u8, marker: bool, ts: u32, payload: Bytes) {
+        let packet = rtp::packet::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker,
+                payload_type: pt,
+                sequence_number: self.seq,
+                timestamp: ts,
+                ssrc: self.ssrc,
+                ..Default::default()
+            },
+            payload,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        if let Ok(bytes) = packet.marshal() {
+            if self.rtp.send_to(&bytes, dest).await.is_ok() {
+                self.stats.packets_sent += 1;
+                self.octets_sent = self.octets_sent.wrapping_add(packet.payload.len() as u32);
+            }
+        }
+    }
+
+    async fn send_rtcp(&mut self) {
+        let Some(dest) = self.remote.as_ref().and_then(|r| r.rtcp) else { return };
+        let js = self.jitter.stats();
+        let clock = self.remote.as_ref().map_or(8000, |r| r.codec.clock_rate());
+        let reports = self
+            .remote_ssrc
+            .map(|ssrc| rtcp::reception_report::ReceptionReport {
+                ssrc,
+                fraction_lost: (js.loss_percent * 256.0 / 100.0).clamp(0.0, 255.0) as u8,
+                total_lost: js.lost.min(0x7F_FFFF) as u32,
+                last_sequence_number: 0,
+                jitter: (js.jitter_ms * f64::from(clock) / 1000.0) as u32,
+                last_sender_report: 0,
+                delay: 0,
+            })
+            .into_iter()
+            .collect();
+        let sr = rtcp::sender_report::SenderReport {
+            ssrc: self.ssrc,
+            ntp_time: ntp_now(),
+            rtp_time: self.ts,
+            packet_count: self.stats.packets_sent as u32,
+            octet_count: self.octets_sent,
+            reports,
+            profile_extensions: Bytes::new(),
+        };
+        if let Ok(bytes) = sr.marshal() {
+            let _ = self.rtcp.send_to(&bytes, dest).await;
+        }
+    }
+}
+
+/// NTP timestamp (RFC 3550 §4): seconds since 1900 in the high 32 bits.
+fn ntp_now() -> u64 {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() + 2_208_988_800;
+    let frac = (u64::from(d.subsec_nanos()) << 32) / 1_000_000_000;
+    (secs << 32) | frac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sdp::TELEPHONE_EVENT_PT;
+
+    fn remote_for(addr: SocketAddr) -> RemoteMedia {
+        RemoteMedia {
+            rtp: Some(addr),
+            rtcp: Some(SocketAddr::new(addr.ip(), addr.port() + 1)),
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            dtmf_payload_type: Some(TELEPHONE_EVENT_PT),
+            direction: Direction::SendRecv,
+            ptime_ms: 20,
+        }
+    }
+
+    async fn pair() -> (MediaHandle, MediaHandle) {
+        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 41000, 42000);
+        let a_sock = ports.bind().await.unwrap();
+        let b_sock = ports.bind().await.unwrap();
+        let (a_addr, b_addr) = (a_sock.0.local_addr().unwrap(), b_sock.0.local_addr().unwrap());
+        assert_eq!(a_addr.port() % 2, 0);
+        let a = start(a_sock, Some(remote_for(b_addr)), SessionConfig::default()).unwrap();
+        let b = start(b_sock, Some(remote_for(a_addr)), SessionConfig::default()).unwrap();
+        (a, b)
+    }
+
+    fn tone(ms: u32) -> Vec<i16> {
+        (0..PIPELINE_RATE * ms / 1000)
+            .map(|n| (8000.0 * (2.0 * std::f32::consts::PI * 1000.0 * n as f32 / PIPELINE_RATE as f32).sin()) as i16)
+            .collect()
+    }
+
+    async fn collect(h: &mut MediaHandle, ms: u64) -> Vec<i16> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while let Ok(Some(f)) = tokio::time::timeout_at(deadline, h.incoming.recv()).await {
+            out.extend(f.pcm);
+        }
+        out
+    }
+
+    fn loud_samples(x: &[i16]) -> usize {
+        x.iter().filter(|s| s.unsigned_abs() > 2000).count()
+    }
+
+    #[tokio::test]
+    async fn a_tone_crosses_the_wire_without_loss() {
+        let (a, mut b) = pair().await;
+        a.play(tone(1000)).await;
+        let got = collect(&mut b, 1400).await;
+        let loud: Vec<i16> = got.iter().copied().skip_while(|s| s.unsigned_abs() < 2000).take(PIPELINE_RATE as usize / 2).collect();
+        assert_eq!(loud.len(), PIPELINE_RATE as usize / 2, "half a second of tone arrived");
+        let crossings = loud.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+        assert!((495..=505).contains(&crossings), "{crossings} rising zero crossings in 0.5 s");
+        let stats = b.stats();
+        assert_eq!(stats.jitter.lost, 0);
+        assert!(stats.packets_received >= 60, "{stats:?}");
+        assert_eq!(stats.remote, Some(a.local_addr()));
+        assert!(a.stats().packets_sent >= 60);
+    }
+
+    #[tokio::test]
+    async fn flush_stops_the_agent_at_once() {
+        let (a, mut b) = pair().await;
+        a.play(tone(5000)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.flush().await;
+        let got = collect(&mut b, 1500).await;
+        let seconds_of_tone = loud_samples(&got) as f64 / f64::from(PIPELINE_RATE);
+        assert!(seconds_of_tone < 0.6, "{seconds_of_tone} s of tone after a flush at 0.3 s");
+    }
+
+    #[tokio::test]
+    async fn dtmf_is_sent_and_received_as_telephone_events() {
+        let (a, mut b) = pair().await;
+        for d in ['4', '2', '#'] {
+            a.send_dtmf(d).await.unwrap();
+        }
+        assert!(a.send_dtmf('x').await.is_err());
+        let mut digits = String::new();
+        while digits.len() < 3 {
+            match tokio::time::timeout(Duration::from_secs(3), b.events.recv()).await {
+                Ok(Some(MediaEvent::Dtmf(d))) => digits.push(d.digit),
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        assert_eq!(digits, "42#");
+    }
+
+    #[tokio::test]
+    async fn packets_from_a_stranger_are_ignored_after_latching() {
+        let (a, mut b) = pair().await;
+        a.play(tone(200)).await;
+        let _ = collect(&mut b, 300).await;
+        let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let packet = rtp::packet::Packet {
+            header: rtp::header::Header { version: 2, payload_type: 0, ssrc: 7, ..Default::default() },
+            payload: Bytes::from(vec![0u8; 160]),
+        };
+        for _ in 0..5 {
+            stranger.send_to(&packet.marshal().unwrap(), b.local_addr()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(b.stats().ignored_packets, 5);
+    }
+
+    #[tokio::test]
+    async fn silence_from_the_far_end_times_out() {
+        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 42000, 43000);
+        let sock = ports.bind().await.unwrap();
+        let nobody: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let config = SessionConfig { media_timeout: Duration::from_millis(300), ..SessionConfig::default() };
+        let mut h = start(sock, Some(remote_for(nobody)), config).unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match h.events.recv().await {
+                    Some(MediaEvent::Timeout) => return true,
+                    Some(_) => continue,
+                    None => return false,
+                }
+            }
+        });
+        let drain = async { while h.incoming.recv().await.is_some() {} };
+        tokio::select! { r = ev => assert!(r.unwrap()), _ = drain => panic!("session ended") }
+    }
+}
