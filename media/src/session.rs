@@ -99,6 +99,8 @@ pub struct SessionStats {
     pub remote: Option<SocketAddr>,
     /// Loss the far end reports about our stream (RTCP), in percent.
     pub remote_loss_percent: Option<f64>,
+    /// No RTP has arrived for the configured media timeout.
+    pub timed_out: bool,
 }
 
 enum Control {
@@ -109,14 +111,21 @@ enum Control {
     Direction(Direction),
 }
 
-/// What the rest of the system holds to use a running session. Dropping
-/// it (or calling [`MediaHandle::stop`]) ends the task.
-pub struct MediaHandle {
+/// A cloneable remote control of a running session.
+#[derive(Clone)]
+pub struct MediaControl {
     control: mpsc::Sender<Control>,
-    pub incoming: mpsc::Receiver<AudioFrame>,
-    pub events: mpsc::Receiver<MediaEvent>,
     stats: watch::Receiver<SessionStats>,
     local: SocketAddr,
+}
+
+/// What the rest of the system holds to use a running session: its
+/// control, and the streams of caller audio and events. Dropping it (or
+/// calling [`MediaHandle::stop`]) ends the task.
+pub struct MediaHandle {
+    pub control: MediaControl,
+    pub incoming: mpsc::Receiver<AudioFrame>,
+    pub events: mpsc::Receiver<MediaEvent>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -136,7 +145,7 @@ impl Default for SessionConfig {
     }
 }
 
-impl MediaHandle {
+impl MediaControl {
     /// Where we receive RTP (for our SDP).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
@@ -171,7 +180,9 @@ impl MediaHandle {
     pub fn stats(&self) -> SessionStats {
         self.stats.borrow().clone()
     }
+}
 
+impl MediaHandle {
     /// Ends the session and waits for its task.
     pub async fn stop(mut self) {
         if let Some(task) = self.task.take() {
@@ -204,11 +215,9 @@ pub fn start(
     let leg = Leg::new(sockets, remote, config, incoming_tx, events_tx, stats_tx)?;
     let task = tokio::spawn(leg.run(control_rx));
     Ok(MediaHandle {
-        control: control_tx,
+        control: MediaControl { control: control_tx, stats: stats_rx, local },
         incoming: incoming_rx,
         events: events_rx,
-        stats: stats_rx,
-        local,
         task: Some(task),
     })
 }
@@ -438,6 +447,7 @@ impl Leg {
         self.play_in(now);
         self.send_out().await;
         self.stats.jitter = self.jitter.stats();
+        self.stats.timed_out = self.timed_out;
         self.stats_tx.send_replace(self.stats.clone());
         if self.incoming.is_closed() {
             return Err(());
@@ -627,25 +637,25 @@ mod tests {
     #[tokio::test]
     async fn a_tone_crosses_the_wire_without_loss() {
         let (a, mut b) = pair().await;
-        a.play(tone(1000)).await;
+        a.control.play(tone(1000)).await;
         let got = collect(&mut b, 1400).await;
         let loud: Vec<i16> = got.iter().copied().skip_while(|s| s.unsigned_abs() < 2000).take(PIPELINE_RATE as usize / 2).collect();
         assert_eq!(loud.len(), PIPELINE_RATE as usize / 2, "half a second of tone arrived");
         let crossings = loud.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
         assert!((495..=505).contains(&crossings), "{crossings} rising zero crossings in 0.5 s");
-        let stats = b.stats();
+        let stats = b.control.stats();
         assert_eq!(stats.jitter.lost, 0);
         assert!(stats.packets_received >= 60, "{stats:?}");
-        assert_eq!(stats.remote, Some(a.local_addr()));
-        assert!(a.stats().packets_sent >= 60);
+        assert_eq!(stats.remote, Some(a.control.local_addr()));
+        assert!(a.control.stats().packets_sent >= 60);
     }
 
     #[tokio::test]
     async fn flush_stops_the_agent_at_once() {
         let (a, mut b) = pair().await;
-        a.play(tone(5000)).await;
+        a.control.play(tone(5000)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        a.flush().await;
+        a.control.flush().await;
         let got = collect(&mut b, 1500).await;
         let seconds_of_tone = loud_samples(&got) as f64 / f64::from(PIPELINE_RATE);
         assert!(seconds_of_tone < 0.6, "{seconds_of_tone} s of tone after a flush at 0.3 s");
@@ -655,9 +665,9 @@ mod tests {
     async fn dtmf_is_sent_and_received_as_telephone_events() {
         let (a, mut b) = pair().await;
         for d in ['4', '2', '#'] {
-            a.send_dtmf(d).await.unwrap();
+            a.control.send_dtmf(d).await.unwrap();
         }
-        assert!(a.send_dtmf('x').await.is_err());
+        assert!(a.control.send_dtmf('x').await.is_err());
         let mut digits = String::new();
         while digits.len() < 3 {
             match tokio::time::timeout(Duration::from_secs(3), b.events.recv()).await {
@@ -672,7 +682,7 @@ mod tests {
     #[tokio::test]
     async fn packets_from_a_stranger_are_ignored_after_latching() {
         let (a, mut b) = pair().await;
-        a.play(tone(200)).await;
+        a.control.play(tone(200)).await;
         let _ = collect(&mut b, 300).await;
         let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let packet = rtp::packet::Packet {
@@ -680,10 +690,10 @@ mod tests {
             payload: Bytes::from(vec![0u8; 160]),
         };
         for _ in 0..5 {
-            stranger.send_to(&packet.marshal().unwrap(), b.local_addr()).await.unwrap();
+            stranger.send_to(&packet.marshal().unwrap(), b.control.local_addr()).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(b.stats().ignored_packets, 5);
+        assert_eq!(b.control.stats().ignored_packets, 5);
     }
 
     #[tokio::test]

@@ -1,7 +1,18 @@
-//! voxgate-sip: the SIP user agent (on `rsipstack`).
+//! voxgate-sip: the SIP user agent, on `rsipstack`.
 //!
 //! Owns outbound calls (UAC) to configured trunks and inbound calls (UAS):
-//! digest authentication, dialogs, CANCEL/BYE/re-INVITE, session timers,
-//! SDP offer/answer, and the mapping from SIP codes to call statuses.
-//! Knows nothing of HTTP, billing or the speech pipeline. Empty until the
-//! issue "SIP user agent and RTP media engine" lands.
+//! digest authentication (through rsipstack), dialogs, CANCEL and BYE,
+//! re-INVITE answers, SDP offer/answer (with `voxgate-media`), ring and
+//! media timeouts, and the mapping from SIP outcomes to a [`CallStatus`].
+//! Each call's media is a `voxgate_media::session` the caller of this crate
+//! reads and writes. Knows nothing of HTTP, billing or the speech pipeline.
+
+pub mod agent;
+pub mod config;
+pub mod error;
+pub mod status;
+
+pub use agent::{Call, CallEvent, Dial, InboundCall, SipAgent};
+pub use config::{SipConfig, Transport, Trunk};
+pub use error::SipError;
+pub use status::{CallStatus, EndReason, Outcome};

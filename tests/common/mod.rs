@@ -4,6 +4,8 @@
 //! free loopback port, and the CLI run against the same database.
 #![allow(dead_code)]
 
+pub mod sipp;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
