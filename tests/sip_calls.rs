@@ -56,3 +56,76 @@ async fn answered_call_echoes_a_tone_without_loss_and_hangs_up_with_bye() {
     assert!(sipp.wait(Duration::from_secs(10)), "SIPp saw a complete call (BYE answered)");
     cancel.cancel();
 }
+
+async fn call_against(sipp: &Sipp, ring_timeout_secs: u64) -> (voxgate_sip::Call, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let config = voxgate_sip::SipConfig { ring_timeout_secs, ..config_for(sipp) };
+    let (agent, _inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    (agent.dial(dial()).await.unwrap(), cancel)
+}
+
+#[tokio::test]
+async fn busy_is_busy_with_code_486() {
+    let mut sipp = Sipp::uas(scenario("uas_busy.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    let outcome = call.ended().await.unwrap();
+    assert_eq!((outcome.status, outcome.sip_code), (CallStatus::Busy, Some(486)));
+    assert_eq!(outcome.sip_reason.as_deref(), Some("Busy Here"));
+    assert!(sipp.wait(Duration::from_secs(10)), "ACK for the 486 reached SIPp");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn not_found_is_failed_with_code_404() {
+    let mut sipp = Sipp::uas(scenario("uas_not_found.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    let outcome = call.ended().await.unwrap();
+    assert_eq!((outcome.status, outcome.sip_code, outcome.reason), (CallStatus::Failed, Some(404), EndReason::Rejected));
+    assert!(sipp.wait(Duration::from_secs(10)));
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn unanswered_call_is_cancelled_at_the_ring_timeout_as_no_answer() {
+    let mut sipp = Sipp::uas(scenario("uas_no_answer.xml").to_str().unwrap(), &[]);
+    let started = std::time::Instant::now();
+    let (mut call, cancel) = call_against(&sipp, 2).await;
+    assert!(matches!(next_event(&mut call).await, CallEvent::Ringing { code: 180, .. }));
+    let outcome = call.ended().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::NoAnswer, EndReason::RingTimeout));
+    assert_eq!(outcome.sip_code, Some(487));
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(8), "{took:?}");
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp got the CANCEL and the ACK for 487");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn hangup_before_answer_sends_cancel() {
+    let mut sipp = Sipp::uas(scenario("uas_no_answer.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    assert!(matches!(next_event(&mut call).await, CallEvent::Ringing { .. }));
+    call.hangup().await;
+    let outcome = call.ended().await.unwrap();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Canceled, EndReason::Canceled));
+    assert!(sipp.wait(Duration::from_secs(10)));
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bye_from_the_far_end_completes_the_call_as_remote_hangup() {
+    let mut sipp = Sipp::uas(scenario("uas_remote_bye.xml").to_str().unwrap(), &["-rtp_echo"]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    let answered_at = loop {
+        if let CallEvent::Answered { at } = next_event(&mut call).await {
+            break at;
+        }
+    };
+    call.media.control.play(tone_1khz(5000)).await;
+    let outcome = call.ended().await.unwrap();
+    let duration = answered_at.elapsed();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::RemoteHangup));
+    assert!(duration >= Duration::from_millis(2800) && duration < Duration::from_millis(4500), "{duration:?}");
+    assert!(sipp.wait(Duration::from_secs(10)), "our 200 OK to the BYE reached SIPp");
+    cancel.cancel();
+}
