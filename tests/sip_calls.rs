@@ -129,3 +129,57 @@ async fn bye_from_the_far_end_completes_the_call_as_remote_hangup() {
     assert!(sipp.wait(Duration::from_secs(10)), "our 200 OK to the BYE reached SIPp");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_call_is_answered_receives_pcma_speech_and_rfc4733_dtmf() {
+    let cancel = CancellationToken::new();
+    let rtp = common::sipp::free_udp_port();
+    let config = voxgate_sip::SipConfig {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], common::sipp::free_udp_port())),
+        rtp_port_min: rtp,
+        rtp_port_max: rtp + 20,
+        inbound_numbers: vec!["4155550199".into()],
+        ..Default::default()
+    };
+    let (agent, mut inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+
+    // A number nobody configured is refused.
+    let mut stranger = Sipp::uac("uac", agent.local_addr(), "4155550000", &[]);
+    assert!(!stranger.wait(Duration::from_secs(15)), "SIPp's call to an unknown number fails");
+
+    let mut sipp = Sipp::uac("uac_pcap", agent.local_addr(), "4155550199", &[]);
+    let mut incoming = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await.expect("INVITE arrived").unwrap();
+    assert_eq!(incoming.to, "4155550199");
+    assert!(incoming.from.contains("sipp"), "{}", incoming.from);
+    assert!(matches!(next_event(&mut incoming.call).await, CallEvent::Answered { .. }));
+
+    let mut frames_with_speech = 0;
+    let mut digits = String::new();
+    let call = &mut incoming.call;
+    let outcome = loop {
+        tokio::select! {
+            Some(frame) = call.media.incoming.recv() => {
+                let energy = frame.pcm.iter().map(|s| i64::from(*s).pow(2)).sum::<i64>() / frame.pcm.len() as i64;
+                if energy > 100 * 100 {
+                    frames_with_speech += 1;
+                }
+            }
+            Some(ev) = call.media.events.recv() => {
+                if let voxgate_media::session::MediaEvent::Dtmf(d) = ev {
+                    digits.push(d.digit);
+                }
+            }
+            ev = call.events.recv() => match ev {
+                Some(CallEvent::Ended(outcome)) => break outcome,
+                Some(_) => {}
+                None => panic!("call task ended without an outcome"),
+            },
+        }
+    };
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::RemoteHangup));
+    // The pcap holds 216 loud 30 ms packets: about 324 frames of 20 ms.
+    assert!(frames_with_speech >= 300, "{frames_with_speech} frames (20 ms) of PCMA audio decoded");
+    assert_eq!(digits, "1", "RFC 4733 digit from dtmf_2833_1.pcap");
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp completed its call");
+    cancel.cancel();
+}

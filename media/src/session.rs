@@ -257,6 +257,11 @@ struct Leg {
     dtmf_rx: DtmfReceiver,
     tones: ToneDetector,
     outgoing: VecDeque<i16>,
+    /// Decoded caller audio at the codec rate, cut into 20 ms frames: the far
+    /// end's packets may be 10, 20, 30 ms or longer.
+    pcm_in: VecDeque<i16>,
+    /// Samples in the far end's last packet, to conceal a lost one.
+    packet_samples: usize,
     dtmf_out: VecDeque<(bool, [u8; 4])>,
     dtmf_ts: Option<u32>,
     ssrc: u32,
@@ -296,6 +301,8 @@ impl Leg {
             dtmf_rx: DtmfReceiver::new(8000),
             tones: ToneDetector::new(PIPELINE_RATE),
             outgoing: VecDeque::new(),
+            pcm_in: VecDeque::new(),
+            packet_samples: 160,
             dtmf_out: VecDeque::new(),
             dtmf_ts: None,
             ssrc: rand::random::<u32>(),
@@ -362,6 +369,7 @@ impl Leg {
                     match Codecs::new(remote.codec) {
                         Ok(c) => {
                             self.jitter = JitterBuffer::new(JitterConfig { clock_rate: remote.codec.clock_rate(), ..self.config.jitter });
+                            self.pcm_in.clear();
                             self.codecs = Some(c);
                         }
                         Err(e) => tracing::warn!(error = %e, "remote codec not usable"),
@@ -458,15 +466,27 @@ impl Leg {
     fn play_in(&mut self, now: Instant) {
         let Some(codecs) = self.codecs.as_mut() else { return };
         let codec_frame = frame_len(codecs.codec.clock_rate());
-        let (pcm8, received_at) = match self.jitter.pop() {
-            Playout::Frame(payload) => {
-                let mut pcm = Vec::with_capacity(codec_frame);
-                codecs.law.decode(&payload, &mut pcm);
-                (pcm, Some(now))
+        let mut received_at = None;
+        // Pull packets as the 20 ms frame needs them, whatever their length.
+        while self.pcm_in.len() < codec_frame {
+            match self.jitter.pop() {
+                Playout::Frame(payload) => {
+                    let before = self.pcm_in.len();
+                    let mut pcm = Vec::with_capacity(payload.len());
+                    codecs.law.decode(&payload, &mut pcm);
+                    self.pcm_in.extend(pcm);
+                    self.packet_samples = (self.pcm_in.len() - before).max(1);
+                    received_at = Some(now);
+                }
+                // G.711 has no concealment of its own: silence is the honest fill.
+                Playout::Lost => self.pcm_in.extend(std::iter::repeat_n(0, self.packet_samples)),
+                Playout::Buffering => {
+                    let missing = codec_frame - self.pcm_in.len();
+                    self.pcm_in.extend(std::iter::repeat_n(0, missing));
+                }
             }
-            // G.711 has no concealment of its own: silence is the honest fill.
-            Playout::Lost | Playout::Buffering => (vec![0; codec_frame], None),
-        };
+        }
+        let pcm8: Vec<i16> = self.pcm_in.drain(..codec_frame).collect();
         let mut pcm = Vec::with_capacity(frame_len(PIPELINE_RATE));
         if codecs.decode_rs.process(&pcm8, &mut pcm).is_err() {
             return;
@@ -694,6 +714,39 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(b.control.stats().ignored_packets, 5);
+    }
+
+    #[tokio::test]
+    async fn thirty_ms_packets_are_cut_into_twenty_ms_frames_without_gaps() {
+        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 43000, 44000);
+        let sock = ports.bind().await.unwrap();
+        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut h = start(sock, Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
+        let dest = h.control.local_addr();
+        // 1 s of a 1 kHz tone at 8 kHz in 30 ms PCMU packets, paced in real time.
+        let tone8: Vec<i16> = (0..8000).map(|n| (8000.0 * (2.0 * std::f32::consts::PI * 1000.0 * n as f32 / 8000.0).sin()) as i16).collect();
+        let sender = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(30));
+            for (i, chunk) in tone8.chunks(240).enumerate() {
+                tick.tick().await;
+                let mut payload = Vec::new();
+                Law::Ulaw.encode(chunk, &mut payload);
+                let packet = rtp::packet::Packet {
+                    header: rtp::header::Header { version: 2, payload_type: 0, sequence_number: i as u16, timestamp: i as u32 * 240, ssrc: 9, ..Default::default() },
+                    payload: Bytes::from(payload),
+                };
+                far.send_to(&packet.marshal().unwrap(), dest).await.unwrap();
+            }
+        });
+        let got = collect(&mut h, 1400).await;
+        sender.await.unwrap();
+        let start_at = got.iter().position(|s| s.unsigned_abs() > 2000).expect("tone arrived");
+        let tone = &got[start_at..start_at + 14_000];
+        // |sin| > 0.25 for 84 % of a sine: 11,760 of 14,000 samples when nothing is missing.
+        assert!(loud_samples(tone) > 11_500, "no gaps in 0.875 s of tone: {}", loud_samples(tone));
+        let crossings = tone.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+        assert!((865..=885).contains(&crossings), "{crossings} rising zero crossings");
+        assert_eq!(h.control.stats().jitter.lost, 0);
     }
 
     #[tokio::test]

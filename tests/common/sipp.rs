@@ -61,11 +61,16 @@ impl Sipp {
         Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port }
     }
 
-    /// A UAC calling `target` (user `number`) with the built-in `uac` scenario.
-    pub fn uac(target: SocketAddr, number: &str, extra: &[&str]) -> Sipp {
+    /// A UAC calling `target` (user `number`) with a built-in scenario
+    /// (`uac`, or `uac_pcap`, which plays the shipped `g711a.pcap` and then
+    /// `dtmf_2833_1.pcap`: it runs in a directory whose `pcap/` is SIPp's).
+    pub fn uac(scenario: &str, target: SocketAddr, number: &str, extra: &[&str]) -> Sipp {
         let port = free_udp_port();
         let media_port = free_udp_port();
-        let mut args: Vec<String> = vec!["-sn".into(), "uac".into(), target.to_string()];
+        let workdir = std::env::temp_dir().join(format!("sipp-uac-{port}"));
+        let _ = std::fs::create_dir_all(&workdir);
+        let _ = std::os::unix::fs::symlink("/usr/share/sip-tester", workdir.join("pcap"));
+        let mut args: Vec<String> = vec!["-sn".into(), scenario.into(), target.to_string()];
         args.extend(
             [
                 "-s", number, "-i", "127.0.0.1", "-p", &port.to_string(), "-mi", "127.0.0.1", "-mp",
@@ -74,7 +79,14 @@ impl Sipp {
             .map(String::from),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("sipp").args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("sipp");
+        let child = Command::new("sipp")
+            .args(&args)
+            .current_dir(&workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sipp");
         Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port }
     }
 
