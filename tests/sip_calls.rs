@@ -183,3 +183,101 @@ async fn inbound_call_is_answered_receives_pcma_speech_and_rfc4733_dtmf() {
     assert!(sipp.wait(Duration::from_secs(10)), "SIPp completed its call");
     cancel.cancel();
 }
+
+async fn call_with_credentials(sipp: &Sipp, password: &str) -> (voxgate_sip::Call, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let mut config = config_for(sipp);
+    config.trunks[0].username = Some("alice".into());
+    config.trunks[0].password = Some(password.into());
+    let (agent, _inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    (agent.dial(dial()).await.unwrap(), cancel)
+}
+
+#[tokio::test]
+async fn digest_challenge_is_answered_once_and_the_call_connects() {
+    let mut sipp = Sipp::uas(scenario("uas_digest.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_with_credentials(&sipp, "secret").await;
+    loop {
+        match next_event(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended(o) => panic!("call ended before answer: {o:?}"),
+            _ => {}
+        }
+    }
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().status, CallStatus::Completed);
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp verified the digest and saw the BYE");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn wrong_digest_password_fails_the_call_with_the_servers_code() {
+    let mut sipp = Sipp::uas(scenario("uas_digest.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_with_credentials(&sipp, "wrong").await;
+    let outcome = call.ended().await.unwrap();
+    assert_eq!((outcome.status, outcome.sip_code), (CallStatus::Failed, Some(403)));
+    assert!(sipp.wait(Duration::from_secs(10)));
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_media_after_183_is_received_before_answer() {
+    let mut sipp = Sipp::uas(scenario("uas_early_media.xml").to_str().unwrap(), &[]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    assert!(matches!(next_event(&mut call).await, CallEvent::Ringing { code: 183, .. }));
+    assert_eq!(next_event(&mut call).await, CallEvent::EarlyMedia);
+    let mut early_frames_with_sound = 0;
+    loop {
+        tokio::select! {
+            Some(frame) = call.media.incoming.recv() => {
+                let energy = frame.pcm.iter().map(|s| i64::from(*s).pow(2)).sum::<i64>() / frame.pcm.len() as i64;
+                if energy > 100 * 100 {
+                    early_frames_with_sound += 1;
+                }
+            }
+            ev = call.events.recv() => match ev {
+                Some(CallEvent::Answered { .. }) => break,
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(early_frames_with_sound >= 75, "{early_frames_with_sound} frames of early media before the 200");
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().status, CallStatus::Completed);
+    assert!(sipp.wait(Duration::from_secs(10)));
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn hold_and_resume_re_invites_are_answered_and_the_call_survives() {
+    let mut sipp = Sipp::uas(scenario("uas_hold_resume.xml").to_str().unwrap(), &["-rtp_echo"]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    let mut directions = Vec::new();
+    while directions.len() < 2 {
+        match next_event(&mut call).await {
+            CallEvent::Modified { remote_direction } => directions.push(remote_direction),
+            CallEvent::Ended(o) => panic!("call ended: {o:?}"),
+            _ => {}
+        }
+    }
+    use voxgate_media::sdp::Direction;
+    assert_eq!(directions, vec![Direction::SendOnly, Direction::SendRecv]);
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().reason, EndReason::LocalHangup);
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp checked our recvonly and sendrecv answers");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_far_end_that_sends_no_rtp_is_hung_up_for_media_timeout() {
+    // SIPp's uas answers but sends no RTP (no -rtp_echo), then waits for BYE.
+    let mut sipp = Sipp::uas("uas", &[]);
+    let cancel = CancellationToken::new();
+    let config = voxgate_sip::SipConfig { media_timeout_secs: 2, ..config_for(&sipp) };
+    let (agent, _inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    let mut call = agent.dial(dial()).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), call.ended()).await.unwrap().unwrap();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::MediaTimeout));
+    assert!(sipp.wait(Duration::from_secs(10)), "our BYE reached SIPp");
+    cancel.cancel();
+}

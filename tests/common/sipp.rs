@@ -20,6 +20,15 @@ pub fn free_udp_port() -> u16 {
     }
 }
 
+/// A directory whose `pcap/` is SIPp's shipped audio and DTMF captures, for
+/// scenarios that `play_pcap_audio="pcap/..."`.
+fn workdir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sipp-{port}"));
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::os::unix::fs::symlink("/usr/share/sip-tester", dir.join("pcap"));
+    dir
+}
+
 pub fn scenario(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name)
 }
@@ -51,6 +60,7 @@ impl Sipp {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("sipp")
             .args(&args)
+            .current_dir(workdir(port))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -63,13 +73,10 @@ impl Sipp {
 
     /// A UAC calling `target` (user `number`) with a built-in scenario
     /// (`uac`, or `uac_pcap`, which plays the shipped `g711a.pcap` and then
-    /// `dtmf_2833_1.pcap`: it runs in a directory whose `pcap/` is SIPp's).
+    /// `dtmf_2833_1.pcap`).
     pub fn uac(scenario: &str, target: SocketAddr, number: &str, extra: &[&str]) -> Sipp {
         let port = free_udp_port();
         let media_port = free_udp_port();
-        let workdir = std::env::temp_dir().join(format!("sipp-uac-{port}"));
-        let _ = std::fs::create_dir_all(&workdir);
-        let _ = std::os::unix::fs::symlink("/usr/share/sip-tester", workdir.join("pcap"));
         let mut args: Vec<String> = vec!["-sn".into(), scenario.into(), target.to_string()];
         args.extend(
             [
@@ -81,7 +88,7 @@ impl Sipp {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("sipp")
             .args(&args)
-            .current_dir(&workdir)
+            .current_dir(workdir(port))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
