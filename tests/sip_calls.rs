@@ -281,3 +281,39 @@ async fn a_far_end_that_sends_no_rtp_is_hung_up_for_media_timeout() {
     assert!(sipp.wait(Duration::from_secs(10)), "our BYE reached SIPp");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn we_refresh_the_session_when_the_answer_makes_us_the_refresher() {
+    let mut sipp = Sipp::uas(scenario("uas_session_refresh.xml").to_str().unwrap(), &["-rtp_echo"]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    loop {
+        if let CallEvent::Answered { .. } = next_event(&mut call).await {
+            break;
+        }
+    }
+    // Session-Expires is 4 s: the refresh goes out at 2 s.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().reason, EndReason::LocalHangup);
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp received our UPDATE before the BYE");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrefreshed_session_is_ended_as_session_expired() {
+    let mut sipp = Sipp::uas(scenario("uas_session_expire.xml").to_str().unwrap(), &["-rtp_echo"]);
+    let (mut call, cancel) = call_against(&sipp, 30).await;
+    let answered_at = loop {
+        if let CallEvent::Answered { at } = next_event(&mut call).await {
+            break at;
+        }
+    };
+    call.media.control.play(tone_1khz(10_000)).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(15), call.ended()).await.unwrap().unwrap();
+    let lasted = answered_at.elapsed();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::SessionExpired));
+    // 4 s less min(32 s, 4/3 s): about 2.7 s.
+    assert!(lasted >= Duration::from_millis(2500) && lasted < Duration::from_millis(4000), "{lasted:?}");
+    assert!(sipp.wait(Duration::from_secs(10)));
+    cancel.cancel();
+}

@@ -301,6 +301,41 @@ fn state_call_id(state: &DialogState) -> String {
     }
 }
 
+/// An RFC 4028 session timer negotiated in the 2xx.
+struct SessionTimer {
+    interval: Duration,
+    /// True when we must refresh; otherwise the far end must, and silence ends the call.
+    we_refresh: bool,
+    deadline: tokio::time::Instant,
+}
+
+impl SessionTimer {
+    /// From `Session-Expires: <secs>[;refresher=uac|uas]` in a 2xx to our INVITE.
+    fn from_answer(resp: &Response) -> Option<SessionTimer> {
+        use rsipstack::sip::HeadersExt;
+        let value = resp.session_expires_header()?.value().to_owned();
+        let mut parts = value.split(';');
+        // A floor keeps a bogus tiny value from turning into a refresh storm.
+        let secs: u64 = parts.next()?.trim().parse::<u64>().ok()?.max(2);
+        // §9: a 2xx should name the refresher; if it does not, the UAC refreshes.
+        let refresher_is_uas = parts.any(|p| p.trim().eq_ignore_ascii_case("refresher=uas"));
+        let mut timer = SessionTimer { interval: Duration::from_secs(secs), we_refresh: !refresher_is_uas, deadline: tokio::time::Instant::now() };
+        timer.restart();
+        Some(timer)
+    }
+
+    /// §10: the refresher refreshes at half the interval; the other side
+    /// gives up at the interval less min(32 s, interval / 3).
+    fn restart(&mut self) {
+        let wait = if self.we_refresh { self.interval / 2 } else { self.interval - (self.interval / 3).min(Duration::from_secs(32)) };
+        self.deadline = tokio::time::Instant::now() + wait;
+    }
+
+    fn header(&self) -> Header {
+        Header::SessionExpires(format!("{};refresher=uac", self.interval.as_secs()).as_str().into())
+    }
+}
+
 fn sdp_header() -> Vec<Header> {
     vec![Header::ContentType("application/sdp".into())]
 }
@@ -348,7 +383,10 @@ impl CallTask {
         let mut final_response: Option<Response> = None;
         let mut ringing = false;
         let mut media_check = tokio::time::interval(Duration::from_millis(500));
+        let mut session_timer: Option<SessionTimer> = None;
+        let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let outcome = loop {
+            let timer_deadline = session_timer.as_ref().map_or(far_future, |t| t.deadline);
             tokio::select! {
                 state = states.recv() => {
                     let Some(state) = state else { break self.outcome(CallStatus::Failed, EndReason::TransportError, None) };
@@ -375,6 +413,7 @@ impl CallTask {
                                         // Answered as we cancelled: rsipstack BYEs it.
                                         continue;
                                     }
+                                    session_timer = SessionTimer::from_answer(&resp);
                                     self.emit(CallEvent::Answered { at }).await;
                                 }
                                 Err(e) => {
@@ -385,7 +424,13 @@ impl CallTask {
                                 }
                             }
                         }
-                        DialogState::Updated(_, req, handle) => self.answer_in_dialog(&req, handle).await,
+                        DialogState::Updated(_, req, handle) => {
+                            self.answer_in_dialog(&req, handle).await;
+                            // A re-INVITE or UPDATE from the far end refreshes the session.
+                            if let Some(t) = session_timer.as_mut() {
+                                t.restart();
+                            }
+                        }
                         DialogState::Terminated(_, reason) => {
                             if !invite_done {
                                 // The final response arrives with the INVITE's end.
@@ -418,6 +463,18 @@ impl CallTask {
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(timer_deadline), if session_timer.is_some() && self.bye_reason.is_none() => {
+                    let Some(timer) = session_timer.as_mut() else { continue };
+                    if timer.we_refresh {
+                        self.refresh_session(timer).await;
+                        timer.restart();
+                    } else {
+                        tracing::info!(call_id = %self.call_id, "session not refreshed in time (RFC 4028), hanging up");
+                        self.bye_reason = Some(EndReason::SessionExpired);
+                        session_timer = None;
+                        let _ = self.dialog.bye().await;
+                    }
+                }
                 _ = &mut ring_timeout, if self.answered_at.is_none() && self.cancel_reason.is_none() => {
                     self.cancel_reason = Some(EndReason::RingTimeout);
                     let _ = self.dialog.cancel().await;
@@ -444,6 +501,25 @@ impl CallTask {
             }
         };
         self.finish(outcome).await;
+    }
+
+    /// Refreshes the session: UPDATE without a body (RFC 4028 §9); if the
+    /// far end does not take UPDATE, a re-INVITE with our current SDP
+    /// (retried on 491 glare).
+    async fn refresh_session(&mut self, timer: &SessionTimer) {
+        let headers = vec![timer.header(), Header::Supported("timer".into())];
+        match self.dialog.update(Some(headers.clone()), None).await {
+            Ok(Some(resp)) if resp.status_code.kind() == StatusCodeKind::Successful => return,
+            Ok(resp) => tracing::debug!(call_id = %self.call_id, status = ?resp.map(|r| r.status_code.code()), "UPDATE refused, refreshing with re-INVITE"),
+            Err(e) => tracing::debug!(call_id = %self.call_id, error = %e, "UPDATE failed, refreshing with re-INVITE"),
+        }
+        self.local_media.session_version += 1;
+        let mut headers = headers;
+        headers.extend(sdp_header());
+        let offer = sdp::offer(&self.local_media).into_bytes();
+        if let Err(e) = self.dialog.reinvite_with_glare_retry(Some(headers), Some(offer), 3).await {
+            tracing::warn!(call_id = %self.call_id, error = %e, "session refresh failed");
+        }
     }
 
     /// Answers a re-INVITE or UPDATE with our SDP (RFC 3264 §8).

@@ -61,6 +61,8 @@ pub enum EndReason {
     LocalHangup,
     /// No RTP for the media timeout.
     MediaTimeout,
+    /// The far end did not refresh the session in time (RFC 4028).
+    SessionExpired,
     /// We CANCELled before answer.
     Canceled,
     /// Nobody answered within the ring timeout.
@@ -77,6 +79,7 @@ impl EndReason {
             EndReason::RemoteHangup => "remote-hangup",
             EndReason::LocalHangup => "local-hangup",
             EndReason::MediaTimeout => "media-timeout",
+            EndReason::SessionExpired => "session-expired",
             EndReason::Canceled => "canceled",
             EndReason::RingTimeout => "ring-timeout",
             EndReason::Rejected => "rejected",
