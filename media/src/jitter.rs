@@ -85,6 +85,8 @@ pub struct JitterBuffer<T> {
     misses: u32,
     /// Ticks spent buffering with at least one frame waiting.
     waited: usize,
+    /// The frame at `next` was already concealed once while we waited for it.
+    held: bool,
     /// (arrival, rtp timestamp) of the previous packet, for the jitter estimate.
     last_transit: Option<(Instant, u32)>,
     /// RFC 3550 A.8 jitter in RTP timestamp units, scaled by 16.
@@ -106,6 +108,7 @@ impl<T> JitterBuffer<T> {
             next: None,
             misses: 0,
             waited: 0,
+            held: false,
             last_transit: None,
             jitter_q4: 0,
             stats: JitterStats::default(),
@@ -212,20 +215,39 @@ impl<T> JitterBuffer<T> {
                 return self.pop();
             }
         }
-        self.next = Some(next + 1);
         match self.frames.remove(&next) {
             Some(frame) => {
+                self.next = Some(next + 1);
                 self.misses = 0;
+                self.held = false;
                 self.stats.played += 1;
                 Playout::Frame(frame)
             }
-            None => {
+            None if self.frames.is_empty() => {
+                // Underrun: conceal, but hold the position, so a packet that is
+                // merely late still plays (one frame later) instead of being
+                // dropped; the delay grows by a frame only when needed.
                 self.misses += 1;
-                if self.misses > MAX_MISSES && self.frames.is_empty() {
+                if self.misses > MAX_MISSES {
                     self.next = None;
                     self.misses = 0;
+                    self.held = false;
                     return Playout::Buffering;
                 }
+                self.held = true;
+                self.stats.concealed += 1;
+                Playout::Lost
+            }
+            None if self.held => {
+                // Already concealed while waiting for it, and later frames are
+                // here: it is lost; play the next one now.
+                self.held = false;
+                self.next = Some(next + 1);
+                self.pop()
+            }
+            None => {
+                self.next = Some(next + 1);
+                self.misses += 1;
                 self.stats.concealed += 1;
                 Playout::Lost
             }
@@ -238,6 +260,7 @@ impl<T> JitterBuffer<T> {
         self.next = None;
         self.misses = 0;
         self.waited = 0;
+        self.held = false;
     }
 
     pub fn stats(&self) -> JitterStats {
@@ -318,6 +341,17 @@ mod tests {
         assert_eq!(&out[..6], &[Playout::Frame(0), Playout::Frame(1), Playout::Frame(2), Playout::Lost, Playout::Frame(4), Playout::Frame(5)]);
         let s = jb.stats();
         assert_eq!((s.concealed, s.late, s.lost), (1 + 2, 1, 1), "{s:?}");
+    }
+
+    #[test]
+    fn a_packet_that_slips_behind_its_tick_is_played_late_not_dropped() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        // From packet 5 on, every packet arrives one tick later than before.
+        let packets: Vec<_> = (0..20u16).map(|i| (i, usize::from(i), usize::from(i) + usize::from(i >= 5))).collect();
+        let out = simulate(&mut jb, &packets, 25);
+        assert_eq!(frames(&out), (0..20).collect::<Vec<_>>());
+        let s = jb.stats();
+        assert_eq!((s.late, s.lost, s.concealed), (0, 0, 1 + 4), "one tick stretched, then the tail after the last packet: {s:?}");
     }
 
     #[test]

@@ -10,8 +10,6 @@
 //! over between frames, so a stream is converted without clicks at frame
 //! edges. [`FrameResampler::delay_ms`] reports the delay.
 
-use std::collections::VecDeque;
-
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
 use rubato::{Fft, FixedSync, Resampler, WindowFunction};
 
@@ -34,8 +32,6 @@ pub struct FrameResampler {
     inner: Option<Fft<f32>>,
     input: Vec<f32>,
     output: Vec<f32>,
-    /// Converted samples not yet handed out.
-    pending: VecDeque<f32>,
 }
 
 impl FrameResampler {
@@ -64,8 +60,7 @@ impl FrameResampler {
             )
         };
         let output = vec![0.0; inner.as_ref().map_or(0, |r| r.output_frames_max())];
-        let pending = VecDeque::with_capacity(output.len() * 2);
-        Ok(FrameResampler { from, to, inner, input: vec![0.0; frame_len(from)], output, pending })
+        Ok(FrameResampler { from, to, inner, input: vec![0.0; frame_len(from)], output })
     }
 
     pub fn rates(&self) -> (u32, u32) {
@@ -89,21 +84,23 @@ impl FrameResampler {
             out.extend(std::iter::repeat_n(0, n_in.saturating_sub(frame.len())));
             return Ok(());
         };
-        for (slot, s) in self.input.iter_mut().zip(frame.iter().map(|s| f32::from(*s) / 32768.0).chain(std::iter::repeat(0.0))) {
-            *slot = s;
+        let used = frame.len().min(n_in);
+        for (slot, s) in self.input[..used].iter_mut().zip(frame) {
+            *slot = f32::from(*s) * (1.0 / 32768.0);
         }
+        self.input[used..].fill(0.0);
         let input = InterleavedSlice::new(&self.input, 1, n_in).map_err(|e| MediaError::Resample(e.to_string()))?;
         let capacity = self.output.len();
         let mut output =
             InterleavedSlice::new_mut(&mut self.output, 1, capacity).map_err(|e| MediaError::Resample(e.to_string()))?;
         let (_, written) =
             inner.process_into_buffer(&input, &mut output, None).map_err(|e| MediaError::Resample(e.to_string()))?;
-        self.pending.extend(&self.output[..written]);
-        let ready = self.pending.len().min(n_out);
-        out.extend(self.pending.drain(..ready).map(|s| (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16));
-        // The FFT yields a whole frame per frame; should it ever not, pad
-        // rather than stall the call.
-        out.extend(std::iter::repeat_n(0, n_out - ready));
+        // With SUB_CHUNKS dividing the frame the FFT yields exactly one frame
+        // per frame; should it ever not, pad or trim rather than drift.
+        let ready = written.min(n_out);
+        // `as` saturates; truncation costs under one LSB and avoids libm's roundf.
+        out.extend(self.output[..ready].iter().map(|s| (s * 32768.0) as i16));
+        out.resize(out.len() + (n_out - ready), 0);
         Ok(())
     }
 }

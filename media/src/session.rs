@@ -262,6 +262,8 @@ struct Leg {
     pcm_in: VecDeque<i16>,
     /// Samples in the far end's last packet, to conceal a lost one.
     packet_samples: usize,
+    /// Reused decode buffer.
+    scratch: Vec<i16>,
     dtmf_out: VecDeque<(bool, [u8; 4])>,
     dtmf_ts: Option<u32>,
     ssrc: u32,
@@ -303,6 +305,7 @@ impl Leg {
             outgoing: VecDeque::new(),
             pcm_in: VecDeque::new(),
             packet_samples: 160,
+            scratch: Vec::with_capacity(960),
             dtmf_out: VecDeque::new(),
             dtmf_ts: None,
             ssrc: rand::random::<u32>(),
@@ -471,11 +474,10 @@ impl Leg {
         while self.pcm_in.len() < codec_frame {
             match self.jitter.pop() {
                 Playout::Frame(payload) => {
-                    let before = self.pcm_in.len();
-                    let mut pcm = Vec::with_capacity(payload.len());
-                    codecs.law.decode(&payload, &mut pcm);
-                    self.pcm_in.extend(pcm);
-                    self.packet_samples = (self.pcm_in.len() - before).max(1);
+                    self.scratch.clear();
+                    codecs.law.decode(&payload, &mut self.scratch);
+                    self.pcm_in.extend(self.scratch.iter().copied());
+                    self.packet_samples = self.scratch.len().max(1);
                     received_at = Some(now);
                 }
                 // G.711 has no concealment of its own: silence is the honest fill.
@@ -491,13 +493,12 @@ impl Leg {
         if codecs.decode_rs.process(&pcm8, &mut pcm).is_err() {
             return;
         }
-        if received_at.is_some() {
-            let floats: Vec<f32> = pcm.iter().map(|s| f32::from(*s) / 32768.0).collect();
+        // In-band detection only when the far end did not negotiate RFC 4733.
+        let in_band_dtmf = self.remote.as_ref().is_some_and(|r| r.dtmf_payload_type.is_none());
+        if received_at.is_some() && in_band_dtmf {
+            let floats: Vec<f32> = pcm.iter().map(|s| f32::from(*s) * (1.0 / 32768.0)).collect();
             for key in self.tones.push(&floats) {
-                // In-band detection only when the far end did not negotiate RFC 4733.
-                if self.remote.as_ref().is_some_and(|r| r.dtmf_payload_type.is_none()) {
-                    let _ = self.events.try_send(MediaEvent::Dtmf(Digit { digit: key, duration_ms: 0 }));
-                }
+                let _ = self.events.try_send(MediaEvent::Dtmf(Digit { digit: key, duration_ms: 0 }));
             }
         }
         if self.incoming.try_send(AudioFrame { pcm, received_at }).is_err() {
