@@ -6,6 +6,8 @@ pub enum MediaError {
     Sdp(String),
     #[error("no supported audio codec in the SDP (offered: {offered})")]
     NoCommonCodec { offered: String },
+    #[error("codec: {0}")]
+    Codec(String),
     #[error("resampler: {0}")]
     Resample(String),
     #[error("I/O: {0}")]

@@ -257,7 +257,7 @@ impl Inner {
         let local_media = LocalMedia {
             ip: self.media_ip,
             rtp_port,
-            codecs: vec![Codec::Pcmu, Codec::Pcma],
+            codecs: vec![Codec::Pcmu, Codec::Pcma, Codec::Opus],
             session_id: u64::from(rand::random::<u32>()),
             session_version: 1,
             direction: Direction::SendRecv,
