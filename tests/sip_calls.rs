@@ -317,3 +317,24 @@ async fn an_unrefreshed_session_is_ended_as_session_expired() {
     assert!(sipp.wait(Duration::from_secs(10)));
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_trunk_carries_the_call() {
+    let mut sipp = Sipp::uas("uas", &["-t", "t1", "-rtp_echo"]);
+    let cancel = CancellationToken::new();
+    let mut config = config_for(&sipp);
+    config.trunks[0].transport = voxgate_sip::Transport::Tcp;
+    let (agent, _inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    let mut call = agent.dial(dial()).await.unwrap();
+    loop {
+        match next_event(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended(o) => panic!("call over TCP ended before answer: {o:?}"),
+            _ => {}
+        }
+    }
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().status, CallStatus::Completed);
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp (TCP) saw the whole call");
+    cancel.cancel();
+}

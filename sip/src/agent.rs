@@ -173,23 +173,25 @@ impl SipAgent {
             Some(name) => inner.config.trunks.iter().find(|t| &t.name == name).ok_or_else(|| SipError::UnknownTrunk(name.clone()))?,
             None => inner.config.trunks.first().ok_or(SipError::NoTrunk)?,
         };
-        if trunk.transport == Transport::Tcp {
-            return Err(SipError::Stack(format!("trunk '{}': TCP transport is not supported yet", trunk.name)));
-        }
         let digits = dial.number.strip_prefix('+').unwrap_or_default();
         if !(7..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(SipError::InvalidNumber(dial.number.clone()));
         }
-        let callee = uri(&format!("sip:{}@{}:{}", dial.number, trunk.host, trunk.port))?;
+        let (transport, uri_param) = match trunk.transport {
+            Transport::Udp => (rsipstack::sip::Transport::Udp, ""),
+            // rsipstack opens (and reuses) the TCP connection on demand.
+            Transport::Tcp => (rsipstack::sip::Transport::Tcp, ";transport=tcp"),
+        };
+        let callee = uri(&format!("sip:{}@{}:{}{uri_param}", dial.number, trunk.host, trunk.port))?;
         let from_user = trunk.from_user.as_deref().unwrap_or("voxgate");
         let caller = uri(&format!("sip:{from_user}@{}", host_port(inner.media_ip, inner.local.port())))?;
-        let contact = uri(&format!("sip:voxgate@{}", host_port(inner.media_ip, inner.local.port())))?;
+        let contact = uri(&format!("sip:voxgate@{}{uri_param}", host_port(inner.media_ip, inner.local.port())))?;
         let destination = match trunk.outbound_proxy {
             Some(proxy) => proxy.to_string(),
             None => format!("{}:{}", trunk.host, trunk.port),
         };
         let destination = SipAddr {
-            r#type: Some(rsipstack::sip::Transport::Udp),
+            r#type: Some(transport),
             addr: HostWithPort::try_from(destination.as_str()).map_err(|e| SipError::Stack(e.to_string()))?,
         };
         let credential = match (&trunk.username, &trunk.password) {
