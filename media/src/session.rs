@@ -751,6 +751,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rtcp_reports_tell_the_sender_what_the_receiver_lost() {
+        let (a, mut b) = pair().await;
+        assert_eq!(a.control.stats().remote_loss_percent, None);
+        // Reports go out every 5 s; wait for the first.
+        let _ = collect(&mut b, 5700).await;
+        assert_eq!(a.control.stats().remote_loss_percent, Some(0.0), "B's report about A's stream reached A");
+        assert_eq!(b.control.stats().remote_loss_percent, Some(0.0));
+    }
+
+    #[tokio::test]
     async fn flush_stops_the_agent_at_once() {
         let (a, mut b) = pair().await;
         a.control.play(tone(5000)).await;
