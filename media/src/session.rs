@@ -839,6 +839,47 @@ mod tests {
         assert_eq!(h.control.stats().jitter.lost, 0);
     }
 
+    proptest::proptest! {
+        /// RTP parsing never panics on arbitrary bytes, and what we send
+        /// parses back to the same header.
+        #[test]
+        fn rtp_headers_round_trip_and_garbage_never_panics(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            pt in 0u8..128, seq in proptest::prelude::any::<u16>(), ts in proptest::prelude::any::<u32>(),
+            ssrc in proptest::prelude::any::<u32>(), marker in proptest::prelude::any::<bool>(),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let mut raw = garbage.as_slice();
+            let _ = rtp::packet::Packet::unmarshal(&mut raw);
+            let mut raw = garbage.as_slice();
+            let _ = rtcp::packet::unmarshal(&mut raw);
+            let sent = rtp::packet::Packet {
+                header: rtp::header::Header { version: 2, marker, payload_type: pt, sequence_number: seq, timestamp: ts, ssrc, ..Default::default() },
+                payload: Bytes::from(payload),
+            };
+            let bytes = sent.marshal().unwrap();
+            let mut raw = &bytes[..];
+            let back = rtp::packet::Packet::unmarshal(&mut raw).unwrap();
+            proptest::prop_assert_eq!(back, sent);
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_on_the_media_ports_changes_nothing() {
+        let (a, mut b) = pair().await;
+        let junk = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = b.control.local_addr();
+        let rtcp_target = SocketAddr::new(target.ip(), target.port() + 1);
+        for len in [0usize, 1, 11, 12, 13, 100, 1400] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
+            junk.send_to(&bytes, target).await.unwrap();
+            junk.send_to(&bytes, rtcp_target).await.unwrap();
+        }
+        a.control.play(tone(500)).await;
+        let got = collect(&mut b, 900).await;
+        assert!(loud_samples(&got) > 5000, "audio still flows after garbage");
+    }
+
     #[tokio::test]
     async fn silence_from_the_far_end_times_out() {
         let ports = PortRange::new("127.0.0.1".parse().unwrap(), 42000, 43000);
