@@ -81,8 +81,19 @@ impl HalfBand {
         HalfBand { up, phases, taps: reversed, history: vec![0.0; history_len - 1] }
     }
 
+    /// Eight independent accumulators: float addition is not associative,
+    /// so one running sum would be a serial chain the compiler cannot
+    /// vectorize.
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
+        let mut acc = [0.0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for j in 0..8 {
+                acc[j] += x[j] * y[j];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
     }
 
     /// Converts `input` (any length; 2:1 down needs an even length) and
