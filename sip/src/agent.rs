@@ -491,10 +491,7 @@ impl CallTask {
                     }
                 }
                 _ = media_check.tick(), if self.answered_at.is_some() && self.bye_reason.is_none() => {
-                    if self.media.stats().timed_out {
-                        self.bye_reason = Some(EndReason::MediaTimeout);
-                        let _ = self.dialog.bye().await;
-                    }
+                    self.hang_up_if_media_died().await;
                 }
                 _ = self.inner.cancel.cancelled() => {
                     if self.answered_at.is_some() { let _ = self.dialog.bye().await; } else { let _ = self.dialog.cancel().await; }
@@ -503,6 +500,14 @@ impl CallTask {
             }
         };
         self.finish(outcome).await;
+    }
+
+    /// BYE when no RTP has arrived for the media timeout (a dead far end).
+    async fn hang_up_if_media_died(&mut self) {
+        if self.media.stats().timed_out {
+            self.bye_reason = Some(EndReason::MediaTimeout);
+            let _ = self.dialog.bye().await;
+        }
     }
 
     /// Refreshes the session: UPDATE without a body (RFC 4028 §9); if the
@@ -624,10 +629,7 @@ impl CallTask {
                     let _ = self.dialog.bye().await;
                 }
                 _ = media_check.tick(), if self.answered_at.is_some() && self.bye_reason.is_none() => {
-                    if self.media.stats().timed_out {
-                        self.bye_reason = Some(EndReason::MediaTimeout);
-                        let _ = self.dialog.bye().await;
-                    }
+                    self.hang_up_if_media_died().await;
                 }
                 _ = self.inner.cancel.cancelled() => {
                     let _ = self.dialog.bye().await;

@@ -174,29 +174,40 @@ impl TestServer {
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn terminate(&mut self, within: Duration) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
+        let Some(child) = self.child.take() else { return false };
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_exit(child, within)
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        kill(&mut self.child);
+    }
+}
+
+/// Waits up to `within` for a child to exit (killing it after that);
+/// true when it exited with status 0.
+pub fn wait_for_exit(mut child: Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
+            return false;
         }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills and reaps a child that is still owned, so no test leaves one behind.
+pub fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use voxgate_sip::{SipConfig, Trunk};
 
@@ -42,85 +42,52 @@ pub struct Sipp {
 impl Sipp {
     /// A UAS: `scenario` is a built-in name (`uas`) or a path to an XML file.
     pub fn uas(scenario: &str, extra: &[&str]) -> Sipp {
-        let port = free_udp_port();
-        let media_port = free_udp_port();
-        let mut args: Vec<String> = if scenario.ends_with(".xml") {
-            vec!["-sf".into(), scenario.into()]
-        } else {
-            vec!["-sn".into(), scenario.into()]
-        };
-        args.extend(
-            [
-                "-i", "127.0.0.1", "-p", &port.to_string(), "-mi", "127.0.0.1", "-mp", &media_port.to_string(),
-                "-m", "1", "-timeout", "60s", "-timeout_error", "-nostdin", "-trace_err",
-                "-error_file", &std::env::temp_dir().join(format!("sipp-{port}-err.log")).display().to_string(),
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("sipp")
-            .args(&args)
-            .current_dir(workdir(port))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sipp (Debian package sip-tester) is installed by scripts/setup");
+        let scenario_args = if scenario.ends_with(".xml") { ["-sf", scenario] } else { ["-sn", scenario] };
+        let sipp = Sipp::spawn(&scenario_args, extra);
         // Let SIPp bind before anything is sent to it.
         std::thread::sleep(Duration::from_millis(300));
-        Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port }
+        sipp
     }
 
     /// A UAC calling `target` (user `number`) with a built-in scenario
     /// (`uac`, or `uac_pcap`, which plays the shipped `g711a.pcap` and then
     /// `dtmf_2833_1.pcap`).
     pub fn uac(scenario: &str, target: SocketAddr, number: &str, extra: &[&str]) -> Sipp {
+        Sipp::spawn(&["-sn", scenario, &target.to_string(), "-s", number], extra)
+    }
+
+    /// Starts SIPp on free loopback ports for one call, bounded to 60 s.
+    fn spawn(scenario_args: &[&str], extra: &[&str]) -> Sipp {
         let port = free_udp_port();
         let media_port = free_udp_port();
-        let mut args: Vec<String> = vec!["-sn".into(), scenario.into(), target.to_string()];
-        args.extend(
-            [
-                "-s", number, "-i", "127.0.0.1", "-p", &port.to_string(), "-mi", "127.0.0.1", "-mp",
-                &media_port.to_string(), "-m", "1", "-timeout", "60s", "-timeout_error", "-nostdin",
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let error_file = std::env::temp_dir().join(format!("sipp-{port}-err.log")).display().to_string();
+        let (port_s, media_s) = (port.to_string(), media_port.to_string());
+        let common = [
+            "-i", "127.0.0.1", "-p", &port_s, "-mi", "127.0.0.1", "-mp", &media_s, "-m", "1", "-timeout", "60s",
+            "-timeout_error", "-nostdin", "-trace_err", "-error_file", &error_file,
+        ];
         let child = Command::new("sipp")
-            .args(&args)
+            .args(scenario_args)
+            .args(common)
+            .args(extra)
             .current_dir(workdir(port))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("sipp");
+            .expect("sipp (Debian package sip-tester) is installed by scripts/setup");
         Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port }
     }
 
     /// Waits for SIPp to finish; true when its one call succeeded (exit 0).
     pub fn wait(&mut self, within: Duration) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child.take().is_some_and(|child| super::wait_for_exit(child, within))
     }
 }
 
 impl Drop for Sipp {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill(&mut self.child);
     }
 }
 
