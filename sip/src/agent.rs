@@ -221,20 +221,8 @@ impl SipAgent {
                 return Err(e.into());
             }
         };
-        let (events_tx, events_rx) = mpsc::channel(32);
-        let (hangup_tx, hangup_rx) = mpsc::channel(4);
-        let task = CallTask {
-            inner: inner.clone(),
-            call_id: call_id.clone(),
-            dialog,
-            direction: CallDirection::Outbound,
-            media: media.control.clone(),
-            local_media,
-            events: events_tx,
-            answered_at: None,
-            cancel_reason: None,
-            bye_reason: None,
-        };
+        let (task, events_rx, hangup_tx, hangup_rx) =
+            CallTask::new(inner.clone(), call_id.clone(), dialog, CallDirection::Outbound, &media, local_media);
         tokio::spawn(task.run_outbound(states_rx, hangup_rx, invite));
         Ok(Call { call_id, events: events_rx, media, hangup: hangup_tx })
     }
@@ -368,6 +356,33 @@ struct CallTask {
 }
 
 impl CallTask {
+    /// A call's task, with the receiving end of its events and both ends of
+    /// its hang-up channel.
+    fn new(
+        inner: Arc<Inner>,
+        call_id: String,
+        dialog: InviteDialog,
+        direction: CallDirection,
+        media: &MediaHandle,
+        local_media: LocalMedia,
+    ) -> (CallTask, mpsc::Receiver<CallEvent>, mpsc::Sender<()>, mpsc::Receiver<()>) {
+        let (events, events_rx) = mpsc::channel(32);
+        let (hangup_tx, hangup_rx) = mpsc::channel(4);
+        let task = CallTask {
+            inner,
+            call_id,
+            dialog,
+            direction,
+            media: media.control.clone(),
+            local_media,
+            events,
+            answered_at: None,
+            cancel_reason: None,
+            bye_reason: None,
+        };
+        (task, events_rx, hangup_tx, hangup_rx)
+    }
+
     async fn emit(&self, ev: CallEvent) {
         let _ = self.events.send(ev).await;
     }
@@ -708,20 +723,8 @@ async fn accept_inbound(inner: Arc<Inner>, mut tx: Transaction, inbound: mpsc::S
     };
     inner.route(&call_id, states_tx);
     let mut dialog = inner.dialog_layer.get_or_create_server_invite(&tx, inner.state_sender.clone(), None, Some(contact))?;
-    let (events_tx, events_rx) = mpsc::channel(32);
-    let (hangup_tx, hangup_rx) = mpsc::channel(4);
-    let task = CallTask {
-        inner: inner.clone(),
-        call_id: call_id.clone(),
-        dialog: dialog.clone(),
-        direction: CallDirection::Inbound,
-        media: media.control.clone(),
-        local_media,
-        events: events_tx,
-        answered_at: None,
-        cancel_reason: None,
-        bye_reason: None,
-    };
+    let (task, events_rx, hangup_tx, hangup_rx) =
+        CallTask::new(inner.clone(), call_id.clone(), dialog.clone(), CallDirection::Inbound, &media, local_media);
     tokio::spawn(task.run_inbound(states_rx, hangup_rx, answer));
     tokio::spawn(async move {
         let _ = dialog.handle(&mut tx).await;
