@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct JitterConfig {
-    /// Duration of one frame (and of one `pop` tick).
+    /// Expected packet duration until the stream shows its own.
     pub frame: Duration,
     /// RTP clock rate of the stream, for the jitter estimate.
     pub clock_rate: u32,
@@ -91,6 +91,11 @@ pub struct JitterBuffer<T> {
     last_transit: Option<(Instant, u32)>,
     /// RFC 3550 A.8 jitter in RTP timestamp units, scaled by 16.
     jitter_q4: u64,
+    /// Duration of one packet, learnt from consecutive timestamps (the far
+    /// end may send 10, 20, 30 ms or longer); depths are counted in it.
+    packet: Duration,
+    /// (extended sequence number, timestamp) of the newest packet.
+    newest: Option<(u64, u32)>,
     stats: JitterStats,
 }
 
@@ -111,6 +116,8 @@ impl<T> JitterBuffer<T> {
             held: false,
             last_transit: None,
             jitter_q4: 0,
+            packet: cfg.frame,
+            newest: None,
             stats: JitterStats::default(),
         }
     }
@@ -142,6 +149,19 @@ impl<T> JitterBuffer<T> {
             return;
         }
         self.stats.received += 1;
+        if let Some((prev_ext, prev_ts)) = self.newest {
+            if ext == prev_ext + 1 {
+                let units = timestamp.wrapping_sub(prev_ts);
+                // Plausible packet lengths only: 5 ms up to 200 ms.
+                let rate = self.cfg.clock_rate.max(1);
+                if units >= rate / 200 && units <= rate / 5 {
+                    self.packet = Duration::from_secs_f64(f64::from(units) / f64::from(rate));
+                }
+            }
+        }
+        if self.newest.is_none_or(|(n, _)| ext > n) {
+            self.newest = Some((ext, timestamp));
+        }
         self.highest = Some(self.highest.map_or(ext, |h| h.max(ext)));
         self.base = Some(self.base.map_or(ext, |b| b.min(ext)));
         self.frames.insert(ext, payload);
@@ -179,14 +199,15 @@ impl<T> JitterBuffer<T> {
         Duration::from_secs_f64(units / f64::from(self.cfg.clock_rate.max(1)))
     }
 
-    /// The playout delay aimed for: twice the jitter plus a frame, bounded.
+    /// The playout delay aimed for: twice the jitter plus a packet, bounded.
     pub fn target_delay(&self) -> Duration {
-        (self.jitter() * 2 + self.cfg.frame).clamp(self.cfg.min_delay, self.cfg.max_delay)
+        (self.jitter() * 2 + self.packet).clamp(self.cfg.min_delay, self.cfg.max_delay)
     }
 
+    /// How many packets make up `d`.
     fn frames_for(&self, d: Duration) -> usize {
-        let frame = self.cfg.frame.as_nanos().max(1);
-        d.as_nanos().div_ceil(frame) as usize
+        let packet = self.packet.as_nanos().max(1);
+        d.as_nanos().div_ceil(packet) as usize
     }
 
     /// One playout tick.

@@ -820,8 +820,8 @@ mod tests {
         assert_eq!(b.control.stats().ignored_packets, 5);
     }
 
-    #[tokio::test]
-    async fn thirty_ms_packets_are_cut_into_twenty_ms_frames_without_gaps() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thirty_ms_packets_are_cut_into_twenty_ms_frames_without_losing_audio() {
         let ports = PortRange::new("127.0.0.1".parse().unwrap(), 43000, 44000);
         let sock = ports.bind().await.unwrap();
         let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -842,15 +842,23 @@ mod tests {
                 far.send_to(&packet.marshal().unwrap(), dest).await.unwrap();
             }
         });
-        let got = collect(&mut h, 1400).await;
+        let got = collect(&mut h, 1800).await;
         sender.await.unwrap();
-        let start_at = got.iter().position(|s| s.unsigned_abs() > 2000).expect("tone arrived");
-        let tone = &got[start_at..start_at + 14_000];
-        // |sin| > 0.25 for 84 % of a sine: 11,760 of 14,000 samples when nothing is missing.
-        assert!(loud_samples(tone) > 11_500, "no gaps in 0.875 s of tone: {}", loud_samples(tone));
-        let crossings = tone.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
-        assert!((865..=885).contains(&crossings), "{crossings} rising zero crossings");
-        assert_eq!(h.control.stats().jitter.lost, 0);
+        // All of the 1 s tone's energy is played (16,000 samples of amplitude
+        // 8,000 at 16 kHz), whatever the phase the resampler lands on. The
+        // buffer may stretch playout by a packet or two while it adapts to
+        // 30 ms packets; that inserts silence but loses nothing.
+        let energy: f64 = got.iter().map(|s| f64::from(*s).powi(2)).sum();
+        let ratio = energy / (16_000.0 * 8000f64.powi(2) / 2.0);
+        assert!((0.9..1.05).contains(&ratio), "{ratio:.3} of the tone's energy arrived");
+        // The pitch, over the middle half second of the tone (the filter
+        // rings at its start and end).
+        let start = got.iter().position(|s| s.unsigned_abs() > 2000).expect("tone arrived");
+        let middle = &got[start + 4000..start + 12_000];
+        let crossings = middle.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+        assert!((497..=503).contains(&crossings), "{crossings} rising zero crossings in 0.5 s at 1 kHz");
+        let stats = h.control.stats().jitter;
+        assert_eq!((stats.lost, stats.late), (0, 0), "{stats:?}");
     }
 
     proptest::proptest! {
