@@ -338,3 +338,31 @@ async fn a_tcp_trunk_carries_the_call() {
     assert!(sipp.wait(Duration::from_secs(10)), "SIPp (TCP) saw the whole call");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_session_timer_is_granted_refreshes_extend_it_and_silence_ends_it() {
+    let cancel = CancellationToken::new();
+    let rtp = common::sipp::free_udp_port();
+    let config = voxgate_sip::SipConfig {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], common::sipp::free_udp_port())),
+        rtp_port_min: rtp,
+        rtp_port_max: rtp + 20,
+        inbound_numbers: vec!["4155550199".into()],
+        ..Default::default()
+    };
+    let (agent, mut inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    let mut sipp = Sipp::uac(scenario("uac_session_timer.xml").to_str().unwrap(), agent.local_addr(), "4155550199", &[]);
+    let mut incoming = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await.expect("INVITE arrived").unwrap();
+    let answered_at = loop {
+        if let CallEvent::Answered { at } = next_event(&mut incoming.call).await {
+            break at;
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(15), incoming.call.ended()).await.unwrap().unwrap();
+    let lasted = answered_at.elapsed();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::SessionExpired));
+    // Refreshed at 1.5 s, so it ends about 1.5 + (4 - 4/3) = 4.2 s in, not at 2.7 s.
+    assert!(lasted >= Duration::from_millis(3800) && lasted < Duration::from_millis(5500), "{lasted:?}");
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp saw Session-Expires granted, its UPDATE answered and our BYE");
+    cancel.cancel();
+}

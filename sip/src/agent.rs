@@ -314,6 +314,26 @@ impl SessionTimer {
         Some(timer)
     }
 
+    /// For an inbound INVITE that asks for a session timer (§9): we answer
+    /// with the same interval and make the caller the refresher, so we
+    /// only watch for its refreshes.
+    fn from_offer(req: &rsipstack::sip::Request) -> Option<SessionTimer> {
+        use rsipstack::sip::HeadersExt;
+        let value = req.session_expires_header()?.value().to_owned();
+        let secs: u64 = value.split(';').next()?.trim().parse::<u64>().ok()?.max(2);
+        let mut timer = SessionTimer { interval: Duration::from_secs(secs), we_refresh: false, deadline: tokio::time::Instant::now() };
+        timer.restart();
+        Some(timer)
+    }
+
+    /// The headers of our 2xx that grant the caller's timer.
+    fn answer_headers(&self) -> Vec<Header> {
+        vec![
+            Header::SessionExpires(format!("{};refresher=uac", self.interval.as_secs()).as_str().into()),
+            Header::Require("timer".into()),
+        ]
+    }
+
     /// §10: the refresher refreshes at half the interval; the other side
     /// gives up at the interval less min(32 s, interval / 3).
     fn restart(&mut self) {
@@ -618,15 +638,28 @@ impl CallTask {
         self.emit(CallEvent::Ended(outcome)).await;
     }
 
-    async fn run_inbound(mut self, mut states: mpsc::UnboundedReceiver<DialogState>, mut hangup: mpsc::Receiver<()>, answer: String) {
+    async fn run_inbound(
+        mut self,
+        mut states: mpsc::UnboundedReceiver<DialogState>,
+        mut hangup: mpsc::Receiver<()>,
+        answer: String,
+        mut session_timer: Option<SessionTimer>,
+    ) {
         let mut media_check = tokio::time::interval(Duration::from_millis(500));
+        let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let outcome = loop {
+            let timer_deadline = session_timer.as_ref().map_or(far_future, |t| t.deadline);
             tokio::select! {
                 state = states.recv() => {
                     let Some(state) = state else { break self.outcome(CallStatus::Failed, EndReason::TransportError, None) };
                     match state {
                         DialogState::Calling(_) if self.answered_at.is_none() => {
-                            if let Err(e) = self.dialog.accept(Some(sdp_header()), Some(answer.clone().into_bytes())) {
+                            let mut headers = sdp_header();
+                            if let Some(t) = session_timer.as_mut() {
+                                headers.extend(t.answer_headers());
+                                t.restart();
+                            }
+                            if let Err(e) = self.dialog.accept(Some(headers), Some(answer.clone().into_bytes())) {
                                 tracing::warn!(call_id = %self.call_id, error = %e, "could not answer");
                                 break self.outcome(CallStatus::Failed, EndReason::TransportError, None);
                             }
@@ -634,13 +667,24 @@ impl CallTask {
                             self.answered_at = Some(at);
                             self.emit(CallEvent::Answered { at }).await;
                         }
-                        DialogState::Updated(_, req, handle) => self.answer_in_dialog(&req, handle).await,
+                        DialogState::Updated(_, req, handle) => {
+                            self.answer_in_dialog(&req, handle).await;
+                            if let Some(t) = session_timer.as_mut() {
+                                t.restart();
+                            }
+                        }
                         DialogState::Terminated(_, reason) => break self.terminated(reason, None),
                         _ => {}
                     }
                 }
                 Some(()) = hangup.recv() => {
                     self.bye_reason = Some(EndReason::LocalHangup);
+                    let _ = self.dialog.bye().await;
+                }
+                _ = tokio::time::sleep_until(timer_deadline), if session_timer.is_some() && self.answered_at.is_some() && self.bye_reason.is_none() => {
+                    tracing::info!(call_id = %self.call_id, "caller did not refresh the session (RFC 4028), hanging up");
+                    self.bye_reason = Some(EndReason::SessionExpired);
+                    session_timer = None;
                     let _ = self.dialog.bye().await;
                 }
                 _ = media_check.tick(), if self.answered_at.is_some() && self.bye_reason.is_none() => {
@@ -723,9 +767,10 @@ async fn accept_inbound(inner: Arc<Inner>, mut tx: Transaction, inbound: mpsc::S
     };
     inner.route(&call_id, states_tx);
     let mut dialog = inner.dialog_layer.get_or_create_server_invite(&tx, inner.state_sender.clone(), None, Some(contact))?;
+    let timer = SessionTimer::from_offer(&tx.original);
     let (task, events_rx, hangup_tx, hangup_rx) =
         CallTask::new(inner.clone(), call_id.clone(), dialog.clone(), CallDirection::Inbound, &media, local_media);
-    tokio::spawn(task.run_inbound(states_rx, hangup_rx, answer));
+    tokio::spawn(task.run_inbound(states_rx, hangup_rx, answer, timer));
     tokio::spawn(async move {
         let _ = dialog.handle(&mut tx).await;
     });

@@ -51,9 +51,10 @@ impl Sipp {
 
     /// A UAC calling `target` (user `number`) with a built-in scenario
     /// (`uac`, or `uac_pcap`, which plays the shipped `g711a.pcap` and then
-    /// `dtmf_2833_1.pcap`).
+    /// `dtmf_2833_1.pcap`) or an XML file.
     pub fn uac(scenario: &str, target: SocketAddr, number: &str, extra: &[&str]) -> Sipp {
-        Sipp::spawn(&["-sn", scenario, &target.to_string(), "-s", number], extra)
+        let kind = if scenario.ends_with(".xml") { "-sf" } else { "-sn" };
+        Sipp::spawn(&[kind, scenario, &target.to_string(), "-s", number], extra)
     }
 
     /// Starts SIPp on free loopback ports for one call, bounded to 60 s.
