@@ -33,10 +33,6 @@ impl Metrics {
         Ok(Metrics { registry, requests, latency })
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The Prometheus text exposition of every registered metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

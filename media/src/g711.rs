@@ -13,7 +13,7 @@ pub fn linear_to_ulaw(sample: i16) -> u8 {
     let (mask, v) = if v < 0 { (0x7F, -v) } else { (0xFF, v) };
     let v = v.min(CLIP) + (BIAS >> 2);
     // Segment ends are 0x3F, 0x7F, ... 0x1FFF.
-    let Some(seg) = (0..8).find(|i| v <= (0x40 << i) - 1) else { return (0x7F ^ mask) as u8 };
+    let Some(seg) = (0..8).find(|i| v < (0x40 << i)) else { return (0x7F ^ mask) as u8 };
     (((seg << 4) | ((v >> (seg + 1)) & 0x0F)) ^ mask) as u8
 }
 
@@ -28,7 +28,7 @@ pub fn linear_to_alaw(sample: i16) -> u8 {
     let v = i32::from(sample) >> 3;
     let (mask, v) = if v >= 0 { (0xD5, v) } else { (0x55, -v - 1) };
     // Segment ends are 0x1F, 0x3F, ... 0xFFF.
-    let Some(seg) = (0..8).find(|i| v <= (0x20 << i) - 1) else { return (0x7F ^ mask) as u8 };
+    let Some(seg) = (0..8).find(|i| v < (0x20 << i)) else { return (0x7F ^ mask) as u8 };
     let quantized = if seg < 2 { (v >> 1) & 0x0F } else { (v >> seg) & 0x0F };
     (((seg << 4) | quantized) ^ mask) as u8
 }

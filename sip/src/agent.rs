@@ -607,11 +607,10 @@ impl CallTask {
 
     fn terminated(&self, reason: TerminatedReason, final_response: Option<&Response>) -> Outcome {
         if self.answered_at.is_some() && self.cancel_reason.is_none() {
-            let remote_hung_up = match (self.direction, &reason) {
-                (CallDirection::Outbound, TerminatedReason::UasBye) => true,
-                (CallDirection::Inbound, TerminatedReason::UacBye) => true,
-                _ => false,
-            };
+            let remote_hung_up = matches!(
+                (self.direction, &reason),
+                (CallDirection::Outbound, TerminatedReason::UasBye) | (CallDirection::Inbound, TerminatedReason::UacBye)
+            );
             let reason = if remote_hung_up { EndReason::RemoteHangup } else { self.bye_reason.unwrap_or(EndReason::LocalHangup) };
             return Outcome { status: CallStatus::Completed, reason, sip_code: Some(200), sip_reason: Some("OK".into()) };
         }

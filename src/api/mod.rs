@@ -68,14 +68,6 @@ fn public_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(system::openapi))
 }
 
-/// The OpenAPI document of every route.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
-        .merge(guarded_routes())
-        .merge(public_routes())
-        .into_openapi()
-}
-
 /// The whole application, ready to serve.
 pub fn router(state: AppState) -> Router {
     let (guarded, guarded_doc) = OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(guarded_routes()).split_for_parts();

@@ -89,10 +89,6 @@ impl Scopes {
         other.0.iter().all(|s| if *s == Scope::All { self.0.contains(&Scope::All) } else { self.allows(*s) })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = Scope> + '_ {
-        self.0.iter().copied()
-    }
-
     /// Storage form: space-separated names.
     pub fn to_db(&self) -> String {
         self.0.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
