@@ -326,6 +326,12 @@ impl SessionTimer {
         Some(timer)
     }
 
+    /// When the timer next fires. Without a timer the select branch is
+    /// disabled by its guard, so any instant serves.
+    fn deadline(timer: &Option<SessionTimer>) -> tokio::time::Instant {
+        timer.as_ref().map_or_else(tokio::time::Instant::now, |t| t.deadline)
+    }
+
     /// The headers of our 2xx that grant the caller's timer.
     fn answer_headers(&self) -> Vec<Header> {
         vec![
@@ -421,9 +427,8 @@ impl CallTask {
         let mut ringing = false;
         let mut media_check = tokio::time::interval(Duration::from_millis(500));
         let mut session_timer: Option<SessionTimer> = None;
-        let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let outcome = loop {
-            let timer_deadline = session_timer.as_ref().map_or(far_future, |t| t.deadline);
+            let timer_deadline = SessionTimer::deadline(&session_timer);
             tokio::select! {
                 state = states.recv() => {
                     let Some(state) = state else { break self.outcome(CallStatus::Failed, EndReason::TransportError, None) };
@@ -645,9 +650,8 @@ impl CallTask {
         mut session_timer: Option<SessionTimer>,
     ) {
         let mut media_check = tokio::time::interval(Duration::from_millis(500));
-        let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let outcome = loop {
-            let timer_deadline = session_timer.as_ref().map_or(far_future, |t| t.deadline);
+            let timer_deadline = SessionTimer::deadline(&session_timer);
             tokio::select! {
                 state = states.recv() => {
                     let Some(state) = state else { break self.outcome(CallStatus::Failed, EndReason::TransportError, None) };
