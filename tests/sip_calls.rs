@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::sipp::{config_for, scenario, Sipp};
+use common::sipp::{config_for, inbound_config, scenario, Sipp};
 use tokio_util::sync::CancellationToken;
 use voxgate_sip::{CallEvent, CallStatus, Dial, EndReason, SipAgent};
 
@@ -133,15 +133,7 @@ async fn bye_from_the_far_end_completes_the_call_as_remote_hangup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_call_is_answered_receives_pcma_speech_and_rfc4733_dtmf() {
     let cancel = CancellationToken::new();
-    let rtp = common::sipp::free_udp_port();
-    let config = voxgate_sip::SipConfig {
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], common::sipp::free_udp_port())),
-        rtp_port_min: rtp,
-        rtp_port_max: rtp + 20,
-        inbound_numbers: vec!["4155550199".into()],
-        ..Default::default()
-    };
-    let (agent, mut inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    let (agent, mut inbound) = SipAgent::start(inbound_config("4155550199"), cancel.clone()).await.unwrap();
 
     // A number nobody configured is refused.
     let mut stranger = Sipp::uac("uac", agent.local_addr(), "4155550000", &[]);
@@ -342,15 +334,7 @@ async fn a_tcp_trunk_carries_the_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbound_session_timer_is_granted_refreshes_extend_it_and_silence_ends_it() {
     let cancel = CancellationToken::new();
-    let rtp = common::sipp::free_udp_port();
-    let config = voxgate_sip::SipConfig {
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], common::sipp::free_udp_port())),
-        rtp_port_min: rtp,
-        rtp_port_max: rtp + 20,
-        inbound_numbers: vec!["4155550199".into()],
-        ..Default::default()
-    };
-    let (agent, mut inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
+    let (agent, mut inbound) = SipAgent::start(inbound_config("4155550199"), cancel.clone()).await.unwrap();
     let mut sipp = Sipp::uac(scenario("uac_session_timer.xml").to_str().unwrap(), agent.local_addr(), "4155550199", &[]);
     let mut incoming = tokio::time::timeout(Duration::from_secs(10), inbound.recv()).await.expect("INVITE arrived").unwrap();
     let answered_at = loop {

@@ -92,6 +92,18 @@ impl Drop for Sipp {
     }
 }
 
+/// SIP config for voxgate answering inbound calls to `number`, no trunks.
+pub fn inbound_config(number: &str) -> SipConfig {
+    let rtp = free_udp_port();
+    SipConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], free_udp_port())),
+        rtp_port_min: rtp,
+        rtp_port_max: rtp + 20,
+        inbound_numbers: vec![number.into()],
+        ..SipConfig::default()
+    }
+}
+
 /// SIP config for voxgate with one trunk pointing at `sipp`.
 pub fn config_for(sipp: &Sipp) -> SipConfig {
     let rtp = free_udp_port();
