@@ -559,9 +559,9 @@ impl Leg {
                 }
             }
         }
-        let pcm8: Vec<i16> = self.pcm_in.drain(..codec_frame).collect();
+        let coded_pcm: Vec<i16> = self.pcm_in.drain(..codec_frame).collect();
         let mut pcm = Vec::with_capacity(frame_len(PIPELINE_RATE));
-        if codecs.decode_rs.process(&pcm8, &mut pcm).is_err() {
+        if codecs.decode_rs.process(&coded_pcm, &mut pcm).is_err() {
             return;
         }
         // In-band detection only when the far end did not negotiate RFC 4733.
