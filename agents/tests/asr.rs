@@ -1,0 +1,16 @@
+mod common;
+
+use voxgate_agents::asr::Asr;
+
+#[test]
+fn converted_whisper_transcribes_espeak_speech() {
+    let paths = common::models();
+    let asr = Asr::load(&paths.whisper, 2).unwrap();
+    for text in ["What are your opening hours?", "I would like to book a table for two people tomorrow evening."] {
+        let pcm = common::speak(text);
+        let started = std::time::Instant::now();
+        let heard = asr.transcribe(&pcm, "en").unwrap();
+        eprintln!("{text:?} -> {heard:?} in {:?} for {:.2} s of audio", started.elapsed(), pcm.len() as f64 / 16000.0);
+        assert!(common::wer(text, &heard) <= 0.10, "{text:?} heard as {heard:?}");
+    }
+}
