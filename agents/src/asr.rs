@@ -36,7 +36,15 @@ impl Asr {
     /// Transcribes 16 kHz mono PCM in [-1, 1]. Blocking: call it from the
     /// inference pool.
     pub fn transcribe(&self, pcm: &[f32], language: &str) -> Result<String, AgentError> {
+        self.transcribe_scored(pcm, language).map(|(text, _)| text)
+    }
+
+    /// Like [`Asr::transcribe`], with the mean probability of the text
+    /// tokens: low on fragments that Whisper makes words of ("uh-huh" heard
+    /// as "and then then"), high on clear speech.
+    pub fn transcribe_scored(&self, pcm: &[f32], language: &str) -> Result<(String, f32), AgentError> {
         let err = |e: whisper_rs::WhisperError| AgentError::Inference(format!("whisper: {e}"));
+        let started = std::time::Instant::now();
         let mut state = self.ctx.create_state().map_err(err)?;
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_n_threads(self.threads);
@@ -50,6 +58,11 @@ impl Asr {
         params.set_print_timestamps(false);
         params.set_suppress_blank(true);
         params.set_audio_ctx(audio_ctx_for(pcm.len()));
+        // No temperature fallback: a retry costs a full decode and a phone
+        // turn cannot wait for it. Speech runs at most ~5 tokens a second;
+        // the bound stops a hallucination loop on noise early.
+        params.set_temperature_inc(0.0);
+        params.set_max_tokens(max_tokens_for(pcm.len()));
         // whisper.cpp refuses less than one second; pad short audio with
         // silence rather than lose a short answer ("yes").
         let mut padded;
@@ -62,19 +75,73 @@ impl Asr {
         };
         state.full(params, audio).map_err(err)?;
         let mut text = String::new();
+        let (mut p_sum, mut p_n) = (0.0f32, 0u32);
+        let eot = self.ctx.token_eot();
         for seg in state.as_iter() {
             text.push_str(&seg.to_str_lossy().map_err(err)?);
+            for i in 0..seg.n_tokens() {
+                if let Some(tok) = seg.get_token(i).filter(|t| t.token_id() < eot) {
+                    p_sum += tok.token_probability();
+                    p_n += 1;
+                }
+            }
         }
-        Ok(clean(&text))
+        let confidence = if p_n == 0 { 0.0 } else { p_sum / p_n as f32 };
+        let text = collapse_repeats(&clean(&text));
+        tracing::debug!(samples = pcm.len(), elapsed_ms = started.elapsed().as_millis() as u64, confidence, text = %text, "transcribed");
+        Ok((text, confidence))
     }
 }
 
 /// Encoder window for `samples` of 16 kHz audio: the audio plus a margin of
-/// one second, rounded up to a multiple of 64 frames, never above 30 s.
+/// 0.3 s, rounded up to a multiple of 32 frames, never above 30 s. A window
+/// much longer than the audio invites the decoder to fill the silence by
+/// repeating itself.
 pub fn audio_ctx_for(samples: usize) -> i32 {
-    let seconds = samples as f32 / 16_000.0 + 1.0;
+    let seconds = samples as f32 / 16_000.0 + 0.3;
     let frames = (seconds * FRAMES_PER_SECOND).ceil() as i32;
-    (((frames + 63) / 64) * 64).clamp(128, MAX_AUDIO_CTX)
+    (((frames + 31) / 32) * 32).clamp(64, MAX_AUDIO_CTX)
+}
+
+/// Token budget for `samples` of audio: fast speech is about 4 tokens a
+/// second, so 6 per second plus a margin never cuts real speech.
+pub fn max_tokens_for(samples: usize) -> i32 {
+    (samples as f32 / 16_000.0 * 6.0).ceil() as i32 + 8
+}
+
+/// "Hours? Hours? Hours?" -> "Hours?": drops a sentence that repeats the one
+/// before it, the decoder's typical failure on a short window.
+fn collapse_repeats(text: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        if matches!(c, '.' | '?' | '!') {
+            let sentence = text[start..=i].trim();
+            if !sentence.is_empty() && out.last() != Some(&sentence) {
+                out.push(sentence);
+            }
+            start = i + 1;
+        }
+    }
+    let rest = text[start..].trim();
+    // A cut-off repetition at the end ("What are") is dropped too.
+    if !rest.is_empty() && !out.last().is_some_and(|last| last.starts_with(rest)) {
+        out.push(rest);
+    }
+    // "open open open" -> "open", "No No" -> "No": a short window makes
+    // the decoder echo the last word; speech that truly doubles a word
+    // ("had had") is rarer than the echo.
+    let joined = out.join(" ");
+    let mut kept: Vec<&str> = Vec::new();
+    for w in joined.split_whitespace() {
+        let n = kept.len();
+        let bare = |s: &str| s.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+        if n >= 1 && bare(kept[n - 1]) == bare(w) && !bare(w).is_empty() {
+            continue;
+        }
+        kept.push(w);
+    }
+    kept.join(" ")
 }
 
 /// Drops Whisper's non-speech annotations ("[BLANK_AUDIO]", "(music)").
@@ -98,9 +165,18 @@ mod tests {
 
     #[test]
     fn audio_ctx_grows_with_audio_and_is_capped() {
-        assert_eq!(audio_ctx_for(0), 128);
-        assert_eq!(audio_ctx_for(16_000 * 3), 256);
+        assert_eq!(audio_ctx_for(0), 64);
+        assert_eq!(audio_ctx_for(16_000 * 3), 192);
         assert_eq!(audio_ctx_for(16_000 * 40), MAX_AUDIO_CTX);
+    }
+
+    #[test]
+    fn repeated_sentences_collapse() {
+        assert_eq!(collapse_repeats("What are your hours? What are your hours? What are"), "What are your hours?");
+        assert_eq!(collapse_repeats("No No"), "No");
+        assert_eq!(collapse_repeats("Yes. No. Yes."), "Yes. No. Yes.");
+        assert_eq!(collapse_repeats("no punctuation"), "no punctuation");
+        assert_eq!(collapse_repeats("What are your open open open open"), "What are your open");
     }
 
     #[test]

@@ -6,9 +6,21 @@
 //! 16 kHz frames in and plays the agent frames that come out.
 
 pub mod asr;
+mod chunker;
+mod engines;
 mod error;
+pub mod llm;
 mod models;
+pub mod pool;
 pub mod prepare;
+mod session;
+pub mod tts;
+mod turn;
+pub mod vad;
 
+pub use engines::{Engines, EnginesConfig, ESPEAK, LOCAL_LLM, PIPER};
 pub use error::AgentError;
 pub use models::ModelPaths;
+pub use llm::Role;
+pub use session::{AgentConfig, AgentEvent, HangupReason, Session, Speaker, Transcript, TurnMetrics, FRAME};
+pub use turn::TurnConfig;

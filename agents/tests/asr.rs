@@ -5,12 +5,25 @@ use voxgate_agents::asr::Asr;
 #[test]
 fn converted_whisper_transcribes_espeak_speech() {
     let paths = common::models();
-    let asr = Asr::load(&paths.whisper, 2).unwrap();
+    let asr = Asr::load(&paths.whisper, 1).unwrap();
     for text in ["What are your opening hours?", "I would like to book a table for two people tomorrow evening."] {
         let pcm = common::speak(text);
         let started = std::time::Instant::now();
         let heard = asr.transcribe(&pcm, "en").unwrap();
         eprintln!("{text:?} -> {heard:?} in {:?} for {:.2} s of audio", started.elapsed(), pcm.len() as f64 / 16000.0);
         assert!(common::wer(text, &heard) <= 0.10, "{text:?} heard as {heard:?}");
+    }
+}
+
+#[test]
+fn short_partial_audio_returns_quickly() {
+    let paths = common::models();
+    let asr = Asr::load(&paths.whisper, 1).unwrap();
+    let pcm = common::speak("What are your opening hours?");
+    for ms in [400usize, 600, 800, 1200] {
+        let started = std::time::Instant::now();
+        let heard = asr.transcribe(&pcm[..ms * 16], "en").unwrap();
+        eprintln!("{ms} ms -> {heard:?} in {:?}", started.elapsed());
+        assert!(started.elapsed().as_secs() < 10);
     }
 }

@@ -1,0 +1,196 @@
+//! The process-wide set of engines: models loaded once and shared by every
+//! call, remote clients, and the pool they run on. Built once at start-up
+//! ([`Engines::load`]); an agent's choice of models is checked against it
+//! when the agent is created ([`Engines::check`]), so a call never starts
+//! with an engine that is not there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::asr::Asr;
+use crate::error::AgentError;
+use crate::llm::{LocalLlm, RemoteLlm, RemoteLlmConfig};
+use crate::models::ModelPaths;
+use crate::pool::InferencePool;
+use crate::tts::{HostedTts, HostedTtsConfig, HostedTtsKind, Piper};
+use crate::vad::{SileroModel, VadStream};
+
+/// The `llmModel` of the local SmolLM2.
+pub const LOCAL_LLM: &str = "smollm2-135m";
+/// Local `ttsModel` values.
+pub const PIPER: &str = "piper";
+pub const ESPEAK: &str = "espeak";
+
+/// `[agents]` in voxgate's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnginesConfig {
+    pub models_dir: PathBuf,
+    /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
+    pub pool_size: Option<usize>,
+    /// Threads per Whisper decode; default: cores / pool_size. More threads
+    /// than cores across concurrent decodes make ggml's spinning barriers
+    /// livelock, so the product must stay within the cores.
+    pub asr_threads: Option<usize>,
+    /// What the agent says when its language model fails mid-call.
+    pub fallback_line: String,
+    /// OpenAI-compatible endpoints, each serving some `llmModel` names.
+    pub remote_llms: Vec<RemoteLlmConfig>,
+    pub elevenlabs: Option<HostedTtsConfig>,
+    pub fish_audio: Option<HostedTtsConfig>,
+    pub kokoro: Option<HostedTtsConfig>,
+}
+
+impl Default for EnginesConfig {
+    fn default() -> Self {
+        EnginesConfig {
+            models_dir: PathBuf::from("models"),
+            pool_size: None,
+            asr_threads: None,
+            fallback_line: "Sorry, I'm having trouble right now. Could you say that again?".into(),
+            remote_llms: Vec::new(),
+            elevenlabs: None,
+            fish_audio: None,
+            kokoro: None,
+        }
+    }
+}
+
+pub struct Engines {
+    pub(crate) config: EnginesConfig,
+    pub(crate) pool: InferencePool,
+    pub(crate) asr: Asr,
+    pub(crate) llm: Option<Arc<LocalLlm>>,
+    pub(crate) piper: Option<Arc<Piper>>,
+    pub(crate) espeak: bool,
+    vad: Option<Arc<SileroModel>>,
+    pub(crate) remote_llms: Vec<RemoteLlm>,
+    pub(crate) hosted_tts: Vec<HostedTts>,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Engines {
+    /// Loads the models under `config.models_dir`. Whisper is required
+    /// (there is no call without ASR); the LLM, Piper and Silero are used
+    /// when present, and what is missing is logged and refused per agent.
+    pub fn load(config: EnginesConfig) -> Result<Arc<Self>, AgentError> {
+        whisper_rs::install_logging_hooks();
+        let paths = ModelPaths::new(&config.models_dir);
+        let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(|| (cores() / pool.size()).max(1)))?;
+        let llm = match LocalLlm::load(&paths.llm) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                tracing::warn!(error = %e, "local LLM not available");
+                None
+            }
+        };
+        let onnx = paths.onnxruntime.is_file()
+            && ort::init_from(paths.onnxruntime.display().to_string())
+                .commit()
+                .map_err(|e| tracing::warn!(error = %e, "ONNX Runtime not available"))
+                .is_ok();
+        let piper = if onnx && paths.piper.is_file() {
+            match Piper::load(&paths.piper, &paths.piper_config, pool.size(), 1) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Piper not available");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let vad = if onnx && paths.vad.is_file() {
+            match SileroModel::load(&paths.vad, 4) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Silero VAD not available, using earshot");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
+        let http = reqwest::Client::new();
+        let remote_llms = config.remote_llms.iter().cloned().map(|c| RemoteLlm::new(c, http.clone())).collect();
+        let hosted_tts = [
+            (HostedTtsKind::ElevenLabs, &config.elevenlabs),
+            (HostedTtsKind::FishAudio, &config.fish_audio),
+            (HostedTtsKind::Kokoro, &config.kokoro),
+        ]
+        .into_iter()
+        .filter_map(|(kind, c)| c.clone().map(|c| HostedTts::new(kind, c, http.clone())))
+        .collect();
+        Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, remote_llms, hosted_tts }))
+    }
+
+    /// A fresh VAD stream for one call.
+    pub fn vad_stream(&self) -> VadStream {
+        match &self.vad {
+            Some(m) => VadStream::silero(m.clone()),
+            None => VadStream::earshot(),
+        }
+    }
+
+    pub fn pool(&self) -> &InferencePool {
+        &self.pool
+    }
+
+    /// `llmModel` values agents may use here.
+    pub fn llm_models(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.llm.iter().map(|_| LOCAL_LLM.to_string()).collect();
+        v.extend(self.remote_llms.iter().flat_map(|r| r.models().to_vec()));
+        v
+    }
+
+    /// `ttsModel` values agents may use here.
+    pub fn tts_models(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.piper.is_some() {
+            v.push(PIPER);
+        }
+        if self.espeak {
+            v.push(ESPEAK);
+        }
+        v.extend(self.hosted_tts.iter().map(|h| h.kind().model_name()));
+        v
+    }
+
+    /// Refuses an LLM, TTS or language this process cannot serve, with a
+    /// message that names it and says how to enable it.
+    pub fn check(&self, llm_model: &str, tts_model: &str, language: &str) -> Result<(), AgentError> {
+        if !self.llm_models().iter().any(|m| m == llm_model) {
+            let how = if llm_model == LOCAL_LLM {
+                "install the local models with scripts/setup".to_string()
+            } else {
+                format!("add an OpenAI-compatible endpoint serving it under [[agents.remote_llms]] (models = [\"{llm_model}\"])")
+            };
+            return Err(AgentError::Unavailable(format!("llmModel '{llm_model}' is not available: {how}")));
+        }
+        if !self.tts_models().contains(&tts_model) {
+            let how = match tts_model {
+                PIPER => "install the Piper voice and ONNX Runtime with scripts/setup".to_string(),
+                ESPEAK => "install the espeak-ng package".to_string(),
+                "elevenlabs-v3" => "configure [agents.elevenlabs] with an api_key".to_string(),
+                "fish-audio-s1" => "configure [agents.fish_audio] with an api_key".to_string(),
+                "kokoro" => "configure [agents.kokoro] with the base_url of a Kokoro server".to_string(),
+                _ => format!("known values are {PIPER}, {ESPEAK}, kokoro, elevenlabs-v3, fish-audio-s1"),
+            };
+            return Err(AgentError::Unavailable(format!("ttsModel '{tts_model}' is not available: {how}")));
+        }
+        let lang = language.split(['-', '_']).next().unwrap_or_default().to_ascii_lowercase();
+        if lang != "en" {
+            return Err(AgentError::Unavailable(format!(
+                "language '{language}' is not available: the installed Whisper model (tiny.en) understands English only"
+            )));
+        }
+        Ok(())
+    }
+}

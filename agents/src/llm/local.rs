@@ -1,0 +1,208 @@
+//! The local LLM: a GGUF llama-architecture model (SmolLM2-135M-Instruct by
+//! default) run by candle on the CPU (or CUDA with the `cuda` feature).
+//!
+//! Weights load once per process; each call owns a [`LocalConversation`]
+//! holding its own KV cache. A turn whose prompt extends the previous one
+//! (the usual case: the history plus one new user line) only prefills the
+//! new tokens, so time to first token does not grow with the call.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use tokenizers::Tokenizer;
+use tokio_util::sync::CancellationToken;
+
+use super::chat::{ChatMessage, ChatTemplate, Role};
+use super::{tokenizer, MAX_REPLY_TOKENS};
+use crate::error::AgentError;
+
+/// Prompt + reply budget. SmolLM2 supports 8k, but prefill cost grows with
+/// it and a phone call's memory does not need more.
+const DEFAULT_CONTEXT: usize = 2048;
+const REPEAT_PENALTY: f32 = 1.1;
+/// The longest system prompt the local model keeps (prefill runs at a few
+/// hundred tokens a second on two cores, and it happens while ringing).
+pub const SYSTEM_PROMPT_TOKENS: usize = 768;
+const REPEAT_WINDOW: usize = 64;
+
+fn inference(e: candle_core::Error) -> AgentError {
+    AgentError::Inference(format!("llm: {e}"))
+}
+
+pub struct LocalLlm {
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop: Vec<u32>,
+    context: usize,
+    device: Device,
+}
+
+/// One call's state in the local model: the KV cache and what it holds.
+pub struct LocalConversation {
+    model: ModelWeights,
+    tokens: Vec<u32>,
+    text: String,
+    seed: u64,
+}
+
+impl LocalLlm {
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        if !path.is_file() {
+            return Err(AgentError::Model(format!("LLM model {} not found (run scripts/setup)", path.display())));
+        }
+        let device = device()?;
+        let mut reader = BufReader::new(std::fs::File::open(path)?);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| AgentError::Model(format!("gguf: {e}")))?;
+        let tokenizer = tokenizer::from_gguf(&content)?;
+        let template_src = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| AgentError::Model("gguf has no tokenizer.chat_template".into()))?;
+        let template = ChatTemplate::new(&template_src)?;
+        let mut stop = Vec::new();
+        if let Some(id) = content.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
+            stop.push(id);
+        }
+        for special in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(id) = tokenizer.token_to_id(special) {
+                stop.push(id);
+            }
+        }
+        let context = content
+            .metadata
+            .get("llama.context_length")
+            .and_then(|v| v.to_u32().ok())
+            .map_or(DEFAULT_CONTEXT, |c| (c as usize).min(DEFAULT_CONTEXT));
+        let weights = ModelWeights::from_gguf(content, &mut reader, &device).map_err(|e| AgentError::Model(format!("llm: {e}")))?;
+        Ok(LocalLlm { weights, tokenizer, template, stop, context, device })
+    }
+
+    pub fn conversation(&self, seed: u64) -> LocalConversation {
+        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed }
+    }
+
+    fn count(&self, text: &str) -> Result<usize, AgentError> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| AgentError::Inference(e.to_string()))?.len())
+    }
+
+    /// A system prompt cut to [`SYSTEM_PROMPT_TOKENS`] on a token boundary,
+    /// so that a 20,000-character prompt neither overflows the context nor
+    /// takes seconds to prefill on a CPU.
+    pub fn fit_system_prompt(&self, prompt: &str) -> Result<String, AgentError> {
+        let enc = self.tokenizer.encode(prompt, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        let budget = SYSTEM_PROMPT_TOKENS.min(self.context / 2);
+        if enc.len() <= budget {
+            return Ok(prompt.to_string());
+        }
+        self.tokenizer.decode(&enc.get_ids()[..budget], false).map_err(|e| AgentError::Inference(e.to_string()))
+    }
+
+    /// Drops the oldest exchanges (never the system prompt, never the last
+    /// message) until the prompt and a full reply fit the context.
+    pub fn trim(&self, messages: &mut Vec<ChatMessage>) -> Result<(), AgentError> {
+        loop {
+            let prompt = self.template.render(messages)?;
+            if self.count(&prompt)? + MAX_REPLY_TOKENS <= self.context {
+                return Ok(());
+            }
+            let first = messages.iter().position(|m| m.role != Role::System);
+            match first {
+                Some(i) if i + 1 < messages.len() => {
+                    messages.remove(i);
+                }
+                _ => return Err(AgentError::Inference("the prompt does not fit the model's context".into())),
+            }
+        }
+    }
+
+    /// Runs the model over `messages` ahead of time (while the phone rings),
+    /// so that the first turn only has the caller's words left to read.
+    pub fn prefill(&self, conv: &mut LocalConversation, messages: &[ChatMessage]) -> Result<(), AgentError> {
+        let prompt = self.template.render_with(messages, false)?;
+        let tokens = self.tokenizer.encode(prompt.as_str(), false).map_err(|e| AgentError::Inference(e.to_string()))?.get_ids().to_vec();
+        if tokens.is_empty() || tokens.len() + MAX_REPLY_TOKENS > self.context {
+            return Ok(());
+        }
+        conv.model = self.weights.clone();
+        conv.tokens.clear();
+        self.forward(conv, &tokens)?;
+        conv.text = prompt;
+        Ok(())
+    }
+
+    /// Generates the assistant's reply to `messages`, calling `on_text` with
+    /// each new piece of text. Stops at an end token, at the reply budget or
+    /// when `cancel` is set. Blocking: run it on the inference pool.
+    pub fn generate(
+        &self,
+        conv: &mut LocalConversation,
+        messages: &[ChatMessage],
+        cancel: &CancellationToken,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<String, AgentError> {
+        let prompt = self.template.render(messages)?;
+        let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
+        let new_tokens = if !conv.text.is_empty() && prompt.starts_with(&conv.text) {
+            encode(&prompt[conv.text.len()..])?
+        } else {
+            conv.model = self.weights.clone();
+            conv.tokens.clear();
+            encode(&prompt)?
+        };
+        if conv.tokens.len() + new_tokens.len() + MAX_REPLY_TOKENS > self.context {
+            conv.model = self.weights.clone();
+            conv.tokens.clear();
+            conv.text.clear();
+            return self.generate(conv, messages, cancel, on_text);
+        }
+        let mut logits = self.forward(conv, &new_tokens)?;
+        conv.text = prompt;
+        conv.seed = conv.seed.wrapping_add(1);
+        let mut sampler = LogitsProcessor::from_sampling(conv.seed, Sampling::TopKThenTopP { k: 40, p: 0.9, temperature: 0.3 });
+        let mut generated: Vec<u32> = Vec::new();
+        let mut emitted = 0usize;
+        let mut reply = String::new();
+        while generated.len() < MAX_REPLY_TOKENS && !cancel.is_cancelled() {
+            let start = generated.len().saturating_sub(REPEAT_WINDOW);
+            let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &generated[start..]).map_err(inference)?;
+            let next = sampler.sample(&penalised).map_err(inference)?;
+            if self.stop.contains(&next) {
+                break;
+            }
+            generated.push(next);
+            let text = self.tokenizer.decode(&generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+            // Hold back an incomplete UTF-8 sequence until its next byte.
+            if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+                on_text(&text[emitted..]);
+                emitted = text.len();
+                reply = text;
+            }
+            logits = self.forward(conv, &[next])?;
+        }
+        conv.text.push_str(&reply);
+        Ok(reply)
+    }
+
+    fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
+        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(inference)?;
+        let logits = conv.model.forward(&input, conv.tokens.len()).map_err(inference)?;
+        conv.tokens.extend_from_slice(tokens);
+        logits.squeeze(0).map_err(inference)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn device() -> Result<Device, AgentError> {
+    Device::new_cuda(0).map_err(|e| AgentError::Model(format!("cuda: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device() -> Result<Device, AgentError> {
+    Ok(Device::Cpu)
+}

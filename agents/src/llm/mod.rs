@@ -1,0 +1,16 @@
+//! Language models: the local SmolLM2 (candle, GGUF) and any
+//! OpenAI-compatible endpoint. Both stream text deltas into a channel and
+//! stop as soon as the session cancels them (barge-in).
+
+mod chat;
+mod local;
+mod remote;
+mod tokenizer;
+
+pub use chat::{ChatMessage, Role};
+pub use local::{LocalConversation, LocalLlm};
+pub use remote::{RemoteLlm, RemoteLlmConfig};
+
+/// How many tokens an agent reply may have: a spoken turn is short, and a
+/// bound keeps a runaway generation from holding the pool.
+pub const MAX_REPLY_TOKENS: usize = 120;

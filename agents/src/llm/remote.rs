@@ -1,0 +1,120 @@
+//! Any OpenAI-compatible chat endpoint (`POST {base_url}/chat/completions`
+//! with `stream: true`), read as server-sent events: each `data:` line
+//! carries `choices[0].delta.content`, `data: [DONE]` ends the stream.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::chat::ChatMessage;
+use super::MAX_REPLY_TOKENS;
+use crate::error::AgentError;
+
+/// One configured endpoint: the models it serves, where, and its key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteLlmConfig {
+    /// Model names an agent may give as `llmModel` to reach this endpoint.
+    pub models: Vec<String>,
+    /// e.g. `https://api.openai.com/v1`
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Seconds to wait for the first byte of a reply.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+#[derive(Clone)]
+pub struct RemoteLlm {
+    config: RemoteLlmConfig,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    choices: Vec<Choice>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Delta,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+impl RemoteLlm {
+    pub fn new(config: RemoteLlmConfig, http: reqwest::Client) -> Self {
+        RemoteLlm { config, http }
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.config.models.iter().any(|m| m == model)
+    }
+
+    pub fn models(&self) -> &[String] {
+        &self.config.models
+    }
+
+    /// Streams the reply to `messages` into `out` as text deltas; returns the
+    /// whole reply. An HTTP error, a malformed event or a stream that ends
+    /// without `[DONE]` is an error (the text already sent stays sent).
+    pub async fn generate(&self, model: &str, messages: &[ChatMessage], out: &mpsc::Sender<String>, cancel: &CancellationToken) -> Result<String, AgentError> {
+        let url = format!("{}/chat/completions", self.config.base_url.trim_end_matches('/'));
+        let body = serde_json::json!({ "model": model, "messages": messages, "stream": true, "max_tokens": MAX_REPLY_TOKENS });
+        let mut req = self.http.post(&url).json(&body).timeout(Duration::from_secs(self.config.timeout_secs.max(1) * 6));
+        if let Some(key) = &self.config.api_key {
+            req = req.bearer_auth(key);
+        }
+        let first = tokio::time::timeout(Duration::from_secs(self.config.timeout_secs.max(1)), req.send());
+        let resp = tokio::select! {
+            r = first => r.map_err(|_| AgentError::Remote(format!("{model}: no response within {} s", self.config.timeout_secs)))?,
+            _ = cancel.cancelled() => return Ok(String::new()),
+        }
+        .map_err(|e| AgentError::Remote(format!("{model}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(AgentError::Remote(format!("{model}: HTTP {}", resp.status())));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut reply = String::new();
+        loop {
+            let chunk = tokio::select! {
+                c = stream.next() => c,
+                _ = cancel.cancelled() => return Ok(reply),
+            };
+            let Some(chunk) = chunk else {
+                return Err(AgentError::Remote(format!("{model}: stream ended before [DONE]")));
+            };
+            buf.extend_from_slice(&chunk.map_err(|e| AgentError::Remote(format!("{model}: {e}")))?);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    return Ok(reply);
+                }
+                let chunk: Chunk = serde_json::from_str(data).map_err(|e| AgentError::Remote(format!("{model}: bad event: {e}")))?;
+                if let Some(text) = chunk.choices.into_iter().next().and_then(|c| c.delta.content).filter(|t| !t.is_empty()) {
+                    reply.push_str(&text);
+                    if out.send(text).await.is_err() {
+                        return Ok(reply);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,914 @@
+//! One call's conversation: caller frames in, agent frames and events out.
+//!
+//! A session is one task. It runs the VAD inline on each 20 ms frame (a
+//! Silero window costs well under a millisecond), decides turns, and sends
+//! ASR, LLM and TTS work to the inference pool; results come back as
+//! messages, so the task never waits on a model. Agent audio leaves one
+//! 20 ms frame per caller frame: the caller's RTP clock paces the agent, and
+//! stopping the agent (barge-in) takes effect on the very next frame.
+//!
+//! Barge-in: caller speech while the agent talks (or is about to) pauses the
+//! agent at once. If the caller goes on for longer than a backchannel
+//! (600 ms) or says a content word, the reply is cut: queued audio dropped,
+//! LLM and TTS cancelled, the reply recorded as interrupted with only what
+//! was heard, and the caller's words answered. A short "uh-huh" resumes the
+//! agent where it paused.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::chunker::SentenceChunker;
+use crate::engines::{Engines, ESPEAK, LOCAL_LLM, PIPER};
+use crate::error::AgentError;
+use crate::llm::{ChatMessage, LocalConversation, Role};
+use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
+use crate::vad::VadStream;
+
+/// Samples in one 20 ms frame at 16 kHz, the unit in and out.
+pub const FRAME: usize = 320;
+const FRAME_MS: u32 = 20;
+/// A partial transcript is refreshed after this much new speech, and not
+/// before this much speech (Whisper hallucinates on fragments).
+const PARTIAL_EVERY_MS: u32 = 400;
+const PARTIAL_MIN_MS: usize = 800;
+/// Silence kept after the last voiced frame for the final transcription:
+/// Whisper places the last word better with a little room after it.
+const TAIL_SAMPLES: usize = 16 * 200;
+/// A frame this loud (about -36 dBFS) over the agent pauses it before the
+/// VAD has decided; the pause lifts after this many frames without speech.
+const ONSET_RMS: f32 = 500.0;
+const TENTATIVE_PAUSE_FRAMES: u32 = 8;
+
+/// An agent as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub system_prompt: String,
+    pub greeting: String,
+    pub tts_model: String,
+    pub llm_model: String,
+    pub language: String,
+    pub voice: Option<String>,
+    /// Speaking rate, 1.0 = the voice's own.
+    pub speed: f32,
+    pub max_duration: Option<Duration>,
+    /// Phrases that end the call once the agent has said them.
+    pub end_call_phrases: Vec<String>,
+    pub turn: TurnConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            system_prompt: String::new(),
+            greeting: String::new(),
+            tts_model: PIPER.into(),
+            llm_model: LOCAL_LLM.into(),
+            language: "en".into(),
+            voice: None,
+            speed: 1.0,
+            max_duration: None,
+            end_call_phrases: Vec::new(),
+            turn: TurnConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    Caller,
+    Agent,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    pub speaker: Speaker,
+    pub text: String,
+    /// Partial transcripts of the caller come before the final one.
+    pub is_final: bool,
+    /// The agent was cut off: `text` is what the caller heard.
+    pub interrupted: bool,
+    /// Offset of the first audio of this line from the session start.
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// Where the time of one turn went, end of caller speech to first agent
+/// audio frame; stage times overlap with waiting (pool queueing included).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnMetrics {
+    pub turn: u32,
+    /// End of speech (last voiced frame received) to end of turn decided.
+    pub endpoint_ms: u32,
+    /// Final transcription (0 when the last partial already covered it).
+    pub asr_ms: u32,
+    pub llm_first_token_ms: u32,
+    /// Synthesis of the first piece of the reply.
+    pub tts_first_audio_ms: u32,
+    /// End of caller speech to the first agent frame leaving the session.
+    pub voice_to_voice_ms: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangupReason {
+    /// The agent said one of its end-call phrases.
+    AgentEnded,
+    /// The agent's maximum call duration was reached.
+    MaxDuration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// 20 ms of agent speech, 16 kHz.
+    AgentAudio(Vec<i16>),
+    /// Drop agent audio queued downstream (barge-in).
+    ClearAudio,
+    Transcript(Transcript),
+    TurnMetrics(TurnMetrics),
+    Hangup(HangupReason),
+}
+
+enum Input {
+    Audio(Vec<i16>, Instant),
+    Answered,
+}
+
+/// The handle the carrier (SIP or WebSocket leg) holds. Dropping it ends
+/// the session and cancels its work.
+pub struct Session {
+    input: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+}
+
+impl Session {
+    /// Starts a session. The greeting is synthesized at once (while the
+    /// phone rings) and spoken on [`Session::answered`].
+    pub fn start(engines: Arc<Engines>, config: AgentConfig) -> Result<(Session, mpsc::Receiver<AgentEvent>), AgentError> {
+        engines.check(&config.llm_model, &config.tts_model, &config.language)?;
+        let (input_tx, input_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let cancel = CancellationToken::new();
+        let core = Core::new(engines, config, events_tx, cancel.clone())?;
+        tokio::spawn(core.run(input_rx));
+        Ok((Session { input: input_tx, cancel }, events_rx))
+    }
+
+    /// The far end answered: the greeting plays, the max-duration clock runs.
+    pub async fn answered(&self) {
+        let _ = self.input.send(Input::Answered).await;
+    }
+
+    /// One 20 ms frame of caller audio (16 kHz), with the time it arrived on
+    /// the wire (latency is measured from there).
+    pub async fn push_audio(&self, pcm: Vec<i16>, received_at: Instant) {
+        let _ = self.input.send(Input::Audio(pcm, received_at)).await;
+    }
+
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Results of work sent to the pool, back to the session task.
+enum Work {
+    Partial { utterance: u64, covered: usize, text: String, confidence: f32 },
+    Final { utterance: u64, text: String, confidence: f32, asr_ms: u32 },
+    Greeting(Vec<i16>),
+    FirstToken { reply: u64, ms: u32 },
+    Piece { reply: u64, text: String, pcm: Vec<i16>, tts_ms: u32 },
+    Done { reply: u64, text: String },
+}
+
+/// The latest partial transcript: of which utterance, up to which sample.
+struct Partial {
+    utterance: u64,
+    covered: usize,
+    text: String,
+    confidence: f32,
+}
+
+struct Utterance {
+    id: u64,
+    pcm: Vec<i16>,
+    /// Samples up to the end of the last voiced frame.
+    voiced_end: usize,
+    preroll: usize,
+    silence_ms: u32,
+    last_voice_at: Instant,
+    started_ms: u64,
+    /// Started while the agent was speaking (or about to).
+    over_agent: bool,
+    partial_len: usize,
+}
+
+struct Reply {
+    id: u64,
+    cancel: CancellationToken,
+    pieces: Vec<(String, usize)>,
+    played: usize,
+    done: bool,
+    text: String,
+    end_of_speech: Option<Instant>,
+    metrics: TurnMetrics,
+    sent_first_frame: bool,
+    started_ms: Option<u64>,
+    /// Not yet in the history (greetings are added when they start).
+    record: bool,
+}
+
+struct Core {
+    engines: Arc<Engines>,
+    config: AgentConfig,
+    events: mpsc::Sender<AgentEvent>,
+    cancel: CancellationToken,
+    work_tx: mpsc::UnboundedSender<Work>,
+    work_rx: mpsc::UnboundedReceiver<Work>,
+    vad: VadStream,
+    history: Vec<ChatMessage>,
+    local: Option<Arc<Mutex<LocalConversation>>>,
+    preroll: VecDeque<i16>,
+    utterance: Option<Utterance>,
+    next_id: u64,
+    partial: Option<Partial>,
+    partial_busy: bool,
+    /// The utterance whose final transcript is awaited, and how it ended.
+    finishing: Option<(Utterance, Instant)>,
+    queue: VecDeque<i16>,
+    paused: bool,
+    /// Frames since a loud frame paused the agent without the VAD's word.
+    tentative_pause: Option<u32>,
+    reply: Option<Reply>,
+    greeting: Option<Vec<i16>>,
+    answered: bool,
+    hangup_after_reply: bool,
+    turns: u32,
+    samples_in: u64,
+}
+
+impl Core {
+    fn new(engines: Arc<Engines>, config: AgentConfig, events: mpsc::Sender<AgentEvent>, cancel: CancellationToken) -> Result<Self, AgentError> {
+        let (work_tx, work_rx) = mpsc::unbounded_channel();
+        let mut history = Vec::new();
+        let local = if config.llm_model == LOCAL_LLM { engines.llm.as_ref() } else { None };
+        if !config.system_prompt.trim().is_empty() {
+            let prompt = match local {
+                Some(llm) => llm.fit_system_prompt(config.system_prompt.trim())?,
+                None => config.system_prompt.trim().to_string(),
+            };
+            history.push(ChatMessage::new(Role::System, prompt));
+        }
+        let local = local.map(|llm| Arc::new(Mutex::new(llm.conversation(rand_seed()))));
+        Ok(Core {
+            vad: engines.vad_stream(),
+            engines,
+            config,
+            events,
+            cancel,
+            work_tx,
+            work_rx,
+            history,
+            local,
+            preroll: VecDeque::new(),
+            utterance: None,
+            next_id: 1,
+            partial: None,
+            partial_busy: false,
+            finishing: None,
+            queue: VecDeque::new(),
+            paused: false,
+            tentative_pause: None,
+            reply: None,
+            greeting: None,
+            answered: false,
+            hangup_after_reply: false,
+            turns: 0,
+            samples_in: 0,
+        })
+    }
+
+    async fn run(mut self, mut input: mpsc::Receiver<Input>) {
+        if let (Some(conv), Some(llm)) = (self.local.clone(), self.engines.llm.clone()) {
+            let messages = self.history.clone();
+            if !messages.is_empty() {
+                let pool = self.engines.pool.clone();
+                tokio::spawn(async move {
+                    let done = pool
+                        .run(move || {
+                            let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
+                            llm.prefill(&mut conv, &messages)
+                        })
+                        .await;
+                    if let Ok(Err(e)) | Err(e) = done {
+                        tracing::warn!(error = %e, "prefill failed");
+                    }
+                });
+            }
+        }
+        if let Some(text) = crate::chunker::speakable(&self.config.greeting) {
+            let (engines, config, tx) = (self.engines.clone(), self.config.clone(), self.work_tx.clone());
+            tokio::spawn(async move {
+                match synthesize(&engines, &config, &text).await {
+                    Ok(pcm) => {
+                        let _ = tx.send(Work::Greeting(pcm));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "greeting synthesis failed"),
+                }
+            });
+        }
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let max_duration = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ok = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                i = input.recv() => match i {
+                    Some(Input::Audio(pcm, at)) => self.on_frame(pcm, at).await,
+                    Some(Input::Answered) => {
+                        self.answered = true;
+                        deadline = self.config.max_duration.map(|d| tokio::time::Instant::now() + d);
+                        self.start_greeting();
+                        true
+                    }
+                    None => break,
+                },
+                Some(w) = self.work_rx.recv() => self.on_work(w).await,
+                _ = max_duration => {
+                    let _ = self.events.send(AgentEvent::Hangup(HangupReason::MaxDuration)).await;
+                    false
+                }
+            };
+            if !ok {
+                break;
+            }
+        }
+        if let Some(r) = self.reply.take() {
+            r.cancel.cancel();
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.samples_in * 1000 / 16_000
+    }
+
+    fn agent_busy(&self) -> bool {
+        self.reply.is_some() || !self.queue.is_empty()
+    }
+
+    /// Returns false when the session is over.
+    async fn on_frame(&mut self, pcm: Vec<i16>, at: Instant) -> bool {
+        self.samples_in += pcm.len() as u64;
+        let probs = match self.vad.push(&pcm) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "vad failed");
+                Vec::new()
+            }
+        };
+        let voiced = probs.iter().any(|p| *p >= self.config.turn.threshold);
+        let silent = !probs.is_empty() && !voiced;
+        // The VAD needs a window or two to be sure; a loud frame over the
+        // agent pauses it at once, and it resumes if no speech follows.
+        if self.utterance.is_none() && !self.paused && !self.queue.is_empty() && rms(&pcm) > ONSET_RMS {
+            self.paused = true;
+            self.tentative_pause = Some(0);
+            self.emit(AgentEvent::ClearAudio).await;
+        }
+        if let Some(n) = self.tentative_pause {
+            if self.utterance.is_some() || voiced {
+                self.tentative_pause = None;
+            } else if n + 1 >= TENTATIVE_PAUSE_FRAMES {
+                self.tentative_pause = None;
+                self.paused = false;
+            } else {
+                self.tentative_pause = Some(n + 1);
+            }
+        }
+        match self.utterance.as_mut() {
+            None if voiced => {
+                let preroll: Vec<i16> = self.preroll.drain(..).collect();
+                let over_agent = self.agent_busy() && self.finishing.is_none();
+                let id = self.next_id;
+                self.next_id += 1;
+                let mut u = Utterance {
+                    id,
+                    preroll: preroll.len(),
+                    pcm: preroll,
+                    voiced_end: 0,
+                    silence_ms: 0,
+                    last_voice_at: at,
+                    started_ms: self.now_ms().saturating_sub(FRAME_MS as u64),
+                    over_agent,
+                    partial_len: 0,
+                };
+                u.pcm.extend_from_slice(&pcm);
+                u.voiced_end = u.pcm.len();
+                self.utterance = Some(u);
+                if over_agent && (!self.paused || self.tentative_pause.is_some()) {
+                    self.tentative_pause = None;
+                    if !self.paused {
+                        self.paused = true;
+                        self.emit(AgentEvent::ClearAudio).await;
+                    }
+                }
+            }
+            None => {
+                self.preroll.extend(pcm.iter().copied());
+                let keep = self.config.turn.preroll_ms as usize * 16;
+                while self.preroll.len() > keep {
+                    self.preroll.pop_front();
+                }
+            }
+            Some(u) => {
+                u.pcm.extend_from_slice(&pcm);
+                if voiced {
+                    u.silence_ms = 0;
+                    u.voiced_end = u.pcm.len();
+                    u.last_voice_at = at;
+                } else if silent || probs.is_empty() {
+                    u.silence_ms += FRAME_MS;
+                }
+                let speech_ms = ((u.voiced_end - u.preroll) / 16) as u32;
+                if u.over_agent && speech_ms > self.config.turn.backchannel_max_ms {
+                    u.over_agent = false;
+                    self.barge_in().await;
+                }
+                self.maybe_partial();
+                if self.turn_ended() {
+                    let u = self.utterance.take().expect("utterance");
+                    self.end_turn(u).await;
+                }
+            }
+        }
+        self.play_frame().await
+    }
+
+    fn turn_ended(&self) -> bool {
+        let Some(u) = &self.utterance else { return false };
+        if u.silence_ms >= self.config.turn.end_silence_ms {
+            return true;
+        }
+        if u.silence_ms >= self.config.turn.early_end_silence_ms {
+            if let Some(p) = &self.partial {
+                return p.utterance == u.id && p.covered >= u.voiced_end && ends_sentence(&p.text);
+            }
+        }
+        false
+    }
+
+    fn maybe_partial(&mut self) {
+        let Some(u) = self.utterance.as_mut() else { return };
+        if self.partial_busy || u.pcm.len() < u.partial_len + PARTIAL_EVERY_MS as usize * 16 || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
+            return;
+        }
+        let audio = to_f32(&u.pcm[..u.voiced_end.max(u.partial_len)]);
+        let covered = u.voiced_end;
+        let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
+        let job = move || {
+            let (text, confidence) = engines.asr.transcribe_scored(&audio, &lang).unwrap_or_default();
+            let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
+        };
+        if self.engines.pool.try_run(job).is_some() {
+            self.partial_busy = true;
+            u.partial_len = u.pcm.len();
+        }
+    }
+
+    async fn end_turn(&mut self, u: Utterance) {
+        let decided = Instant::now();
+        if let Some(p) = self.partial.take() {
+            if p.utterance == u.id && p.covered >= u.voiced_end {
+                self.on_final(u, decided, p.text, p.confidence, 0).await;
+                return;
+            }
+        }
+        let audio = to_f32(&u.pcm[..(u.voiced_end + TAIL_SAMPLES).min(u.pcm.len())]);
+        let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
+        self.finishing = Some((u, decided));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let pool = engines.pool.clone();
+            let result = pool.run(move || engines.asr.transcribe_scored(&audio, &lang)).await;
+            let (text, confidence) = match result {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(error = %e, "transcription failed");
+                    (String::new(), 0.0)
+                }
+            };
+            let _ = tx.send(Work::Final { utterance: id, text, confidence, asr_ms: started.elapsed().as_millis() as u32 });
+        });
+    }
+
+    async fn on_final(&mut self, u: Utterance, decided: Instant, text: String, confidence: f32, asr_ms: u32) {
+        self.partial = None;
+        if u.over_agent {
+            if is_backchannel(&text, confidence) {
+                // An acknowledgement: the agent goes on where it paused.
+                self.paused = false;
+                return;
+            }
+            self.barge_in().await;
+        }
+        if text.is_empty() {
+            if self.paused {
+                // Noise, not speech: do not leave the agent silent.
+                self.paused = false;
+            }
+            return;
+        }
+        let end_ms = u.started_ms + (u.voiced_end as u64 / 16);
+        self.emit(AgentEvent::Transcript(Transcript { speaker: Speaker::Caller, text: text.clone(), is_final: true, interrupted: false, start_ms: u.started_ms, end_ms }))
+            .await;
+        if let Some(r) = self.reply.take() {
+            // The caller spoke again before the reply was heard: answer the
+            // latest words, not both.
+            r.cancel.cancel();
+            self.queue.clear();
+        }
+        self.paused = false;
+        self.history.push(ChatMessage::new(Role::User, text));
+        self.turns += 1;
+        let metrics = TurnMetrics { turn: self.turns, endpoint_ms: ms_between(u.last_voice_at, decided), asr_ms, ..TurnMetrics::default() };
+        self.start_reply(Some(u.last_voice_at), metrics);
+    }
+
+    /// The caller took the turn: stop the agent now and keep what was heard.
+    async fn barge_in(&mut self) {
+        self.paused = false;
+        self.queue.clear();
+        self.emit(AgentEvent::ClearAudio).await;
+        if let Some(r) = self.reply.take() {
+            r.cancel.cancel();
+            let heard = heard_text(&r.pieces, r.played);
+            if r.started_ms.is_some() {
+                self.emit(AgentEvent::Transcript(Transcript {
+                    speaker: Speaker::Agent,
+                    text: heard.clone(),
+                    is_final: true,
+                    interrupted: true,
+                    start_ms: r.started_ms.unwrap_or_default(),
+                    end_ms: self.now_ms(),
+                }))
+                .await;
+            }
+            if !heard.is_empty() {
+                self.history.push(ChatMessage::new(Role::Assistant, heard));
+            }
+        }
+    }
+
+    fn start_greeting(&mut self) {
+        let Some(pcm) = self.greeting.take() else { return };
+        let text = crate::chunker::speakable(&self.config.greeting).unwrap_or_default();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.extend(pcm.iter().copied());
+        self.history.push(ChatMessage::new(Role::Assistant, text.clone()));
+        self.reply = Some(Reply {
+            id,
+            cancel: CancellationToken::new(),
+            pieces: vec![(text.clone(), pcm.len())],
+            played: 0,
+            done: true,
+            text,
+            end_of_speech: None,
+            metrics: TurnMetrics::default(),
+            sent_first_frame: false,
+            started_ms: None,
+            record: false,
+        });
+    }
+
+    fn start_reply(&mut self, end_of_speech: Option<Instant>, metrics: TurnMetrics) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let cancel = self.cancel.child_token();
+        let mut messages = self.history.clone();
+        if let Some(llm) = self.engines.llm.as_ref().filter(|_| self.local.is_some()) {
+            if let Err(e) = llm.trim(&mut messages) {
+                tracing::warn!(error = %e, "history does not fit");
+            }
+        }
+        let job = ReplyJob {
+            engines: self.engines.clone(),
+            config: self.config.clone(),
+            messages,
+            local: self.local.clone(),
+            id,
+            cancel: cancel.clone(),
+            tx: self.work_tx.clone(),
+        };
+        tokio::spawn(job.run());
+        self.reply = Some(Reply {
+            id,
+            cancel,
+            pieces: Vec::new(),
+            played: 0,
+            done: false,
+            text: String::new(),
+            end_of_speech,
+            metrics,
+            sent_first_frame: false,
+            started_ms: None,
+            record: true,
+        });
+    }
+
+    async fn on_work(&mut self, w: Work) -> bool {
+        match w {
+            Work::Partial { utterance, covered, text, confidence } => {
+                self.partial_busy = false;
+                let current = self.utterance.as_ref().map(|u| u.id) == Some(utterance);
+                if current && !text.is_empty() {
+                    let start_ms = self.utterance.as_ref().map_or(0, |u| u.started_ms);
+                    self.emit(AgentEvent::Transcript(Transcript { speaker: Speaker::Caller, text: text.clone(), is_final: false, interrupted: false, start_ms, end_ms: self.now_ms() }))
+                        .await;
+                    self.partial = Some(Partial { utterance, covered, text, confidence });
+                }
+            }
+            Work::Final { utterance, text, confidence, asr_ms } => {
+                if let Some((u, decided)) = self.finishing.take() {
+                    if u.id == utterance {
+                        self.on_final(u, decided, text, confidence, asr_ms).await;
+                    } else {
+                        self.finishing = Some((u, decided));
+                    }
+                }
+            }
+            Work::Greeting(pcm) => {
+                self.greeting = Some(pcm);
+                if self.answered && self.reply.is_none() && self.turns == 0 {
+                    self.start_greeting();
+                }
+            }
+            Work::FirstToken { reply, ms } => {
+                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                    r.metrics.llm_first_token_ms = ms;
+                }
+            }
+            Work::Piece { reply, text, pcm, tts_ms } => {
+                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                    if r.pieces.is_empty() {
+                        r.metrics.tts_first_audio_ms = tts_ms;
+                    }
+                    r.pieces.push((text, pcm.len()));
+                    self.queue.extend(pcm);
+                }
+            }
+            Work::Done { reply, text } => {
+                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                    r.done = true;
+                    let lower = text.to_lowercase();
+                    if self.config.end_call_phrases.iter().any(|p| !p.trim().is_empty() && lower.contains(&p.trim().to_lowercase())) {
+                        self.hangup_after_reply = true;
+                    }
+                    r.text = text;
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends one agent frame if the agent has something to say and is not
+    /// paused; finishes the reply once all of it was played.
+    async fn play_frame(&mut self) -> bool {
+        if self.paused || self.queue.is_empty() {
+            return self.maybe_finish_reply().await;
+        }
+        let n = self.queue.len().min(FRAME);
+        let mut frame: Vec<i16> = self.queue.drain(..n).collect();
+        frame.resize(FRAME, 0);
+        let now_ms = self.now_ms();
+        let mut first = None;
+        if let Some(r) = self.reply.as_mut() {
+            r.played += n;
+            if r.started_ms.is_none() {
+                r.started_ms = Some(now_ms);
+            }
+            if !r.sent_first_frame {
+                r.sent_first_frame = true;
+                if let Some(eos) = r.end_of_speech {
+                    r.metrics.voice_to_voice_ms = ms_between(eos, Instant::now());
+                    first = Some(r.metrics.clone());
+                }
+            }
+        }
+        self.emit(AgentEvent::AgentAudio(frame)).await;
+        if let Some(m) = first {
+            self.emit(AgentEvent::TurnMetrics(m)).await;
+        }
+        self.maybe_finish_reply().await
+    }
+
+    async fn maybe_finish_reply(&mut self) -> bool {
+        let finished = self.reply.as_ref().is_some_and(|r| r.done && self.queue.is_empty() && !self.paused);
+        if !finished {
+            return true;
+        }
+        let r = self.reply.take().expect("reply");
+        let text = if r.record { r.text.trim().to_string() } else { r.pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(" ") };
+        if !text.is_empty() {
+            self.emit(AgentEvent::Transcript(Transcript {
+                speaker: Speaker::Agent,
+                text: text.clone(),
+                is_final: true,
+                interrupted: false,
+                start_ms: r.started_ms.unwrap_or_else(|| self.now_ms()),
+                end_ms: self.now_ms(),
+            }))
+            .await;
+            if r.record {
+                self.history.push(ChatMessage::new(Role::Assistant, text));
+            }
+        }
+        if self.hangup_after_reply {
+            self.emit(AgentEvent::Hangup(HangupReason::AgentEnded)).await;
+            return false;
+        }
+        true
+    }
+
+    async fn emit(&self, e: AgentEvent) {
+        let _ = self.events.send(e).await;
+    }
+}
+
+/// One reply: LLM text streamed through the chunker into TTS, each piece
+/// sent back to the session as soon as it is synthesized.
+struct ReplyJob {
+    engines: Arc<Engines>,
+    config: AgentConfig,
+    messages: Vec<ChatMessage>,
+    local: Option<Arc<Mutex<LocalConversation>>>,
+    id: u64,
+    cancel: CancellationToken,
+    tx: mpsc::UnboundedSender<Work>,
+}
+
+impl ReplyJob {
+    async fn run(self) {
+        let (text_tx, mut text_rx) = mpsc::channel::<String>(256);
+        let started = Instant::now();
+        let generation = self.generate(text_tx);
+        let speak = async {
+            let mut chunker = SentenceChunker::default();
+            let mut first = true;
+            let mut spoken = false;
+            while let Some(text) = text_rx.recv().await {
+                if first {
+                    first = false;
+                    let _ = self.tx.send(Work::FirstToken { reply: self.id, ms: started.elapsed().as_millis() as u32 });
+                }
+                for piece in chunker.push(&text) {
+                    spoken |= self.speak(&piece).await;
+                }
+            }
+            if let Some(piece) = chunker.finish() {
+                spoken |= self.speak(&piece).await;
+            }
+            spoken
+        };
+        let (result, spoken) = tokio::join!(generation, speak);
+        let text = match result {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(error = %e, "language model failed; saying the fallback line");
+                let line = self.engines.config.fallback_line.clone();
+                if !self.cancel.is_cancelled() {
+                    self.speak(&line).await;
+                }
+                line
+            }
+        };
+        let _ = spoken;
+        let _ = self.tx.send(Work::Done { reply: self.id, text });
+    }
+
+    async fn generate(&self, out: mpsc::Sender<String>) -> Result<String, AgentError> {
+        match (&self.local, &self.engines.llm) {
+            (Some(conv), Some(llm)) => {
+                let (conv, llm, messages, cancel) = (conv.clone(), llm.clone(), self.messages.clone(), self.cancel.clone());
+                self.engines
+                    .pool
+                    .run(move || {
+                        let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
+                        llm.generate(&mut conv, &messages, &cancel, |t| {
+                            let _ = out.blocking_send(t.to_string());
+                        })
+                    })
+                    .await?
+            }
+            _ => {
+                let remote = self
+                    .engines
+                    .remote_llms
+                    .iter()
+                    .find(|r| r.serves(&self.config.llm_model))
+                    .ok_or_else(|| AgentError::Unavailable(format!("llmModel '{}' is not configured", self.config.llm_model)))?;
+                remote.generate(&self.config.llm_model, &self.messages, &out, &self.cancel).await
+            }
+        }
+    }
+
+    async fn speak(&self, piece: &str) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        let started = Instant::now();
+        match synthesize(&self.engines, &self.config, piece).await {
+            Ok(pcm) if !pcm.is_empty() && !self.cancel.is_cancelled() => {
+                let tts_ms = started.elapsed().as_millis() as u32;
+                self.tx.send(Work::Piece { reply: self.id, text: piece.to_string(), pcm, tts_ms }).is_ok()
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "synthesis failed");
+                false
+            }
+        }
+    }
+}
+
+/// `text` in the agent's voice, 16 kHz.
+async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, text: &str) -> Result<Vec<i16>, AgentError> {
+    match config.tts_model.as_str() {
+        PIPER => {
+            let piper = engines.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
+            let (text, speed) = (text.to_string(), config.speed);
+            engines.pool.run(move || piper.synthesize(&text, speed)).await?
+        }
+        ESPEAK => crate::tts::espeak(text, config.voice.as_deref().unwrap_or("en-us"), config.speed).await,
+        name => {
+            let hosted = engines.hosted_tts.iter().find(|h| h.kind().model_name() == name).ok_or_else(|| AgentError::Unavailable(format!("ttsModel '{name}' is not configured")))?;
+            hosted.synthesize(text, config.voice.as_deref(), config.speed).await
+        }
+    }
+}
+
+/// What the caller heard of a reply cut after `played` samples: the pieces
+/// played in full, and the share of words of the piece that was playing.
+fn heard_text(pieces: &[(String, usize)], played: usize) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut at = 0;
+    for (text, len) in pieces {
+        if played >= at + len {
+            out.extend(text.split_whitespace());
+        } else if played > at {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let n = (words.len() * (played - at)) / (*len).max(1);
+            out.extend(&words[..n]);
+            break;
+        } else {
+            break;
+        }
+        at += len;
+    }
+    out.join(" ")
+}
+
+fn rms(pcm: &[i16]) -> f32 {
+    let sum: f64 = pcm.iter().map(|s| f64::from(*s) * f64::from(*s)).sum();
+    (sum / pcm.len().max(1) as f64).sqrt() as f32
+}
+
+fn to_f32(pcm: &[i16]) -> Vec<f32> {
+    pcm.iter().map(|s| f32::from(*s) / 32768.0).collect()
+}
+
+fn ms_between(a: Instant, b: Instant) -> u32 {
+    b.saturating_duration_since(a).as_millis() as u32
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x5eed);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heard_text;
+
+    #[test]
+    fn heard_text_cuts_inside_the_playing_piece() {
+        let pieces = vec![("We open at nine.".to_string(), 1000), ("We close at five today.".to_string(), 1000)];
+        assert_eq!(heard_text(&pieces, 500), "We open");
+        assert_eq!(heard_text(&pieces, 1000), "We open at nine.");
+        assert_eq!(heard_text(&pieces, 1600), "We open at nine. We close at");
+        assert_eq!(heard_text(&pieces, 5000), "We open at nine. We close at five today.");
+    }
+}

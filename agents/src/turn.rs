@@ -1,0 +1,83 @@
+//! Turn-taking: when the caller starts and stops talking, as decided from
+//! VAD probabilities and the partial transcript, and which short utterances
+//! are backchannels that must not interrupt the agent.
+
+/// Tuning of one agent's turn-taking.
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    /// Silence that ends the caller's turn.
+    pub end_silence_ms: u32,
+    /// Silence that ends it early when the partial transcript already ends
+    /// a sentence ("...opening hours?").
+    pub early_end_silence_ms: u32,
+    /// Speech probability above which a VAD window counts as speech.
+    pub threshold: f32,
+    /// Caller speech longer than this while the agent speaks is a barge-in
+    /// whatever it says.
+    pub backchannel_max_ms: u32,
+    /// Audio kept from before the detected onset (the VAD is late by a
+    /// window or two and the first phoneme matters to ASR).
+    pub preroll_ms: u32,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig { end_silence_ms: 500, early_end_silence_ms: 240, threshold: 0.5, backchannel_max_ms: 600, preroll_ms: 200 }
+    }
+}
+
+/// Words that acknowledge without taking the turn.
+const BACKCHANNEL_WORDS: &[&str] = &[
+    "uh", "huh", "uh-huh", "uhhuh", "mm", "mhm", "mm-hmm", "hmm", "hm", "yeah", "yep", "yes", "ok", "okay", "right", "sure", "ah", "oh", "aha", "i", "see",
+    "um", "so", "alright",
+];
+
+/// Below this mean token probability a short utterance's transcript is
+/// Whisper guessing words into a hum or a breath (measured on espeak
+/// "uh-huh"/"mm-hmm": 0.45-0.54; clear short words: 0.65-0.9).
+pub const MIN_CONFIDENCE: f32 = 0.6;
+
+/// True when a short utterance over the agent is an acknowledgement, not a
+/// new turn: no content word, or nothing Whisper is sure are words.
+pub fn is_backchannel(text: &str, confidence: f32) -> bool {
+    confidence < MIN_CONFIDENCE || only_backchannel_words(text)
+}
+
+fn only_backchannel_words(text: &str) -> bool {
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| w.chars().filter(|c| c.is_alphanumeric() || *c == '-').collect::<String>().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.len() <= 3 && words.iter().all(|w| BACKCHANNEL_WORDS.contains(&w.as_str()))
+}
+
+/// True when a partial transcript ends a sentence, so the turn may end
+/// before the full silence timeout.
+pub fn ends_sentence(text: &str) -> bool {
+    let t = text.trim_end();
+    t.split_whitespace().count() >= 2 && (t.ends_with('?') || t.ends_with('.') || t.ends_with('!'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backchannels_have_no_content_words() {
+        for t in ["Uh-huh.", "yeah", "Mm-hmm", "Okay.", "Yes, right.", ""] {
+            assert!(is_backchannel(t, 0.9), "{t}");
+        }
+        for t in ["Wait, stop.", "What time do you close?", "yeah but no", "Cancel it"] {
+            assert!(!is_backchannel(t, 0.9), "{t}");
+        }
+        assert!(is_backchannel("And then then.", 0.45));
+    }
+
+    #[test]
+    fn sentence_ends_need_two_words() {
+        assert!(ends_sentence("What are your opening hours?"));
+        assert!(!ends_sentence("Hello."));
+        assert!(!ends_sentence("I would like"));
+    }
+}

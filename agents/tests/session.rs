@@ -1,0 +1,137 @@
+//! The conversation engine end to end on the installed models: espeak-ng
+//! speech in, agent audio out, checked by transcribing it again.
+
+mod common;
+
+use common::{engines, speak, wer, Caller};
+use voxgate_agents::asr::Asr;
+use voxgate_agents::{AgentConfig, AgentEvent, Speaker, Transcript, FRAME};
+
+const PROMPT: &str = "You are the receptionist of Luigi's, an Italian restaurant. We are open every day from nine in the morning to ten at night. Always answer in English, in one short sentence.";
+const GREETING: &str = "Hello, thank you for calling Luigi's restaurant. We are open every day from nine in the morning until ten at night. How can I help you today?";
+
+fn config() -> AgentConfig {
+    AgentConfig { system_prompt: PROMPT.into(), greeting: GREETING.into(), ..AgentConfig::default() }
+}
+
+fn is_final(e: &AgentEvent, who: Speaker) -> Option<&Transcript> {
+    match e {
+        AgentEvent::Transcript(t) if t.speaker == who && t.is_final => Some(t),
+        _ => None,
+    }
+}
+
+fn audio_frames(log: &[(usize, AgentEvent)]) -> Vec<usize> {
+    log.iter().filter(|(_, e)| matches!(e, AgentEvent::AgentAudio(_))).map(|(f, _)| *f).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_question_is_transcribed_answered_and_spoken() {
+    let engines = engines();
+    let mut caller = Caller::answer(engines.clone(), config()).await;
+    // The greeting is the first thing the caller hears.
+    caller.silence_until(20_000, |e| is_final(e, Speaker::Agent).is_some()).await;
+    assert!(matches!(caller.log.first(), Some((_, AgentEvent::AgentAudio(_)))), "{:?}", caller.summary());
+
+    let question = "What are your opening hours?";
+    let greeting_end = caller.log.len();
+    caller.push(&speak(question)).await;
+    let reply_at = caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some_and(|t| t.text != GREETING.trim())).await;
+
+    let heard = caller.log.iter().find_map(|(_, e)| is_final(e, Speaker::Caller)).expect("caller transcript").text.clone();
+    assert!(wer(question, &heard) <= 0.10, "caller heard as {heard:?}");
+    let reply = is_final(&caller.log[reply_at].1, Speaker::Agent).unwrap().clone();
+    assert!(!reply.interrupted && !reply.text.is_empty());
+    let metrics = caller.log.iter().find_map(|(_, e)| match e {
+        AgentEvent::TurnMetrics(m) => Some(m.clone()),
+        _ => None,
+    });
+    let metrics = metrics.expect("turn metrics");
+    assert_eq!(metrics.turn, 1);
+    assert!(metrics.voice_to_voice_ms > 0 && metrics.llm_first_token_ms > 0 && metrics.tts_first_audio_ms > 0, "{metrics:?}");
+
+    // What the agent said, transcribed again, is what it meant to say.
+    let pcm: Vec<f32> = caller.log[greeting_end..reply_at]
+        .iter()
+        .filter_map(|(_, e)| match e {
+            AgentEvent::AgentAudio(f) => Some(f.iter().map(|s| f32::from(*s) / 32768.0).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let asr = Asr::load(&common::models().whisper, 1).unwrap();
+    let round_trip = asr.transcribe(&pcm, "en").unwrap();
+    let w = common::word_wer(&reply.text, &round_trip);
+    eprintln!("agent said {:?}, heard back {round_trip:?} (WER {w:.2}); {metrics:?}", reply.text);
+    assert!(w <= 0.15, "agent said {:?}, heard back {round_trip:?}", reply.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_speech_over_the_agent_stops_it_within_two_frames() {
+    let mut caller = Caller::answer(engines(), config()).await;
+    // Let the greeting play for a second.
+    caller.silence_until(10_000, |e| matches!(e, AgentEvent::AgentAudio(_))).await;
+    caller.silence(1_000).await;
+    let interruption = speak("Sorry to interrupt, can I book a table for four people tonight?");
+    // The frame in which the caller's voice starts (espeak leads with silence).
+    let first_voiced = interruption.chunks(FRAME).position(|f| f.iter().map(|s| s * s).sum::<f32>() / f.len() as f32 > 1e-4).expect("speech");
+    let onset = caller.frames_pushed + first_voiced + 1;
+    caller.push(&interruption).await;
+    let cleared = caller.log.iter().find(|(f, e)| *f >= onset && matches!(e, AgentEvent::ClearAudio)).map(|(f, _)| *f).expect("agent audio cleared");
+    // Agent frames sent from the caller's first voiced frame on: at most two.
+    let spoken_over = audio_frames(&caller.log).into_iter().filter(|f| *f >= onset && *f <= cleared).count();
+    assert!(spoken_over <= 2, "{spoken_over} agent frames after the caller started: {:?}", caller.summary());
+    assert!(!audio_frames(&caller.log).iter().any(|f| *f > cleared && *f < onset + 25), "agent resumed over the caller: {:?}", caller.summary());
+    let cut = caller.silence_until(10_000, |e| matches!(e, AgentEvent::Transcript(t) if t.speaker == Speaker::Agent && t.interrupted)).await;
+    let cut = is_final(&caller.log[cut].1, Speaker::Agent).unwrap().clone();
+    assert!(GREETING.starts_with(cut.text.trim_end_matches('.')) && cut.text.len() < GREETING.len(), "{cut:?}");
+    // And the agent answers the interruption rather than falling silent.
+    caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some_and(|t| !t.interrupted)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_backchannel_does_not_interrupt() {
+    let mut caller = Caller::answer(engines(), config()).await;
+    caller.silence_until(10_000, |e| matches!(e, AgentEvent::AgentAudio(_))).await;
+    caller.silence(1_500).await;
+    let mut uh_huh = speak_fast("uh-huh");
+    uh_huh.truncate(16 * 300);
+    caller.push(&uh_huh).await;
+    let done = caller.silence_until(20_000, |e| is_final(e, Speaker::Agent).is_some()).await;
+    let greeting = is_final(&caller.log[done].1, Speaker::Agent).unwrap();
+    assert!(!greeting.interrupted, "{:?}", caller.summary());
+    assert_eq!(greeting.text, GREETING);
+    assert!(!caller.log.iter().any(|(_, e)| is_final(e, Speaker::Caller).is_some()), "backchannel taken as a turn: {:?}", caller.summary());
+}
+
+fn speak_fast(text: &str) -> Vec<f32> {
+    common::speak_with(text, "en-us", 260)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_models_and_languages_are_refused_by_name() {
+    let engines = engines();
+    for (cfg, needle) in [
+        (AgentConfig { tts_model: "nope-tts".into(), ..config() }, "nope-tts"),
+        (AgentConfig { llm_model: "gpt-x".into(), ..config() }, "gpt-x"),
+        (AgentConfig { tts_model: "elevenlabs-v3".into(), ..config() }, "[agents.elevenlabs]"),
+        (AgentConfig { language: "fr".into(), ..config() }, "'fr'"),
+    ] {
+        let err = voxgate_agents::Session::start(engines.clone(), cfg).err().expect("refused").to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_and_very_long_system_prompts_still_get_answers() {
+    let engines = engines();
+    let long = format!("{PROMPT} {}", "Our menu has pizza, pasta, salads and desserts. ".repeat(400));
+    assert!(long.len() > 19_000);
+    for prompt in [String::new(), long] {
+        let mut caller = Caller::answer(engines.clone(), AgentConfig { system_prompt: prompt, greeting: String::new(), ..config() }).await;
+        caller.push(&speak("Do you have pizza?")).await;
+        caller.silence_until(60_000, |e| is_final(e, Speaker::Agent).is_some()).await;
+        // No greeting configured: the first agent line is the answer.
+        assert!(caller.log.iter().any(|(_, e)| is_final(e, Speaker::Caller).is_some()));
+    }
+}
