@@ -70,6 +70,11 @@ pub struct Engines {
     pub(crate) hosted_tts: Vec<HostedTts>,
 }
 
+/// A model that may be missing: logged, and the engine goes without it.
+fn optional<T>(what: &str, loaded: Result<T, AgentError>) -> Option<Arc<T>> {
+    loaded.map(Arc::new).map_err(|e| tracing::warn!(error = %e, "{what} not available")).ok()
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -83,40 +88,14 @@ impl Engines {
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
         let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(|| (cores() / pool.size()).max(1)))?;
-        let llm = match LocalLlm::load(&paths.llm) {
-            Ok(l) => Some(Arc::new(l)),
-            Err(e) => {
-                tracing::warn!(error = %e, "local LLM not available");
-                None
-            }
-        };
+        let llm = optional("local LLM", LocalLlm::load(&paths.llm));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
                 .commit()
                 .map_err(|e| tracing::warn!(error = %e, "ONNX Runtime not available"))
                 .is_ok();
-        let piper = if onnx && paths.piper.is_file() {
-            match Piper::load(&paths.piper, &paths.piper_config, pool.size(), 1) {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Piper not available");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let vad = if onnx && paths.vad.is_file() {
-            match SileroModel::load(&paths.vad, 4) {
-                Ok(v) => Some(Arc::new(v)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Silero VAD not available, using earshot");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), 1))).flatten();
+        let vad = (onnx && paths.vad.is_file()).then(|| optional("Silero VAD (earshot used instead)", SileroModel::load(&paths.vad, 4))).flatten();
         let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
         let http = reqwest::Client::new();
         let remote_llms = config.remote_llms.iter().cloned().map(|c| RemoteLlm::new(c, http.clone())).collect();
