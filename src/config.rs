@@ -10,6 +10,8 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use voxgate_agents::EnginesConfig;
+use voxgate_sip::SipConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +30,78 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// A request that takes longer is answered with 503.
     pub request_timeout_secs: u64,
+    /// The SIP user agent (`[sip]`, with `[[sip.trunks]]`).
+    pub sip: SipConfig,
+    /// The speech engines (`[agents]`): models directory, pool, remote engines.
+    pub agents: EnginesConfig,
+    pub calls: CallsConfig,
+    pub webhooks: WebhooksConfig,
+    /// Exceptions to the SSRF guard for user-supplied URLs (`[ssrf]`).
+    pub ssrf: SsrfConfig,
+}
+
+/// `[calls]`: the call manager's limits and billing clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Calls this process runs at once; more are refused with 503.
+    pub max_concurrent: usize,
+    /// Outbound calls an account may place per rolling hour (all processes).
+    pub hourly_limit: u32,
+    /// Length of a billed minute in seconds (60; tests shorten it).
+    pub minute_secs: u64,
+    /// Credits per started minute of connected time.
+    pub credits_per_minute: u64,
+    /// What the agent says before hanging up when credits run out.
+    pub closing_line: String,
+    /// On shutdown, calls in progress get this long to finish before they
+    /// are hung up.
+    pub shutdown_grace_secs: u64,
+    /// Load the speech models at start-up instead of at the first agent.
+    pub preload_models: bool,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            max_concurrent: 32,
+            hourly_limit: 200,
+            minute_secs: 60,
+            credits_per_minute: 10,
+            closing_line: "I'm sorry, but I have to end the call here. Goodbye.".into(),
+            shutdown_grace_secs: 30,
+            preload_models: true,
+        }
+    }
+}
+
+/// `[webhooks]`: how events reach the account's webhook URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The endpoint must answer 2xx within this many seconds.
+    pub timeout_secs: u64,
+    /// Delays before the retries of a failed delivery (the contract: 10, 60, 300).
+    pub retry_delays_secs: Vec<u64>,
+    /// How often the sender looks for due deliveries, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig { timeout_secs: 10, retry_delays_secs: vec![10, 60, 300], poll_interval_ms: 500 }
+    }
+}
+
+/// `[ssrf]`: networks an operator trusts for user-supplied URLs (an
+/// internal webhook receiver), and whether plain `http` is allowed for them.
+/// Empty by default: only public https endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SsrfConfig {
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// `http://` URLs are accepted when they resolve into `allow_networks`.
+    pub allow_http_in_allowed_networks: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +155,11 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             max_body_bytes: 1024 * 1024,
             request_timeout_secs: 30,
+            sip: SipConfig::default(),
+            agents: EnginesConfig::default(),
+            calls: CallsConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            ssrf: SsrfConfig::default(),
         }
     }
 }
@@ -127,6 +206,20 @@ impl Config {
         anyhow::ensure!(self.db_max_connections > 0, "db_max_connections must be at least 1");
         anyhow::ensure!(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024");
         anyhow::ensure!(self.request_timeout_secs > 0, "request_timeout_secs must be at least 1");
+        let calls = &self.calls;
+        anyhow::ensure!(calls.max_concurrent > 0, "calls.max_concurrent must be at least 1");
+        anyhow::ensure!(calls.hourly_limit > 0, "calls.hourly_limit must be at least 1");
+        anyhow::ensure!(calls.minute_secs > 0, "calls.minute_secs must be at least 1");
+        anyhow::ensure!(calls.credits_per_minute > 0, "calls.credits_per_minute must be at least 1");
+        anyhow::ensure!(self.webhooks.timeout_secs > 0, "webhooks.timeout_secs must be at least 1");
+        anyhow::ensure!(self.webhooks.poll_interval_ms > 0, "webhooks.poll_interval_ms must be at least 1");
+        anyhow::ensure!(
+            self.sip.rtp_port_min < self.sip.rtp_port_max,
+            "sip.rtp_port_min must be below sip.rtp_port_max"
+        );
+        for trunk in &self.sip.trunks {
+            anyhow::ensure!(!trunk.name.is_empty(), "sip.trunks: every trunk needs a name");
+        }
         Ok(())
     }
 }
@@ -148,6 +241,17 @@ mod tests {
             assert_eq!(c.rate_limits.generation, Quota { requests: 5, seconds: 10 });
             Ok(())
         });
+    }
+
+    #[test]
+    fn call_defaults_follow_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.calls.hourly_limit, 200);
+        assert_eq!(c.calls.credits_per_minute, 10);
+        assert_eq!(c.calls.minute_secs, 60);
+        assert_eq!(c.webhooks.retry_delays_secs, [10, 60, 300]);
+        assert_eq!(c.webhooks.timeout_secs, 10);
+        assert!(c.ssrf.allow_networks.is_empty() && !c.ssrf.allow_http_in_allowed_networks);
     }
 
     #[test]

@@ -23,5 +23,7 @@ pub mod server;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
+pub mod voice;
+pub mod webhooks;
 
 pub use error::{Error, Result};

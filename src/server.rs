@@ -17,18 +17,52 @@ use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::net::ssrf::SsrfGuard;
 use crate::state::AppState;
+use crate::voice::engines::SpeechEngines;
+use crate::voice::manager::CallManager;
+use crate::webhooks::Webhooks;
+use voxgate_sip::SipAgent;
 
 /// Runs the server until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = Db::open(&config.database_url, config.db_max_connections).await?;
     let shutdown = CancellationToken::new();
     let (key_usage, key_usage_task) = KeyUsageRecorder::start(db.clone(), shutdown.clone());
+    let ssrf = SsrfGuard::system()
+        .with_exceptions(config.ssrf.allow_networks.clone(), config.ssrf.allow_http_in_allowed_networks);
+    let engines = SpeechEngines::new(config.agents.clone());
+    if config.calls.preload_models {
+        let engines = engines.clone();
+        tokio::spawn(async move {
+            let _ = engines.get().await;
+        });
+    }
+    let (sip, inbound) = SipAgent::start(config.sip.clone(), shutdown.child_token())
+        .await
+        .with_context(|| format!("cannot start SIP on {}", config.sip.bind))?;
+    tokio::spawn(refuse_inbound(inbound));
+    let webhooks = Webhooks::new(db.clone());
+    let webhook_task =
+        tokio::spawn(crate::webhooks::sender::run(webhooks.clone(), config.webhooks.clone(), ssrf.clone(), shutdown.clone()));
+    let trunks = config.sip.trunks.iter().map(|t| t.name.clone()).collect();
+    let (calls, writer_task) = CallManager::start(
+        db.clone(),
+        config.calls.clone(),
+        config.node_id.clone(),
+        trunks,
+        sip.clone(),
+        engines.clone(),
+        webhooks.clone(),
+    )
+    .await?;
     let state = AppState {
         db: db.clone(),
         limiter: Arc::new(RequestLimiter::new(&config.rate_limits)),
         metrics: Arc::new(Metrics::new().context("metrics registry")?),
-        ssrf: SsrfGuard::system(),
+        ssrf,
         key_usage,
+        engines,
+        calls: calls.clone(),
+        webhooks,
         config: Arc::new(config),
     };
     let limiter_task = tokio::spawn(forget_idle_limits(state.limiter.clone(), shutdown.clone()));
@@ -40,6 +74,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, node_id = %state.config.node_id, backend = ?db.backend, "voxgate listening");
     // Scripts and tests read this line to learn the port.
     println!("voxgate listening on http://{addr}");
+    println!("voxgate SIP on udp://{}", sip.local_addr());
     if crate::accounts::list(&db).await?.is_empty() {
         println!(
             "No accounts yet. Create one and its first key with:\n  voxgate accounts create --name \"My company\" --plan enterprise --credits 10000\n  voxgate keys create --account <account id>"
@@ -47,8 +82,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let _ = std::io::stdout().flush();
 
+    let grace = Duration::from_secs(state.config.calls.shutdown_grace_secs);
     let app = crate::api::router(state);
-    let signal = shutdown_signal(shutdown.clone());
+    // HTTP keeps serving (status, hang-up) while calls finish.
+    let signal = {
+        let (shutdown, calls) = (shutdown.clone(), calls.clone());
+        async move {
+            shutdown_signal(shutdown).await;
+            calls.shutdown(grace).await;
+        }
+    };
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(signal)
         .await
@@ -56,13 +99,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = writer_task.await;
         let _ = key_usage_task.await;
         let _ = limiter_task.await;
+        let _ = webhook_task.await;
     })
     .await;
     db.pool.close().await;
     tracing::info!("voxgate stopped");
     Ok(())
+}
+
+/// Inbound calls reach an agent once inbound routing exists; until then
+/// the SIP agent's answer is followed by a BYE.
+async fn refuse_inbound(mut inbound: tokio::sync::mpsc::Receiver<voxgate_sip::InboundCall>) {
+    while let Some(call) = inbound.recv().await {
+        tracing::warn!(to = %call.to, "inbound call to a number with no agent; hanging up");
+        call.call.hangup().await;
+    }
 }
 
 async fn forget_idle_limits(limiter: Arc<RequestLimiter>, shutdown: CancellationToken) {

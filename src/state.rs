@@ -9,6 +9,9 @@ use crate::db::Db;
 use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::net::ssrf::SsrfGuard;
+use crate::voice::engines::SpeechEngines;
+use crate::voice::manager::CallManager;
+use crate::webhooks::Webhooks;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -18,4 +21,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ssrf: SsrfGuard,
     pub key_usage: KeyUsageRecorder,
+    pub engines: Arc<SpeechEngines>,
+    pub calls: CallManager,
+    pub webhooks: Webhooks,
 }

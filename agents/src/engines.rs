@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::asr::Asr;
 use crate::error::AgentError;
@@ -24,7 +24,7 @@ pub const PIPER: &str = "piper";
 pub const ESPEAK: &str = "espeak";
 
 /// `[agents]` in voxgate's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnginesConfig {
     pub models_dir: PathBuf,

@@ -118,6 +118,8 @@ pub enum HangupReason {
     AgentEnded,
     /// The agent's maximum call duration was reached.
     MaxDuration,
+    /// The carrier asked for a closing line ([`Session::close_with`]), now said.
+    Requested,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +136,7 @@ pub enum AgentEvent {
 enum Input {
     Audio(Vec<i16>, Instant),
     Answered,
+    Close(String),
 }
 
 /// The handle the carrier (SIP or WebSocket leg) holds. Dropping it ends
@@ -167,6 +170,13 @@ impl Session {
         let _ = self.input.send(Input::Audio(pcm, received_at)).await;
     }
 
+    /// Stops the conversation: whatever the agent is saying is cut, it says
+    /// `line` (not interruptible), then the session reports
+    /// `Hangup(Requested)`. Used when the call must end (credits ran out).
+    pub async fn close_with(&self, line: &str) {
+        let _ = self.input.send(Input::Close(line.to_owned())).await;
+    }
+
     pub fn close(&self) {
         self.cancel.cancel();
     }
@@ -183,6 +193,7 @@ enum Work {
     Partial { utterance: u64, covered: usize, text: String, confidence: f32 },
     Final { utterance: u64, text: String, confidence: f32, asr_ms: u32 },
     Greeting(Vec<i16>),
+    Closing { text: String, pcm: Vec<i16> },
     FirstToken { reply: u64, ms: u32 },
     Piece { reply: u64, text: String, pcm: Vec<i16>, tts_ms: u32 },
     Done { reply: u64, text: String },
@@ -249,7 +260,9 @@ struct Core {
     reply: Option<Reply>,
     greeting: Option<Vec<i16>>,
     answered: bool,
-    hangup_after_reply: bool,
+    hangup_after_reply: Option<HangupReason>,
+    /// Saying the closing line: the caller is no longer listened to.
+    closing: bool,
     turns: u32,
     samples_in: u64,
 }
@@ -289,7 +302,8 @@ impl Core {
             reply: None,
             greeting: None,
             answered: false,
-            hangup_after_reply: false,
+            hangup_after_reply: None,
+            closing: false,
             turns: 0,
             samples_in: 0,
         })
@@ -342,6 +356,10 @@ impl Core {
                         self.start_greeting();
                         true
                     }
+                    Some(Input::Close(line)) => {
+                        self.begin_closing(line).await;
+                        true
+                    }
                     None => break,
                 },
                 Some(w) = self.work_rx.recv() => self.on_work(w).await,
@@ -370,6 +388,9 @@ impl Core {
     /// Returns false when the session is over.
     async fn on_frame(&mut self, pcm: Vec<i16>, at: Instant) -> bool {
         self.samples_in += pcm.len() as u64;
+        if self.closing {
+            return self.play_frame().await;
+        }
         let probs = match self.vad.push(&pcm) {
             Ok(p) => p,
             Err(e) => {
@@ -573,10 +594,41 @@ impl Core {
     fn start_greeting(&mut self) {
         let Some(pcm) = self.greeting.take() else { return };
         let text = crate::chunker::speakable(&self.config.greeting).unwrap_or_default();
+        self.history.push(ChatMessage::new(Role::Assistant, text.clone()));
+        self.start_prepared(text, pcm);
+    }
+
+    /// Cuts the conversation short: the reply in flight is cancelled, the
+    /// caller's turn dropped, and the closing line synthesized.
+    async fn begin_closing(&mut self, line: String) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.hangup_after_reply = Some(HangupReason::Requested);
+        self.utterance = None;
+        self.finishing = None;
+        self.barge_in().await;
+        let (engines, config, tx) = (self.engines.clone(), self.config.clone(), self.work_tx.clone());
+        tokio::spawn(async move {
+            let text = crate::chunker::speakable(&line).unwrap_or_default();
+            let pcm = if text.is_empty() {
+                Vec::new()
+            } else {
+                synthesize(&engines, &config, &text).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "closing line synthesis failed");
+                    Vec::new()
+                })
+            };
+            let _ = tx.send(Work::Closing { text, pcm });
+        });
+    }
+
+    /// Speaks audio synthesized ahead (greeting, closing line) as a reply.
+    fn start_prepared(&mut self, text: String, pcm: Vec<i16>) {
         let id = self.next_id;
         self.next_id += 1;
         self.queue.extend(pcm.iter().copied());
-        self.history.push(ChatMessage::new(Role::Assistant, text.clone()));
         self.reply = Some(Reply {
             id,
             cancel: CancellationToken::new(),
@@ -650,9 +702,16 @@ impl Core {
             }
             Work::Greeting(pcm) => {
                 self.greeting = Some(pcm);
-                if self.answered && self.reply.is_none() && self.turns == 0 {
+                if self.answered && !self.closing && self.reply.is_none() && self.turns == 0 {
                     self.start_greeting();
                 }
+            }
+            Work::Closing { text, pcm } => {
+                if pcm.is_empty() {
+                    self.emit(AgentEvent::Hangup(HangupReason::Requested)).await;
+                    return false;
+                }
+                self.start_prepared(text, pcm);
             }
             Work::FirstToken { reply, ms } => {
                 if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
@@ -673,7 +732,7 @@ impl Core {
                     r.done = true;
                     let lower = text.to_lowercase();
                     if self.config.end_call_phrases.iter().any(|p| !p.trim().is_empty() && lower.contains(&p.trim().to_lowercase())) {
-                        self.hangup_after_reply = true;
+                        self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
                     }
                     r.text = text;
                 }
@@ -734,8 +793,8 @@ impl Core {
                 self.history.push(ChatMessage::new(Role::Assistant, text));
             }
         }
-        if self.hangup_after_reply {
-            self.emit(AgentEvent::Hangup(HangupReason::AgentEnded)).await;
+        if let Some(reason) = self.hangup_after_reply {
+            self.emit(AgentEvent::Hangup(reason)).await;
             return false;
         }
         true

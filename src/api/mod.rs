@@ -1,6 +1,8 @@
 //! The HTTP API: routes, the middleware stack, and the OpenAPI document
 //! generated from the same route list (so every route is documented).
 
+mod agents;
+mod calls;
 mod guard;
 pub mod json;
 mod keys;
@@ -58,6 +60,12 @@ fn guarded_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::rotate_key))
         .routes(routes!(usage::get_usage))
         .routes(routes!(settings::get_settings, settings::set_settings))
+        .routes(routes!(agents::list_agents, agents::create_agent))
+        .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
+        .routes(routes!(calls::place_call))
+        .routes(routes!(calls::list_calls))
+        .routes(routes!(calls::get_call))
+        .routes(routes!(calls::hangup_call))
 }
 
 fn public_routes() -> OpenApiRouter<AppState> {

@@ -42,3 +42,5 @@ macro_rules! uuid_id {
 
 uuid_id!(AccountId, "account");
 uuid_id!(KeyId, "API key");
+uuid_id!(AgentId, "agent");
+uuid_id!(CallId, "call");

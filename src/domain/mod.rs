@@ -3,10 +3,12 @@
 
 mod credits;
 mod ids;
+mod phone;
 mod plan;
 mod scope;
 
 pub use credits::Credits;
-pub use ids::{AccountId, KeyId};
+pub use ids::{AccountId, AgentId, CallId, KeyId};
+pub use phone::PhoneNumber;
 pub use plan::Plan;
 pub use scope::{Scope, Scopes};

@@ -50,6 +50,14 @@ pub struct CheckedUrl {
 pub struct SsrfGuard {
     resolver: Arc<dyn Resolver>,
     lookup_timeout: Duration,
+    exceptions: Arc<Exceptions>,
+}
+
+/// Networks the operator trusts (`[ssrf]` in the config); empty by default.
+#[derive(Debug, Default)]
+struct Exceptions {
+    networks: Vec<ipnet::IpNet>,
+    allow_http: bool,
 }
 
 const MAX_URL_LEN: usize = 2048;
@@ -57,7 +65,24 @@ const MAX_REDIRECTS: usize = 5;
 
 impl SsrfGuard {
     pub fn new(resolver: Arc<dyn Resolver>) -> Self {
-        SsrfGuard { resolver, lookup_timeout: Duration::from_secs(5) }
+        SsrfGuard { resolver, lookup_timeout: Duration::from_secs(5), exceptions: Arc::default() }
+    }
+
+    /// Trusts `networks` (an internal webhook receiver, say); with
+    /// `allow_http`, plain `http` URLs are accepted when every address they
+    /// resolve to is in those networks.
+    pub fn with_exceptions(mut self, networks: Vec<ipnet::IpNet>, allow_http: bool) -> Self {
+        self.exceptions = Arc::new(Exceptions { networks, allow_http });
+        self
+    }
+
+    /// Why `ip` must not be contacted, unless the operator trusts it.
+    fn blocked(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.exceptions.networks.iter().any(|n| n.contains(&ip)) {
+            None
+        } else {
+            blocked_ip(ip)
+        }
     }
 
     pub fn system() -> Self {
@@ -66,7 +91,7 @@ impl SsrfGuard {
 
     /// Parses and checks `raw`; errors name `field`.
     pub async fn check_url(&self, field: &str, raw: &str) -> Result<CheckedUrl> {
-        let url = check_static(field, raw)?;
+        let url = check_static(field, raw, self.exceptions.allow_http)?;
         let host = url.host().ok_or_else(|| Error::bad_request(format!("{field} must have a host")))?;
         let port = url.port_or_known_default().unwrap_or(443);
         let ips = match host {
@@ -81,9 +106,13 @@ impl SsrfGuard {
             }
         };
         for ip in &ips {
-            if let Some(why) = blocked_ip(*ip) {
+            if let Some(why) = self.blocked(*ip) {
                 return Err(Error::bad_request(format!("{field} resolves to a {why} address ({ip}), which is not allowed")));
             }
+        }
+        let trusted = |ip: &IpAddr| self.exceptions.networks.iter().any(|n| n.contains(ip));
+        if url.scheme() == "http" && !ips.iter().all(trusted) {
+            return Err(Error::bad_request(format!("{field} must be an https URL")));
         }
         Ok(CheckedUrl { url, addrs: ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect() })
     }
@@ -109,12 +138,12 @@ impl SsrfGuard {
 }
 
 /// The checks that need no DNS: scheme, credentials, length, host names.
-fn check_static(field: &str, raw: &str) -> Result<Url> {
+fn check_static(field: &str, raw: &str, allow_http: bool) -> Result<Url> {
     if raw.len() > MAX_URL_LEN {
         return Err(Error::bad_request(format!("{field} must be at most {MAX_URL_LEN} characters")));
     }
     let url = Url::parse(raw.trim()).map_err(|e| Error::bad_request(format!("{field} is not a valid URL: {e}")))?;
-    if url.scheme() != "https" {
+    if url.scheme() != "https" && !(allow_http && url.scheme() == "http") {
         return Err(Error::bad_request(format!("{field} must be an https URL")));
     }
     if !url.username().is_empty() || url.password().is_some() {
@@ -135,7 +164,7 @@ fn check_static(field: &str, raw: &str) -> Result<Url> {
 /// A redirect target gets the static checks, and its host is checked here
 /// when it is an IP literal (literals never reach the guarded resolver).
 fn check_redirect(url: &Url) -> Result<()> {
-    check_static("redirect", url.as_str())?;
+    check_static("redirect", url.as_str(), false)?;
     let ip = match url.host() {
         Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
         Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
@@ -253,7 +282,7 @@ impl reqwest::dns::Resolve for GuardedDns {
             let ips = tokio::time::timeout(guard.lookup_timeout, guard.resolver.lookup(host.clone(), 0))
                 .await
                 .map_err(|_| format!("DNS lookup of '{host}' timed out"))??;
-            if let Some(ip) = ips.iter().find(|ip| blocked_ip(**ip).is_some()) {
+            if let Some(ip) = ips.iter().find(|ip| guard.blocked(**ip).is_some()) {
                 return Err(format!("refusing to connect to '{host}': it resolves to {ip}").into());
             }
             let addrs: reqwest::dns::Addrs = Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
@@ -347,10 +376,24 @@ mod tests {
             "https://printer.local/",
             "https://intranet/",
         ] {
-            assert!(check_static("u", url).is_err(), "{url}");
+            assert!(check_static("u", url, false).is_err(), "{url}");
         }
-        assert!(check_static("u", "http://example.com/").is_err());
-        assert!(check_static("u", "https://user:pw@example.com/").is_err());
-        assert!(check_static("u", "https://example.com/").is_ok());
+        assert!(check_static("u", "http://example.com/", false).is_err());
+        assert!(check_static("u", "https://user:pw@example.com/", false).is_err());
+        assert!(check_static("u", "https://example.com/", false).is_ok());
     }
+
+    #[tokio::test]
+    async fn operator_exceptions_trust_only_their_networks() {
+        let guard = SsrfGuard::new(Arc::new(FakeDns(HashMap::new())))
+            .with_exceptions(vec!["127.0.0.1/32".parse().unwrap()], true);
+        assert!(guard.check_url("u", "http://127.0.0.1:9000/hook").await.is_ok());
+        assert!(guard.check_url("u", "https://127.0.0.1/hook").await.is_ok());
+        let err = guard.check_url("u", "http://127.0.0.2/hook").await.unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+        assert!(guard.check_url("u", "http://169.254.169.254/").await.is_err());
+        let strict = SsrfGuard::new(Arc::new(FakeDns(HashMap::new())));
+        assert!(strict.check_url("u", "http://127.0.0.1:9000/hook").await.is_err());
+    }
+
 }

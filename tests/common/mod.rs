@@ -4,6 +4,9 @@
 //! free loopback port, and the CLI run against the same database.
 #![allow(dead_code)]
 
+pub mod far_end;
+pub mod webhook_sink;
+pub mod voice;
 pub mod sipp;
 
 use std::io::{BufRead, BufReader};
@@ -88,10 +91,17 @@ fn drop_pg_database(name: String) {
 /// The running server and what a client needs to talk to it.
 pub struct TestServer {
     pub base: String,
+    /// Where the server's SIP user agent listens.
+    pub sip: String,
     pub http: reqwest::Client,
     pub db: TestDb,
     child: Option<Child>,
     env: Vec<(String, String)>,
+}
+
+/// The speech models installed by `scripts/setup`.
+pub fn models_dir() -> String {
+    std::env::var("VOXGATE_MODELS_DIR").unwrap_or_else(|_| format!("{}/models", env!("CARGO_MANIFEST_DIR")))
 }
 
 impl TestServer {
@@ -101,14 +111,32 @@ impl TestServer {
 
     /// Starts with extra environment (e.g. `VOXGATE_RATE_LIMITS__READS__REQUESTS`).
     pub async fn start_with(extra_env: &[(&str, &str)]) -> TestServer {
+        Self::start_configured("", extra_env).await
+    }
+
+    /// Starts with `toml` as its `voxgate.toml` (trunks and such) and extra
+    /// environment. SIP listens on a free port; models load on first use.
+    pub async fn start_configured(toml: &str, extra_env: &[(&str, &str)]) -> TestServer {
         let db = TestDb::new().await;
+        std::fs::write(db.dir().join("voxgate.toml"), toml).expect("write voxgate.toml");
         let mut env = vec![
             ("DATABASE_URL".to_owned(), db.url.clone()),
             ("VOXGATE_BIND".to_owned(), "127.0.0.1:0".to_owned()),
+            ("VOXGATE_SIP__BIND".to_owned(), "127.0.0.1:0".to_owned()),
+            ("VOXGATE_AGENTS__MODELS_DIR".to_owned(), models_dir()),
+            ("VOXGATE_CALLS__PRELOAD_MODELS".to_owned(), "false".to_owned()),
             ("VOXGATE_LOG__FILTER".to_owned(), "warn".to_owned()),
             ("VOXGATE_CONFIG".to_owned(), db.dir().join("voxgate.toml").display().to_string()),
         ];
         env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut server = TestServer { base: String::new(), sip: String::new(), http: reqwest::Client::new(), db, child: None, env };
+        server.launch();
+        server
+    }
+
+    /// Starts the process (again, after a kill) on the same database and config.
+    pub fn launch(&mut self) {
+        let (db, env) = (&self.db, &self.env);
         let mut child = Command::new(BIN)
             .arg("serve")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -122,15 +150,28 @@ impl TestServer {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut base = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("voxgate listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                    base = Some(addr.to_owned());
+                }
+                if let Some(sip) = line.strip_prefix("voxgate SIP on udp://") {
+                    if let Some(base) = base.take() {
+                        let _ = tx.send((base, sip.to_owned()));
+                    }
                 }
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(60)).expect("voxgate did not report its address");
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        TestServer { base, http, db, child: Some(child), env }
+        let (base, sip) = rx.recv_timeout(Duration::from_secs(60)).expect("voxgate did not report its addresses");
+        self.base = base;
+        self.sip = sip;
+        self.http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the process dies at once, as in a crash.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
     }
 
     pub fn url(&self, path: &str) -> String {

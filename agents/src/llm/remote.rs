@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +14,7 @@ use super::MAX_REPLY_TOKENS;
 use crate::error::AgentError;
 
 /// One configured endpoint: the models it serves, where, and its key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteLlmConfig {
     /// Model names an agent may give as `llmModel` to reach this endpoint.

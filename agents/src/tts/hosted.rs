@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::to_16k;
 use crate::error::AgentError;
@@ -45,7 +45,7 @@ impl HostedTtsKind {
 }
 
 /// Configuration of one hosted engine: where and with which key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostedTtsConfig {
     pub base_url: String,

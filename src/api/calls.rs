@@ -1,0 +1,245 @@
+//! `/api/voice-agent/calls`: place an outbound call, list and read calls,
+//! hang one up (`calls` scope). Handlers parse and check; the call manager
+//! admits and runs the call.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+
+use super::json::{ok, ApiJson, Data};
+use crate::auth::Auth;
+use crate::billing::ledger::IdempotencyKey;
+use crate::domain::{AgentId, CallId, PhoneNumber, Scope};
+use crate::error::ErrorBody;
+use crate::state::AppState;
+use crate::voice::agents;
+use crate::voice::calls::{self, CallFilter, CallRecord, Cursor};
+use crate::voice::manager::{Outbound, Placed};
+use crate::{Error, Result};
+
+const METADATA_MAX_BYTES: usize = 4096;
+const TRUNK_MAX: usize = 100;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundRequest {
+    /// The voice agent that talks on the call.
+    pub agent_id: String,
+    /// The number to call, E.164 (`+14155550123`).
+    pub phone_number: String,
+    /// A configured SIP trunk by name (the first one by default).
+    pub trunk: Option<String>,
+    /// Your own data, returned with the call and in its webhooks (a JSON
+    /// object of at most 4 KB).
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundResponse {
+    pub call_id: String,
+    /// `queued` for a new call; the call's current status for a replay of
+    /// the same `Idempotency-Key`.
+    pub status: String,
+}
+
+fn call_id(raw: &str) -> Result<CallId> {
+    raw.parse().map_err(|_| Error::not_found("call"))
+}
+
+/// Start an outbound call: 10 credits per started minute of connected time.
+#[utoipa::path(post, path = "/api/voice-agent/calls/outbound", tag = "voice-agent", request_body = OutboundRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key returns the same call instead of placing another")),
+    responses((status = 201, body = Data<OutboundResponse>), (status = 200, description = "Replay of an Idempotency-Key", body = Data<OutboundResponse>),
+        (status = 400, body = ErrorBody), (status = 402, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn place_call(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<OutboundRequest>,
+) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let s = v.to_str().map_err(|_| Error::bad_request("Idempotency-Key must be printable ASCII"))?;
+            Some(IdempotencyKey::parse(s)?.as_str().to_owned())
+        }
+        None => None,
+    };
+    let to = PhoneNumber::parse("phoneNumber", &body.phone_number)?;
+    if let Some(t) = &body.trunk {
+        if t.is_empty() || t.len() > TRUNK_MAX {
+            return Err(Error::bad_request(format!("trunk must be 1-{TRUNK_MAX} characters")));
+        }
+    }
+    if let Some(m) = &body.metadata {
+        if !m.is_object() {
+            return Err(Error::bad_request("metadata must be a JSON object"));
+        }
+        let size = m.to_string().len();
+        if size > METADATA_MAX_BYTES {
+            return Err(Error::bad_request(format!("metadata must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size})")));
+        }
+    }
+    let agent_id: AgentId = body
+        .agent_id
+        .parse()
+        .map_err(|_| Error::bad_request(format!("agentId '{}' is not a UUID", body.agent_id)))?;
+    let agent = agents::get(&state.db, auth.account_id, agent_id).await?;
+    let placed = state
+        .calls
+        .place(Outbound {
+            account: auth.account_id,
+            agent,
+            to,
+            trunk: body.trunk,
+            metadata: body.metadata,
+            idempotency_key,
+        })
+        .await?;
+    match placed {
+        Placed::New { id, quota } => {
+            let mut response =
+                (StatusCode::CREATED, Json(Data { data: OutboundResponse { call_id: id.to_string(), status: "queued".into() } }))
+                    .into_response();
+            // The hourly call quota, not the per-second write limit, is what
+            // matters to a client of this endpoint.
+            let h = response.headers_mut();
+            h.insert("x-ratelimit-limit", HeaderValue::from(quota.limit));
+            h.insert("x-ratelimit-remaining", HeaderValue::from(quota.remaining));
+            h.insert("x-ratelimit-reset", HeaderValue::from(quota.reset_unix));
+            Ok(response)
+        }
+        Placed::Replayed { id } => {
+            let record = calls::get(&state.db, auth.account_id, id).await?;
+            Ok(ok(OutboundResponse { call_id: record.id, status: record.status }))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// queued, ringing, in-progress, completed, busy, no-answer, canceled, failed.
+    pub status: Option<String>,
+    pub agent_id: Option<String>,
+    /// Calls created at or after this time (RFC 3339).
+    pub from: Option<String>,
+    /// Calls created before this time (RFC 3339).
+    pub to: Option<String>,
+    /// Page size, 1-100 (default 50).
+    pub limit: Option<u32>,
+    /// `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of calls, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CallPage {
+    pub data: Vec<CallRecord>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const STATUSES: [&str; 8] = ["queued", "ringing", "in-progress", "completed", "busy", "no-answer", "canceled", "failed"];
+
+fn parse_time(field: &str, raw: &str) -> Result<i64> {
+    let t = OffsetDateTime::parse(raw, &Rfc3339)
+        .map_err(|_| Error::bad_request(format!("{field} '{raw}' is not an RFC 3339 time such as 2026-11-23T10:00:00Z")))?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+impl ListQuery {
+    fn filter(self) -> Result<CallFilter> {
+        if let Some(s) = &self.status {
+            if !STATUSES.contains(&s.as_str()) {
+                return Err(Error::bad_request(format!("status '{s}' is not one of {}", STATUSES.join(", "))));
+            }
+        }
+        let limit = self.limit.unwrap_or(50);
+        if !(1..=100).contains(&limit) {
+            return Err(Error::bad_request(format!("limit must be 1-100 (got {limit})")));
+        }
+        let agent = match &self.agent_id {
+            Some(a) => Some(a.parse().map_err(|_| Error::bad_request(format!("agentId '{a}' is not a UUID")))?),
+            None => None,
+        };
+        let from = self.from.as_deref().map(|v| parse_time("from", v)).transpose()?;
+        let to = self.to.as_deref().map(|v| parse_time("to", v)).transpose()?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f >= t {
+                return Err(Error::bad_request("from must be before to"));
+            }
+        }
+        Ok(CallFilter {
+            status: self.status,
+            agent,
+            from,
+            to,
+            limit,
+            cursor: self.cursor.as_deref().map(Cursor::decode).transpose()?,
+        })
+    }
+}
+
+/// List calls, newest first, with filters and cursor pagination.
+#[utoipa::path(get, path = "/api/voice-agent/calls", tag = "voice-agent", params(ListQuery),
+    responses((status = 200, body = CallPage), (status = 400, body = ErrorBody)))]
+pub async fn list_calls(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    query: std::result::Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    let Query(query) = query.map_err(|e| Error::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let (page, next) = calls::list(&state.db, auth.account_id, &query.filter()?).await?;
+    Ok(Json(CallPage { data: page, next_cursor: next.map(|c| c.encode()) }).into_response())
+}
+
+/// One call: status, SIP outcome, times, billing, transcript and latency.
+#[utoipa::path(get, path = "/api/voice-agent/calls/{id}", tag = "voice-agent",
+    responses((status = 200, body = Data<CallRecord>), (status = 404, body = ErrorBody)))]
+pub async fn get_call(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    Ok(ok(calls::get(&state.db, auth.account_id, call_id(&id)?).await?))
+}
+
+/// Hang up a call: CANCEL while it rings, BYE once answered. A call that
+/// already ended is returned as it is.
+#[utoipa::path(post, path = "/api/voice-agent/calls/{id}/hangup", tag = "voice-agent",
+    responses((status = 200, body = Data<CallRecord>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    let id = call_id(&id)?;
+    let record = calls::get(&state.db, auth.account_id, id).await?;
+    if record.ended_at.is_some() {
+        return Ok(ok(record));
+    }
+    if !state.calls.hangup(id).await {
+        // It may have ended a moment ago, its record not yet written.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = calls::get(&state.db, auth.account_id, id).await?;
+        if now.ended_at.is_some() {
+            return Ok(ok(now));
+        }
+        return Err(Error::Unavailable("the call is not running on this node; retry on the node that placed it".into()));
+    }
+    // The hang-up is under way; give the dialog a moment to end so the
+    // answer shows the outcome in the common case.
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let now = calls::get(&state.db, auth.account_id, id).await?;
+        if now.ended_at.is_some() {
+            return Ok(ok(now));
+        }
+    }
+    Ok(ok(calls::get(&state.db, auth.account_id, id).await?))
+}

@@ -1,0 +1,515 @@
+//! The call manager: admits outbound calls, and runs each one as a task that
+//! owns its SIP dialog, its media session and its agent `Session`.
+//!
+//! The call task moves audio between media and agent and never waits on the
+//! database: status changes go to the call writer ([`writer`]) through a
+//! channel, and each minute's debit runs as a task of its own whose result
+//! comes back to the call. Billing: 10 credits (configurable) per started
+//! minute of connected time, debited when the minute starts; before a minute
+//! the balance cannot cover, the agent says its closing line and hangs up
+//! (`insufficient-credits`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant as TokioInstant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use voxgate_agents::{AgentEvent, HangupReason, Session, Speaker};
+use voxgate_media::session::MediaEvent;
+use voxgate_sip::{CallEvent, CallStatus, Dial, Outcome, SipAgent};
+
+use super::agents::Agent;
+use super::calls::{self, Admission, CallUpdate, Latency, NewCall, QuotaState, Settlement, TranscriptLine, TurnLatency};
+use super::engines::SpeechEngines;
+use super::writer::{self, CallWriter};
+use crate::billing::ledger::{self, IdempotencyKey, Reason};
+use crate::clock::now_ms;
+use crate::config::CallsConfig;
+use crate::db::Db;
+use crate::domain::{AccountId, CallId, Credits, PhoneNumber};
+use crate::webhooks::Webhooks;
+use crate::{Error, Result};
+
+/// The closing line starts this long before a minute the balance cannot
+/// cover (at most half a minute), so the call ends before that minute.
+const CLOSING_LEAD: Duration = Duration::from_secs(8);
+/// After a closing line was asked for, the call ends by this much later
+/// even if the line has not finished.
+const CLOSING_LIMIT: Duration = Duration::from_secs(6);
+/// Time for the last agent frames to leave before the BYE.
+const DRAIN_BEFORE_BYE: Duration = Duration::from_millis(300);
+
+/// An outbound call to place, validated.
+pub struct Outbound {
+    pub account: AccountId,
+    pub agent: Agent,
+    pub to: PhoneNumber,
+    pub trunk: Option<String>,
+    pub metadata: Option<Value>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Placed {
+    New { id: CallId, quota: QuotaState },
+    Replayed { id: CallId },
+}
+
+/// Why this side ends a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Api,
+    AgentEnded,
+    MaxDuration,
+    InsufficientCredits,
+    BillingUnavailable,
+    Shutdown,
+}
+
+impl Ending {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Api => "local-hangup",
+            Ending::AgentEnded => "agent-hangup",
+            Ending::MaxDuration => "max-duration",
+            Ending::InsufficientCredits => "insufficient-credits",
+            Ending::BillingUnavailable => "billing-unavailable",
+            Ending::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    config: CallsConfig,
+    node_id: String,
+    trunks: Vec<String>,
+    sip: SipAgent,
+    engines: Arc<SpeechEngines>,
+    writer: CallWriter,
+    active: Mutex<HashMap<CallId, mpsc::Sender<Ending>>>,
+    slots: Arc<Semaphore>,
+    accepting: AtomicBool,
+    tracker: TaskTracker,
+}
+
+impl CallManager {
+    /// Starts the manager and its writer; first closes the calls this node
+    /// left open when it last died (`failed`, `node-lost`).
+    pub async fn start(
+        db: Db,
+        config: CallsConfig,
+        node_id: String,
+        trunks: Vec<String>,
+        sip: SipAgent,
+        engines: Arc<SpeechEngines>,
+        webhooks: Webhooks,
+    ) -> Result<(CallManager, JoinHandle<()>)> {
+        let (writer, writer_task) = writer::start(db.clone(), webhooks);
+        for id in calls::close_lost(&db, &node_id).await? {
+            tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
+            writer.ended_elsewhere(id);
+        }
+        let slots = Arc::new(Semaphore::new(config.max_concurrent));
+        let inner = Inner {
+            db,
+            config,
+            node_id,
+            trunks,
+            sip,
+            engines,
+            writer,
+            active: Mutex::new(HashMap::new()),
+            slots,
+            accepting: AtomicBool::new(true),
+            tracker: TaskTracker::new(),
+        };
+        Ok((CallManager { inner: Arc::new(inner) }, writer_task))
+    }
+
+    /// Calls running in this process.
+    pub fn active(&self) -> usize {
+        self.inner.active.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    /// Admits and places an outbound call; returns as soon as the call task
+    /// runs (the INVITE leaves from it at once).
+    pub async fn place(&self, call: Outbound) -> Result<Placed> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
+        }
+        match &call.trunk {
+            Some(name) if !inner.trunks.contains(name) => {
+                return Err(Error::bad_request(format!(
+                    "trunk '{name}' is not configured (configured: {})",
+                    inner.trunks.join(", ")
+                )));
+            }
+            None if inner.trunks.is_empty() => {
+                return Err(Error::Unavailable("no SIP trunk is configured for outbound calls".into()));
+            }
+            _ => {}
+        }
+        let engines = inner.engines.get().await?;
+        let agent_config = call.agent.engine_config();
+        engines
+            .check(&agent_config.llm_model, &agent_config.tts_model, &agent_config.language)
+            .map_err(|e| Error::bad_request(e.to_string()))?;
+        let slot = inner.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Unavailable(format!("this node is at its limit of {} concurrent calls", inner.config.max_concurrent))
+        })?;
+        let agent_id = call.agent.id.parse()?;
+        let admission = calls::admit(
+            &inner.db,
+            NewCall {
+                account: call.account,
+                agent: agent_id,
+                to: &call.to,
+                trunk: call.trunk.as_deref(),
+                from: None,
+                metadata: call.metadata.as_ref(),
+                idempotency_key: call.idempotency_key.as_deref(),
+                node_id: &inner.node_id,
+            },
+            inner.config.hourly_limit,
+            inner.config.credits_per_minute,
+        )
+        .await?;
+        let (id, quota) = match admission {
+            Admission::Replayed { id } => return Ok(Placed::Replayed { id }),
+            Admission::Placed { id, quota } => (id, quota),
+        };
+        let (commands_tx, commands_rx) = mpsc::channel(4);
+        if let Ok(mut active) = inner.active.lock() {
+            active.insert(id, commands_tx);
+        }
+        let run = CallRun {
+            inner: inner.clone(),
+            id,
+            account: call.account,
+            dial: Dial { trunk: call.trunk, number: call.to.to_string() },
+            session: Session::start(engines, agent_config),
+            commands: commands_rx,
+            slot,
+        };
+        let span = tracing::info_span!("call", call_id = %id, account_id = %call.account);
+        inner.tracker.spawn(run.run().instrument(span));
+        Ok(Placed::New { id, quota })
+    }
+
+    /// Hangs up a call this process runs (CANCEL before answer, BYE after).
+    /// False when it is not running here.
+    pub async fn hangup(&self, id: CallId) -> bool {
+        let tx = self.inner.active.lock().ok().and_then(|a| a.get(&id).cloned());
+        match tx {
+            Some(tx) => tx.send(Ending::Api).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops taking calls, lets the running ones finish for up to `grace`,
+    /// hangs up the rest, and waits until every call is settled.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.accepting.store(false, Ordering::Release);
+        inner.tracker.close();
+        let running = self.active();
+        if running > 0 {
+            tracing::info!(calls = running, grace_secs = grace.as_secs(), "waiting for calls in progress to finish");
+        }
+        if tokio::time::timeout(grace, inner.tracker.wait()).await.is_err() {
+            let senders: Vec<_> = inner.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default();
+            tracing::warn!(calls = senders.len(), "grace period over, hanging up the calls still in progress");
+            for tx in senders {
+                let _ = tx.send(Ending::Shutdown).await;
+            }
+            if tokio::time::timeout(Duration::from_secs(10), inner.tracker.wait()).await.is_err() {
+                tracing::error!("calls did not end after hang-up; they will be closed as node-lost at next start");
+            }
+        }
+        inner.writer.close();
+    }
+}
+
+/// One call, from INVITE to settlement.
+struct CallRun {
+    inner: Arc<Inner>,
+    id: CallId,
+    account: AccountId,
+    dial: Dial,
+    session: std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>,
+    commands: mpsc::Receiver<Ending>,
+    slot: OwnedSemaphorePermit,
+}
+
+/// The minute clock of an answered call.
+struct Billing {
+    answered: TokioInstant,
+    minute: Duration,
+    /// Minutes debited so far.
+    paid: u32,
+    /// The balance check before the next minute was made.
+    checked: bool,
+    /// A debit or balance check in flight.
+    pending: Option<JoinHandle<BillingResult>>,
+}
+
+enum BillingResult {
+    Debited,
+    Refused,
+    BalanceOk,
+    BalanceLow,
+    Unavailable,
+}
+
+impl Billing {
+    fn next_minute_at(&self) -> TokioInstant {
+        self.answered + self.minute * self.paid
+    }
+
+    fn check_at(&self) -> TokioInstant {
+        let lead = CLOSING_LEAD.min(self.minute / 2);
+        self.next_minute_at().checked_sub(lead).unwrap_or_else(|| self.next_minute_at())
+    }
+}
+
+impl CallRun {
+    async fn run(mut self) {
+        let settlement = self.converse().await;
+        let inner = self.inner.clone();
+        inner.writer.send(self.id, CallUpdate::Ended(settlement));
+        if let Ok(mut active) = inner.active.lock() {
+            active.remove(&self.id);
+        }
+        drop(self.slot);
+    }
+
+    fn settlement(status: CallStatus, reason: &str, outcome: Option<&Outcome>) -> Settlement {
+        Settlement {
+            status: status.as_str().into(),
+            reason: reason.into(),
+            sip_code: outcome.and_then(|o| o.sip_code),
+            sip_reason: outcome.and_then(|o| o.sip_reason.clone()),
+            at: now_ms(),
+            transcript: Vec::new(),
+            latency: Latency::default(),
+        }
+    }
+
+    async fn converse(&mut self) -> Settlement {
+        let (session, mut agent_events) = match std::mem::replace(&mut self.session, Err(voxgate_agents::AgentError::Closed)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "agent session did not start");
+                return Self::settlement(CallStatus::Failed, "agent-error", None);
+            }
+        };
+        let mut call = match self.inner.sip.dial(self.dial.clone()).await {
+            Ok(call) => call,
+            Err(e) => {
+                tracing::error!(error = %e, "dial failed");
+                return Self::settlement(CallStatus::Failed, "transport-error", None);
+            }
+        };
+        tracing::info!(sip_call_id = %call.call_id, to = %self.dial.number, "INVITE sent");
+        self.inner.writer.send(self.id, CallUpdate::Dialing { sip_call_id: call.call_id.clone() });
+
+        let mut transcript: Vec<TranscriptLine> = Vec::new();
+        let mut latency = Latency::default();
+        let mut billing: Option<Billing> = None;
+        let mut answered_at: Option<Instant> = None;
+        let mut ending: Option<Ending> = None;
+        let mut bye_at: Option<TokioInstant> = None;
+        let mut greeting_heard = false;
+        let minute = Duration::from_secs(self.inner.config.minute_secs);
+        let outcome = loop {
+            let billing_at = match &billing {
+                Some(b) if b.pending.is_none() && ending.is_none() => Some(if b.checked { b.next_minute_at() } else { b.check_at() }),
+                _ => None,
+            };
+            let billing_timer = async {
+                match billing_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let billing_done = async {
+                match billing.as_mut().and_then(|b| b.pending.as_mut()) {
+                    Some(handle) => handle.await.unwrap_or(BillingResult::Unavailable),
+                    None => std::future::pending().await,
+                }
+            };
+            let bye_timer = async {
+                match bye_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = call.events.recv() => match ev {
+                    Some(CallEvent::Ringing { .. }) => self.inner.writer.send(self.id, CallUpdate::Ringing { at: now_ms() }),
+                    Some(CallEvent::Answered { at }) => {
+                        answered_at = Some(at);
+                        self.inner.writer.send(self.id, CallUpdate::Answered { at: now_ms() });
+                        session.answered().await;
+                        let mut b = Billing { answered: TokioInstant::from_std(at), minute, paid: 0, checked: true, pending: None };
+                        b.pending = Some(self.debit(1));
+                        billing = Some(b);
+                    }
+                    Some(CallEvent::Ended(outcome)) => break Some(outcome),
+                    Some(CallEvent::EarlyMedia | CallEvent::Modified { .. }) => {}
+                    None => break None,
+                },
+                frame = call.media.incoming.recv() => match frame {
+                    Some(frame) if answered_at.is_some() => {
+                        session.push_audio(frame.pcm, frame.received_at.unwrap_or_else(Instant::now)).await;
+                    }
+                    Some(_) => {}
+                    None => break None,
+                },
+                Some(ev) = call.media.events.recv() => {
+                    if let (MediaEvent::PlayoutStarted { at }, Some(answered), false) = (ev, answered_at, greeting_heard) {
+                        greeting_heard = true;
+                        latency.answer_to_greeting_ms = Some(at.saturating_duration_since(answered).as_millis() as u32);
+                    }
+                }
+                ev = agent_events.recv() => match ev {
+                    Some(AgentEvent::AgentAudio(pcm)) => call.media.control.play(pcm).await,
+                    Some(AgentEvent::ClearAudio) => call.media.control.flush().await,
+                    Some(AgentEvent::Transcript(t)) if t.is_final => transcript.push(TranscriptLine {
+                        role: match t.speaker { Speaker::Caller => "caller", Speaker::Agent => "agent" }.into(),
+                        text: t.text,
+                        start_ms: t.start_ms,
+                        end_ms: t.end_ms,
+                        interrupted: t.interrupted,
+                    }),
+                    Some(AgentEvent::Transcript(_)) => {}
+                    Some(AgentEvent::TurnMetrics(m)) => latency.turns.push(TurnLatency {
+                        turn: m.turn,
+                        voice_to_voice_ms: m.voice_to_voice_ms,
+                        endpoint_ms: m.endpoint_ms,
+                        asr_ms: m.asr_ms,
+                        llm_first_token_ms: m.llm_first_token_ms,
+                        tts_first_audio_ms: m.tts_first_audio_ms,
+                    }),
+                    Some(AgentEvent::Hangup(reason)) => {
+                        let why = match reason {
+                            HangupReason::AgentEnded => Ending::AgentEnded,
+                            HangupReason::MaxDuration => Ending::MaxDuration,
+                            HangupReason::Requested => ending.unwrap_or(Ending::InsufficientCredits),
+                        };
+                        tracing::info!(reason = why.as_str(), "agent ends the call");
+                        ending.get_or_insert(why);
+                        bye_at = Some(TokioInstant::now() + DRAIN_BEFORE_BYE);
+                    }
+                    None => {}
+                },
+                cmd = self.commands.recv() => {
+                    let why = cmd.unwrap_or(Ending::Shutdown);
+                    tracing::info!(reason = why.as_str(), "hanging up");
+                    ending.get_or_insert(why);
+                    call.hangup().await;
+                }
+                _ = bye_timer => {
+                    bye_at = None;
+                    call.hangup().await;
+                }
+                _ = billing_timer => {
+                    let b = billing.as_mut().expect("timer runs with billing");
+                    b.pending = Some(if b.checked { self.debit(b.paid + 1) } else { self.balance_check() });
+                }
+                result = billing_done => {
+                    let b = billing.as_mut().expect("result comes with billing");
+                    b.pending = None;
+                    match result {
+                        BillingResult::Debited => {
+                            b.paid += 1;
+                            b.checked = false;
+                            tracing::info!(minute = b.paid, "call minute debited");
+                        }
+                        BillingResult::BalanceOk => b.checked = true,
+                        BillingResult::BalanceLow | BillingResult::Refused | BillingResult::Unavailable => {
+                            let why = if matches!(result, BillingResult::Unavailable) { Ending::BillingUnavailable } else { Ending::InsufficientCredits };
+                            tracing::info!(reason = why.as_str(), minutes = b.paid, "closing the call");
+                            if b.paid == 0 {
+                                // Not even the first minute: no conversation.
+                                ending.get_or_insert(why);
+                                call.hangup().await;
+                            } else {
+                                ending.get_or_insert(why);
+                                session.close_with(&self.inner.config.closing_line).await;
+                                bye_at = Some(TokioInstant::now() + CLOSING_LIMIT);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        session.close();
+        if let Some(handle) = billing.and_then(|b| b.pending) {
+            let _ = handle.await;
+        }
+        latency.summarise();
+        let (status, reason) = match (&outcome, ending) {
+            (Some(o), Some(why)) if o.status == CallStatus::Completed => (o.status, why.as_str().to_owned()),
+            (Some(o), _) => (o.status, o.reason.as_str().to_owned()),
+            (None, _) => (CallStatus::Failed, "transport-error".to_owned()),
+        };
+        let mut s = Self::settlement(status, &reason, outcome.as_ref());
+        s.transcript = transcript;
+        s.latency = latency;
+        tracing::info!(status = %s.status, reason = %s.reason, "call ended");
+        s
+    }
+
+    /// Debits minute `n` in a task of its own (the audio loop goes on).
+    fn debit(&self, n: u32) -> JoinHandle<BillingResult> {
+        let (db, account, id) = (self.inner.db.clone(), self.account, self.id);
+        let amount = Credits::new(self.inner.config.credits_per_minute);
+        tokio::spawn(async move {
+            let Ok(key) = IdempotencyKey::parse(&format!("call:{id}:minute:{n}")) else { return BillingResult::Unavailable };
+            let reference = id.to_string();
+            for attempt in 0..3 {
+                match ledger::debit(&db, account, amount, Reason::CallMinute, Some(&reference), &key).await {
+                    Ok(_) => {
+                        if let Err(e) = calls::sync_billing(&db, id).await {
+                            tracing::warn!(error = %e, "call row not updated with its minutes (the ledger has them)");
+                        }
+                        return BillingResult::Debited;
+                    }
+                    Err(Error::PaymentRequired { .. }) => return BillingResult::Refused,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "minute debit failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            BillingResult::Unavailable
+        })
+    }
+
+    fn balance_check(&self) -> JoinHandle<BillingResult> {
+        let (db, account) = (self.inner.db.clone(), self.account);
+        let needed = self.inner.config.credits_per_minute;
+        tokio::spawn(async move {
+            match ledger::balance(&db, account).await {
+                Ok(b) if b.get() >= needed => BillingResult::BalanceOk,
+                Ok(_) => BillingResult::BalanceLow,
+                // The debit at the minute decides; a failed read is not a refusal.
+                Err(_) => BillingResult::BalanceOk,
+            }
+        })
+    }
+}
