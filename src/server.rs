@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::net::ssrf::SsrfGuard;
 use crate::state::AppState;
 use crate::voice::engines::SpeechEngines;
-use crate::voice::manager::CallManager;
+use crate::voice::manager::{CallManager, Dependencies};
 use crate::webhooks::Webhooks;
 use voxgate_sip::SipAgent;
 
@@ -43,21 +43,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let webhooks = Webhooks::new(db.clone());
     let webhook_task =
         tokio::spawn(crate::webhooks::sender::run(webhooks.clone(), config.webhooks.clone(), ssrf.clone(), shutdown.clone()));
-    let trunks = config.sip.trunks.iter().map(|t| t.name.clone()).collect();
-    let (calls, writer_task) = CallManager::start(
-        db.clone(),
-        config.calls.clone(),
-        config.node_id.clone(),
-        trunks,
-        sip.clone(),
-        engines.clone(),
-        webhooks.clone(),
-    )
-    .await?;
+    let metrics = Arc::new(Metrics::new().context("metrics registry")?);
+    let deps = Dependencies {
+        trunks: config.sip.trunks.iter().map(|t| t.name.clone()).collect(),
+        sip: sip.clone(),
+        engines: engines.clone(),
+        webhooks: webhooks.clone(),
+        metrics: metrics.clone(),
+    };
+    let (calls, writer_task) = CallManager::start(db.clone(), config.calls.clone(), config.node_id.clone(), deps).await?;
     let state = AppState {
         db: db.clone(),
         limiter: Arc::new(RequestLimiter::new(&config.rate_limits)),
-        metrics: Arc::new(Metrics::new().context("metrics registry")?),
+        metrics,
         ssrf,
         key_usage,
         engines,

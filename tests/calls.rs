@@ -298,3 +298,83 @@ async fn the_same_idempotency_key_places_one_call() {
     let (_, list) = json(server.get("/api/voice-agent/calls", &key).await).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_finish_then_hangs_them_up_and_settles_them() {
+    let far = FarEnd::start().await;
+    let mut sipp = sipp_agent("uas_agent.xml", &far);
+    let mut server =
+        TestServer::start_configured(&trunk_config(sipp.addr.port(), "[calls]\nshutdown_grace_secs = 1\n"), &[]).await;
+    let (_, key) = server.account("enterprise", 100);
+    let agent = create_agent(&server, &key, "Hello!").await;
+    let id = place_call(&server, &key, &agent).await;
+    wait_call(&server, &key, &id, Duration::from_secs(20), |c| c["status"] == "in-progress").await;
+
+    assert!(server.terminate(Duration::from_secs(30)), "voxgate exited cleanly");
+    assert!(sipp.wait(Duration::from_secs(10)), "the call was ended with a BYE");
+    server.launch();
+    let call = get_call(&server, &key, &id).await;
+    assert_eq!(call["status"], "completed", "{call:#}");
+    assert_eq!(call["endReason"], "shutdown");
+    assert_eq!(call["billedMinutes"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_concurrent_call_limit_answers_503_and_charges_nothing() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = trunk_config(silent.local_addr().unwrap().port(), "[calls]\nmax_concurrent = 1\n");
+    let server = TestServer::start_configured(&config, &[]).await;
+    let (_, key) = server.account("enterprise", 100);
+    let agent = create_agent(&server, &key, "Hello!").await;
+    place_call(&server, &key, &agent).await;
+    let msg = expect_error(
+        outbound(&server, &key, json!({"agentId": agent, "phoneNumber": "+14155550123"})).await,
+        503,
+        "SERVICE_UNAVAILABLE",
+    )
+    .await;
+    assert!(msg.contains("limit of 1 concurrent calls"), "{msg}");
+    let (_, list) = json(server.get("/api/voice-agent/calls", &key).await).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(balance(&server, &key).await, 100);
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("voxgate_calls_active 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_listed_newest_first_with_filters_and_cursor_pages() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = TestServer::start_configured(&trunk_config(silent.local_addr().unwrap().port(), ""), &[]).await;
+    let (_, key) = server.account("enterprise", 100);
+    let agent = create_agent(&server, &key, "Hello!").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(place_call(&server, &key, &agent).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, first) = json(server.get("/api/voice-agent/calls?limit=2", &key).await).await;
+    assert_eq!(status, 200, "{first}");
+    let page: Vec<&str> = first["data"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(page, [ids[2].as_str(), ids[1].as_str()]);
+    let cursor = first["nextCursor"].as_str().expect("a next page");
+    let (_, second) = json(server.get(&format!("/api/voice-agent/calls?limit=2&cursor={cursor}"), &key).await).await;
+    assert_eq!(second["data"][0]["id"], ids[0].as_str());
+    assert!(second["nextCursor"].is_null());
+
+    let (_, by_agent) = json(server.get(&format!("/api/voice-agent/calls?agentId={agent}"), &key).await).await;
+    assert_eq!(by_agent["data"].as_array().unwrap().len(), 3);
+    let (_, other) = json(server.get(&format!("/api/voice-agent/calls?agentId={}", uuid::Uuid::new_v4()), &key).await).await;
+    assert_eq!(other["data"], json!([]));
+    let (_, future) = json(server.get("/api/voice-agent/calls?from=2999-01-01T00:00:00Z", &key).await).await;
+    assert_eq!(future["data"], json!([]));
+    let (_, past) = json(server.get("/api/voice-agent/calls?to=2000-01-01T00:00:00Z", &key).await).await;
+    assert_eq!(past["data"], json!([]));
+    let (_, completed) = json(server.get("/api/voice-agent/calls?status=completed", &key).await).await;
+    assert_eq!(completed["data"], json!([]));
+    for bad in ["status=done", "limit=0", "limit=101", "cursor=xyz", "from=yesterday", "agentId=7", "colour=red"] {
+        expect_error(server.get(&format!("/api/voice-agent/calls?{bad}"), &key).await, 400, "BAD_REQUEST").await;
+    }
+    expect_error(server.get(&format!("/api/voice-agent/calls/{}", uuid::Uuid::new_v4()), &key).await, 404, "NOT_FOUND").await;
+    let (_, other_key) = server.account("enterprise", 100);
+    expect_error(server.get(&format!("/api/voice-agent/calls/{}", ids[0]), &other_key).await, 404, "NOT_FOUND").await;
+}

@@ -33,6 +33,7 @@ use crate::clock::now_ms;
 use crate::config::CallsConfig;
 use crate::db::Db;
 use crate::domain::{AccountId, CallId, Credits, PhoneNumber};
+use crate::metrics::Metrics;
 use crate::webhooks::Webhooks;
 use crate::{Error, Result};
 
@@ -85,6 +86,16 @@ impl Ending {
     }
 }
 
+/// What the manager uses of the rest of the process.
+pub struct Dependencies {
+    /// Names of the configured SIP trunks.
+    pub trunks: Vec<String>,
+    pub sip: SipAgent,
+    pub engines: Arc<SpeechEngines>,
+    pub webhooks: Webhooks,
+    pub metrics: Arc<Metrics>,
+}
+
 #[derive(Clone)]
 pub struct CallManager {
     inner: Arc<Inner>,
@@ -97,6 +108,7 @@ struct Inner {
     trunks: Vec<String>,
     sip: SipAgent,
     engines: Arc<SpeechEngines>,
+    metrics: Arc<Metrics>,
     writer: CallWriter,
     active: Mutex<HashMap<CallId, mpsc::Sender<Ending>>>,
     slots: Arc<Semaphore>,
@@ -107,15 +119,8 @@ struct Inner {
 impl CallManager {
     /// Starts the manager and its writer; first closes the calls this node
     /// left open when it last died (`failed`, `node-lost`).
-    pub async fn start(
-        db: Db,
-        config: CallsConfig,
-        node_id: String,
-        trunks: Vec<String>,
-        sip: SipAgent,
-        engines: Arc<SpeechEngines>,
-        webhooks: Webhooks,
-    ) -> Result<(CallManager, JoinHandle<()>)> {
+    pub async fn start(db: Db, config: CallsConfig, node_id: String, deps: Dependencies) -> Result<(CallManager, JoinHandle<()>)> {
+        let Dependencies { trunks, sip, engines, webhooks, metrics } = deps;
         let (writer, writer_task) = writer::start(db.clone(), webhooks);
         for id in calls::close_lost(&db, &node_id).await? {
             tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
@@ -129,6 +134,7 @@ impl CallManager {
             trunks,
             sip,
             engines,
+            metrics,
             writer,
             active: Mutex::new(HashMap::new()),
             slots,
@@ -195,6 +201,7 @@ impl CallManager {
         if let Ok(mut active) = inner.active.lock() {
             active.insert(id, commands_tx);
         }
+        inner.metrics.calls_active.inc();
         let run = CallRun {
             inner: inner.clone(),
             id,
@@ -289,6 +296,15 @@ impl CallRun {
     async fn run(mut self) {
         let settlement = self.converse().await;
         let inner = self.inner.clone();
+        let m = &inner.metrics;
+        m.calls_active.dec();
+        m.calls_ended.with_label_values(&[&settlement.status, &settlement.reason]).inc();
+        for t in &settlement.latency.turns {
+            m.voice_to_voice.observe(f64::from(t.voice_to_voice_ms) / 1000.0);
+        }
+        if let Some(ms) = settlement.latency.answer_to_greeting_ms {
+            m.answer_to_greeting.observe(f64::from(ms) / 1000.0);
+        }
         inner.writer.send(self.id, CallUpdate::Ended(settlement));
         if let Ok(mut active) = inner.active.lock() {
             active.remove(&self.id);
