@@ -68,6 +68,42 @@ pub struct Engines {
     vad: Option<Arc<SileroModel>>,
     pub(crate) remote_llms: Vec<RemoteLlm>,
     pub(crate) hosted_tts: Vec<HostedTts>,
+    /// Greetings synthesized before: an agent says the same greeting on
+    /// every call, and a phone may be answered before synthesis would end.
+    pub(crate) greetings: GreetingCache,
+}
+
+/// Synthesized greetings by (ttsModel, voice, speed, text), at most
+/// [`GreetingCache::CAPACITY`] of them, the least recently used dropped first.
+#[derive(Default)]
+pub(crate) struct GreetingCache {
+    entries: std::sync::Mutex<Vec<(String, Arc<Vec<i16>>)>>,
+}
+
+impl GreetingCache {
+    const CAPACITY: usize = 256;
+
+    pub(crate) fn key(tts: &str, voice: Option<&str>, speed: f32, text: &str) -> String {
+        format!("{tts}\u{1f}{}\u{1f}{speed}\u{1f}{text}", voice.unwrap_or(""))
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Vec<i16>>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let i = entries.iter().position(|(k, _)| k == key)?;
+        let entry = entries.remove(i);
+        let pcm = entry.1.clone();
+        entries.push(entry);
+        Some(pcm)
+    }
+
+    pub(crate) fn put(&self, key: String, pcm: Arc<Vec<i16>>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(k, _)| *k != key);
+        if entries.len() >= Self::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push((key, pcm));
+    }
 }
 
 /// A model that may be missing: logged, and the engine goes without it.
@@ -107,7 +143,7 @@ impl Engines {
         .into_iter()
         .filter_map(|(kind, c)| c.clone().map(|c| HostedTts::new(kind, c, http.clone())))
         .collect();
-        Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, remote_llms, hosted_tts }))
+        Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
     }
 
     /// A fresh VAD stream for one call.
@@ -171,5 +207,24 @@ impl Engines {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greeting_cache_keeps_the_most_recently_used() {
+        let cache = GreetingCache::default();
+        let key = |i: usize| GreetingCache::key(PIPER, None, 1.0, &format!("hello {i}"));
+        for i in 0..GreetingCache::CAPACITY {
+            cache.put(key(i), Arc::new(vec![i as i16]));
+        }
+        assert_eq!(cache.get(&key(0)).as_deref(), Some(&vec![0]));
+        cache.put(key(999), Arc::new(vec![1]));
+        assert!(cache.get(&key(1)).is_none(), "the least recently used went");
+        assert!(cache.get(&key(0)).is_some() && cache.get(&key(999)).is_some());
+        assert_ne!(GreetingCache::key(PIPER, Some("a"), 1.0, "x"), GreetingCache::key(PIPER, None, 1.0, "x"));
     }
 }

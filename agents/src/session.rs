@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunker::SentenceChunker;
-use crate::engines::{Engines, ESPEAK, LOCAL_LLM, PIPER};
+use crate::engines::{Engines, GreetingCache, ESPEAK, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
 use crate::llm::{ChatMessage, LocalConversation, Role};
 use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
@@ -329,14 +329,23 @@ impl Core {
         }
         if let Some(text) = crate::chunker::speakable(&self.config.greeting) {
             let (engines, config, tx) = (self.engines.clone(), self.config.clone(), self.work_tx.clone());
-            tokio::spawn(async move {
-                match synthesize(&engines, &config, &text).await {
-                    Ok(pcm) => {
-                        let _ = tx.send(Work::Greeting(pcm));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "greeting synthesis failed"),
+            let key = GreetingCache::key(&config.tts_model, config.voice.as_deref(), config.speed, &text);
+            match engines.greetings.get(&key) {
+                Some(pcm) => {
+                    let _ = tx.send(Work::Greeting(pcm.as_ref().clone()));
                 }
-            });
+                None => {
+                    tokio::spawn(async move {
+                        match synthesize(&engines, &config, &text).await {
+                            Ok(pcm) => {
+                                engines.greetings.put(key, Arc::new(pcm.clone()));
+                                let _ = tx.send(Work::Greeting(pcm));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "greeting synthesis failed"),
+                        }
+                    });
+                }
+            }
         }
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
