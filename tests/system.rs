@@ -55,6 +55,15 @@ async fn openapi_lists_every_route() {
         "GET /ready",
         "GET /metrics",
         "GET /api/openapi",
+        "GET /api/voice-agent/agents",
+        "POST /api/voice-agent/agents",
+        "GET /api/voice-agent/agents/{id}",
+        "PATCH /api/voice-agent/agents/{id}",
+        "DELETE /api/voice-agent/agents/{id}",
+        "POST /api/voice-agent/calls/outbound",
+        "GET /api/voice-agent/calls",
+        "GET /api/voice-agent/calls/{id}",
+        "POST /api/voice-agent/calls/{id}/hangup",
     ]
     .into_iter()
     .map(String::from)

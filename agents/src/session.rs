@@ -58,6 +58,9 @@ pub struct AgentConfig {
     /// Phrases that end the call once the agent has said them.
     pub end_call_phrases: Vec<String>,
     pub turn: TurnConfig,
+    /// Sampling seed of the local LLM: random per session when `None`; a
+    /// fixed one makes a conversation reproducible (tests, debugging).
+    pub seed: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +76,7 @@ impl Default for AgentConfig {
             max_duration: None,
             end_call_phrases: Vec::new(),
             turn: TurnConfig::default(),
+            seed: None,
         }
     }
 }
@@ -279,7 +283,7 @@ impl Core {
             };
             history.push(ChatMessage::new(Role::System, prompt));
         }
-        let local = local.map(|llm| Arc::new(Mutex::new(llm.conversation(rand_seed()))));
+        let local = local.map(|llm| Arc::new(Mutex::new(llm.conversation(config.seed.unwrap_or_else(rand_seed)))));
         Ok(Core {
             vad: engines.vad_stream(),
             engines,

@@ -10,8 +10,13 @@ use voxgate_agents::{AgentConfig, AgentEvent, Speaker, Transcript, FRAME};
 const PROMPT: &str = "You are the receptionist of Luigi's, an Italian restaurant. We are open every day from nine in the morning to ten at night. Always answer in English, in one short sentence.";
 const GREETING: &str = "Hello, thank you for calling Luigi's restaurant. We are open every day from nine in the morning until ten at night. How can I help you today?";
 
+/// A fixed sampling seed: the 135M model sometimes drifts into another
+/// language, which Whisper tiny.en cannot hear back; a fixed seed keeps
+/// these tests about the pipeline, not about the model's luck.
+const SEED: u64 = 7;
+
 fn config() -> AgentConfig {
-    AgentConfig { system_prompt: PROMPT.into(), greeting: GREETING.into(), ..AgentConfig::default() }
+    AgentConfig { system_prompt: PROMPT.into(), greeting: GREETING.into(), seed: Some(SEED), ..AgentConfig::default() }
 }
 
 fn is_final(e: &AgentEvent, who: Speaker) -> Option<&Transcript> {

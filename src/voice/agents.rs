@@ -185,30 +185,34 @@ fn from_row(row: &AnyRow) -> Result<Agent> {
     })
 }
 
-fn phrases_json(f: &AgentFields) -> Result<String> {
-    serde_json::to_string(&f.end_call_phrases).map_err(|e| Error::Internal(e.into()))
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds the agent's fields as `$1`-`$9`, in the order both the insert and
+/// the update name them.
+fn bind_fields<'q>(q: AnyQuery<'q>, f: &'q AgentFields) -> Result<AnyQuery<'q>> {
+    let phrases = serde_json::to_string(&f.end_call_phrases).map_err(|e| Error::Internal(e.into()))?;
+    Ok(q.bind(&f.name)
+        .bind(&f.system_prompt)
+        .bind(&f.greeting)
+        .bind(&f.tts_model)
+        .bind(&f.llm_model)
+        .bind(&f.voice)
+        .bind(f.language.as_deref().unwrap_or("en"))
+        .bind(f.max_duration_seconds.map(i64::from))
+        .bind(phrases))
 }
 
 pub async fn create(db: &Db, account: AccountId, f: AgentFields) -> Result<Agent> {
     let id = AgentId::new();
     let now = now_ms();
-    sqlx::query(
-        "INSERT INTO agents (id, account_id, name, system_prompt, greeting, tts_model, llm_model, voice, language, \
-         max_duration_secs, end_call_phrases, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
-    )
+    bind_fields(sqlx::query(
+        "INSERT INTO agents (name, system_prompt, greeting, tts_model, llm_model, voice, language, max_duration_secs, \
+         end_call_phrases, created_at, updated_at, id, account_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12)",
+    ), &f)?
+    .bind(now)
     .bind(id.to_string())
     .bind(account.to_string())
-    .bind(&f.name)
-    .bind(&f.system_prompt)
-    .bind(&f.greeting)
-    .bind(&f.tts_model)
-    .bind(&f.llm_model)
-    .bind(&f.voice)
-    .bind(f.language.as_deref().unwrap_or("en"))
-    .bind(f.max_duration_seconds.map(i64::from))
-    .bind(phrases_json(&f)?)
-    .bind(now)
     .execute(&db.pool)
     .await?;
     get(db, account, id).await
@@ -239,20 +243,11 @@ pub async fn list(db: &Db, account: AccountId) -> Result<Vec<Agent>> {
 }
 
 pub async fn update(db: &Db, account: AccountId, id: AgentId, f: AgentFields) -> Result<Agent> {
-    let updated = sqlx::query(
+    let updated = bind_fields(sqlx::query(
         "UPDATE agents SET name = $1, system_prompt = $2, greeting = $3, tts_model = $4, llm_model = $5, voice = $6, \
          language = $7, max_duration_secs = $8, end_call_phrases = $9, updated_at = $10 \
          WHERE id = $11 AND account_id = $12 AND deleted_at IS NULL",
-    )
-    .bind(&f.name)
-    .bind(&f.system_prompt)
-    .bind(&f.greeting)
-    .bind(&f.tts_model)
-    .bind(&f.llm_model)
-    .bind(&f.voice)
-    .bind(f.language.as_deref().unwrap_or("en"))
-    .bind(f.max_duration_seconds.map(i64::from))
-    .bind(phrases_json(&f)?)
+    ), &f)?
     .bind(now_ms())
     .bind(id.to_string())
     .bind(account.to_string())
