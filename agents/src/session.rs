@@ -38,6 +38,8 @@ const PARTIAL_MIN_MS: usize = 800;
 /// Silence kept after the last voiced frame for the final transcription:
 /// Whisper places the last word better with a little room after it.
 const TAIL_SAMPLES: usize = 16 * 200;
+/// Trailing audio given to a partial decode after the last voiced frame.
+const PARTIAL_TAIL_SAMPLES: usize = 16 * 100;
 /// A frame this loud (about -36 dBFS) over the agent pauses it before the
 /// VAD has decided; the pause lifts after this many frames without speech.
 const ONSET_RMS: f32 = 500.0;
@@ -200,7 +202,8 @@ enum Work {
     Closing { text: String, pcm: Vec<i16> },
     FirstToken { reply: u64, ms: u32 },
     Piece { reply: u64, text: String, pcm: Vec<i16>, tts_ms: u32 },
-    Done { reply: u64, text: String },
+    /// `end_call`: the model asked to hang up after this reply.
+    Done { reply: u64, text: String, end_call: bool },
 }
 
 /// The latest partial transcript: of which utterance, up to which sample.
@@ -507,7 +510,11 @@ impl Core {
         if self.partial_busy || u.pcm.len() < u.partial_len + PARTIAL_EVERY_MS as usize * 16 || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
             return;
         }
-        let audio = to_f32(&u.pcm[..u.voiced_end.max(u.partial_len)]);
+        // Up to 100 ms past the last voiced frame when it has arrived: a
+        // window cut right at the end of speech clips the last phoneme, and
+        // the decode of a sentence's end changes with where the cut falls.
+        let end = (u.voiced_end + PARTIAL_TAIL_SAMPLES).min(u.pcm.len()).max(u.partial_len.min(u.pcm.len()));
+        let audio = to_f32(&u.pcm[..end]);
         let covered = u.voiced_end;
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         let job = move || {
@@ -740,10 +747,13 @@ impl Core {
                     self.queue.extend(pcm);
                 }
             }
-            Work::Done { reply, text } => {
+            Work::Done { reply, text, end_call } => {
                 if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
                     r.done = true;
                     let lower = text.to_lowercase();
+                    if end_call {
+                        self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
+                    }
                     if self.config.end_call_phrases.iter().any(|p| !p.trim().is_empty() && lower.contains(&p.trim().to_lowercase())) {
                         self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
                     }
@@ -854,22 +864,25 @@ impl ReplyJob {
             spoken
         };
         let (result, spoken) = tokio::join!(generation, speak);
-        let text = match result {
-            Ok(text) => text,
+        let (text, end_call) = match result {
+            Ok(reply) => reply,
             Err(e) => {
                 tracing::warn!(error = %e, "language model failed; saying the fallback line");
                 let line = self.engines.config.fallback_line.clone();
                 if !self.cancel.is_cancelled() {
                     self.speak(&line).await;
                 }
-                line
+                (line, false)
             }
         };
         let _ = spoken;
-        let _ = self.tx.send(Work::Done { reply: self.id, text });
+        let _ = self.tx.send(Work::Done { reply: self.id, text, end_call });
     }
 
-    async fn generate(&self, out: mpsc::Sender<String>) -> Result<String, AgentError> {
+    /// The reply's text, and whether the model asked to end the call (only
+    /// remote models get the `end_call` tool; the local 135M model cannot
+    /// call tools reliably and ends calls through end-call phrases).
+    async fn generate(&self, out: mpsc::Sender<String>) -> Result<(String, bool), AgentError> {
         match (&self.local, &self.engines.llm) {
             (Some(conv), Some(llm)) => {
                 let (conv, llm, messages, cancel) = (conv.clone(), llm.clone(), self.messages.clone(), self.cancel.clone());
@@ -882,6 +895,7 @@ impl ReplyJob {
                         })
                     })
                     .await?
+                    .map(|text| (text, false))
             }
             _ => {
                 let remote = self
@@ -890,7 +904,8 @@ impl ReplyJob {
                     .iter()
                     .find(|r| r.serves(&self.config.llm_model))
                     .ok_or_else(|| AgentError::Unavailable(format!("llmModel '{}' is not configured", self.config.llm_model)))?;
-                remote.generate(&self.config.llm_model, &self.messages, &out, &self.cancel).await
+                let reply = remote.generate(&self.config.llm_model, &self.messages, &out, &self.cancel).await?;
+                Ok((reply.text, reply.end_call))
             }
         }
     }

@@ -47,7 +47,18 @@ async fn chat_server() -> SocketAddr {
         let parts = ["We are open", " from nine", " to five.", " See you", " soon!"];
         Ok(sse(parts.iter().map(|p| delta(p)).collect(), fail.then_some(2)))
     }
+    /// Says goodbye, then calls the `end_call` tool it was offered.
+    async fn goodbye(body: Json<serde_json::Value>) -> Result<Response, StatusCode> {
+        if body["tools"][0]["function"]["name"] != "end_call" {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        let call = serde_json::json!({ "choices": [{ "index": 0, "delta": { "tool_calls": [
+            { "index": 0, "id": "call_1", "type": "function", "function": { "name": "end_call", "arguments": "{}" } }
+        ] } }] });
+        Ok(sse(vec![delta("Goodbye, have a nice day!"), call.to_string()], None))
+    }
     let app = Router::new()
+        .route("/goodbye/v1/chat/completions", post(goodbye))
         .route("/ok/v1/chat/completions", post(|h: HeaderMap, b: Json<serde_json::Value>| chat(false, h, b)))
         .route("/broken/v1/chat/completions", post(|h: HeaderMap, b: Json<serde_json::Value>| chat(true, h, b)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -57,7 +68,7 @@ async fn chat_server() -> SocketAddr {
 }
 
 fn remote(addr: SocketAddr, path: &str) -> RemoteLlmConfig {
-    RemoteLlmConfig { models: vec!["remote-model".into()], base_url: format!("http://{addr}/{path}/v1"), api_key: Some("sk-test".into()), timeout_secs: 5 }
+    RemoteLlmConfig { models: vec!["remote-model".into()], base_url: format!("http://{addr}/{path}/v1"), api_key: Some("sk-test".into()), timeout_secs: 5, hangup_tool: true }
 }
 
 #[tokio::test]
@@ -66,7 +77,8 @@ async fn openai_compatible_stream_is_read_to_done() {
     let llm = RemoteLlm::new(remote(addr, "ok"), reqwest::Client::new());
     let (tx, mut rx) = mpsc::channel(16);
     let reply = llm.generate("remote-model", &[ChatMessage::new(Role::User, "hours?")], &tx, &CancellationToken::new()).await.unwrap();
-    assert_eq!(reply, "We are open from nine to five. See you soon!");
+    assert_eq!(reply.text, "We are open from nine to five. See you soon!");
+    assert!(!reply.end_call);
     drop(tx);
     let mut pieces = Vec::new();
     while let Some(p) = rx.recv().await {
@@ -103,6 +115,22 @@ async fn when_the_remote_llm_fails_mid_stream_the_agent_says_the_fallback_line_a
         assert_eq!(t.text, fallback, "turn {turn}: {:?}", caller.summary());
         caller.log.clear();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_model_that_calls_end_call_hangs_up_after_its_goodbye() {
+    let addr = chat_server().await;
+    let engines = common::engines_with(EnginesConfig { remote_llms: vec![remote(addr, "goodbye")], ..EnginesConfig::default() });
+    let config = AgentConfig { llm_model: "remote-model".into(), tts_model: ESPEAK.into(), system_prompt: "Be brief.".into(), ..AgentConfig::default() };
+    let mut caller = Caller::answer(engines, config).await;
+    caller.push(&speak("That is all, thank you.")).await;
+    let at = caller.silence_until(30_000, |e| matches!(e, AgentEvent::Hangup(_))).await;
+    assert_eq!(caller.log[at].1, AgentEvent::Hangup(voxgate_agents::HangupReason::AgentEnded));
+    let said = caller.log[..at].iter().rev().find_map(|(_, e)| match e {
+        AgentEvent::Transcript(t) if t.speaker == Speaker::Agent && t.is_final => Some(t.text.clone()),
+        _ => None,
+    });
+    assert_eq!(said.as_deref(), Some("Goodbye, have a nice day!"), "the goodbye was spoken in full before the hang-up");
 }
 
 /// An ElevenLabs-style endpoint: checks the key header, the model and the

@@ -9,7 +9,7 @@ mod tokenizer;
 
 pub use chat::{ChatMessage, Role};
 pub use local::{LocalConversation, LocalLlm};
-pub use remote::{RemoteLlm, RemoteLlmConfig};
+pub use remote::{RemoteLlm, RemoteLlmConfig, RemoteReply};
 
 /// How many tokens an agent reply may have: a spoken turn is short, and a
 /// bound keeps a runaway generation from holding the pool.

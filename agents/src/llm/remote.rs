@@ -26,7 +26,36 @@ pub struct RemoteLlmConfig {
     /// Seconds to wait for the first byte of a reply.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Offer the model an `end_call` tool (OpenAI function calling) so it
+    /// can hang up; turn off for servers that refuse `tools`.
+    #[serde(default = "default_hangup_tool")]
+    pub hangup_tool: bool,
 }
+
+fn default_hangup_tool() -> bool {
+    true
+}
+
+/// What a remote model answered: its text, and whether it called `end_call`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteReply {
+    pub text: String,
+    pub end_call: bool,
+}
+
+/// The tool offered to remote models to end the call.
+fn end_call_tool() -> serde_json::Value {
+    serde_json::json!({
+        "type": "function",
+        "function": {
+            "name": END_CALL,
+            "description": "Hang up the phone call. Use it after saying goodbye, when the conversation is over or the caller asks to end the call.",
+            "parameters": { "type": "object", "properties": {} }
+        }
+    })
+}
+
+const END_CALL: &str = "end_call";
 
 fn default_timeout() -> u64 {
     10
@@ -53,6 +82,20 @@ struct Choice {
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<ToolCallDelta>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
 }
 
 impl RemoteLlm {
@@ -69,11 +112,15 @@ impl RemoteLlm {
     }
 
     /// Streams the reply to `messages` into `out` as text deltas; returns the
-    /// whole reply. An HTTP error, a malformed event or a stream that ends
-    /// without `[DONE]` is an error (the text already sent stays sent).
-    pub async fn generate(&self, model: &str, messages: &[ChatMessage], out: &mpsc::Sender<String>, cancel: &CancellationToken) -> Result<String, AgentError> {
+    /// whole reply, and whether the model called `end_call`. An HTTP error,
+    /// a malformed event or a stream that ends without `[DONE]` is an error
+    /// (the text already sent stays sent).
+    pub async fn generate(&self, model: &str, messages: &[ChatMessage], out: &mpsc::Sender<String>, cancel: &CancellationToken) -> Result<RemoteReply, AgentError> {
         let url = format!("{}/chat/completions", self.config.base_url.trim_end_matches('/'));
-        let body = serde_json::json!({ "model": model, "messages": messages, "stream": true, "max_tokens": MAX_REPLY_TOKENS });
+        let mut body = serde_json::json!({ "model": model, "messages": messages, "stream": true, "max_tokens": MAX_REPLY_TOKENS });
+        if self.config.hangup_tool {
+            body["tools"] = serde_json::json!([end_call_tool()]);
+        }
         let mut req = self.http.post(&url).json(&body).timeout(Duration::from_secs(self.config.timeout_secs.max(1) * 6));
         if let Some(key) = &self.config.api_key {
             req = req.bearer_auth(key);
@@ -81,7 +128,7 @@ impl RemoteLlm {
         let first = tokio::time::timeout(Duration::from_secs(self.config.timeout_secs.max(1)), req.send());
         let resp = tokio::select! {
             r = first => r.map_err(|_| AgentError::Remote(format!("{model}: no response within {} s", self.config.timeout_secs)))?,
-            _ = cancel.cancelled() => return Ok(String::new()),
+            _ = cancel.cancelled() => return Ok(RemoteReply::default()),
         }
         .map_err(|e| AgentError::Remote(format!("{model}: {e}")))?;
         if !resp.status().is_success() {
@@ -89,7 +136,7 @@ impl RemoteLlm {
         }
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
-        let mut reply = String::new();
+        let mut reply = RemoteReply::default();
         loop {
             let chunk = tokio::select! {
                 c = stream.next() => c,
@@ -108,8 +155,12 @@ impl RemoteLlm {
                     return Ok(reply);
                 }
                 let chunk: Chunk = serde_json::from_str(data).map_err(|e| AgentError::Remote(format!("{model}: bad event: {e}")))?;
-                if let Some(text) = chunk.choices.into_iter().next().and_then(|c| c.delta.content).filter(|t| !t.is_empty()) {
-                    reply.push_str(&text);
+                let Some(delta) = chunk.choices.into_iter().next().map(|c| c.delta) else { continue };
+                if delta.tool_calls.iter().any(|t| t.function.as_ref().and_then(|f| f.name.as_deref()) == Some(END_CALL)) {
+                    reply.end_call = true;
+                }
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    reply.text.push_str(&text);
                     if out.send(text).await.is_err() {
                         return Ok(reply);
                     }
