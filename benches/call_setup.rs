@@ -4,13 +4,13 @@
 //!   timestamps, same clock as the request's), and
 //! - answer -> first greeting packet on the wire (voxgate's own measure at
 //!   its RTP socket, `latency.answerToGreetingMs` of each call).
+//!
 //! SIPp answers at once (180 and 200 back to back), so the greeting's
 //! synthesis is not hidden behind ringing: the worst case.
 //!
 //! `cargo bench --bench call_setup -- [calls]` (default 20).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
