@@ -243,33 +243,27 @@ pub async fn list(db: &Db, account: AccountId) -> Result<Vec<Agent>> {
 }
 
 pub async fn update(db: &Db, account: AccountId, id: AgentId, f: AgentFields) -> Result<Agent> {
-    let updated = bind_fields(sqlx::query(
+    let update = bind_fields(sqlx::query(
         "UPDATE agents SET name = $1, system_prompt = $2, greeting = $3, tts_model = $4, llm_model = $5, voice = $6, \
          language = $7, max_duration_secs = $8, end_call_phrases = $9, updated_at = $10 \
          WHERE id = $11 AND account_id = $12 AND deleted_at IS NULL",
-    ), &f)?
-    .bind(now_ms())
-    .bind(id.to_string())
-    .bind(account.to_string())
-    .execute(&db.pool)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        return Err(Error::not_found("agent"));
-    }
+    ), &f)?;
+    change_live_agent(db, update, account, id).await?;
     get(db, account, id).await
 }
 
 /// Deletes the agent for new calls; its past calls keep pointing at it.
 pub async fn delete(db: &Db, account: AccountId, id: AgentId) -> Result<()> {
-    let deleted = sqlx::query("UPDATE agents SET deleted_at = $1 WHERE id = $2 AND account_id = $3 AND deleted_at IS NULL")
-        .bind(now_ms())
-        .bind(id.to_string())
-        .bind(account.to_string())
-        .execute(&db.pool)
-        .await?
-        .rows_affected();
-    if deleted == 0 {
+    let delete = sqlx::query("UPDATE agents SET deleted_at = $1 WHERE id = $2 AND account_id = $3 AND deleted_at IS NULL");
+    change_live_agent(db, delete, account, id).await?;
+    Ok(())
+}
+
+/// Runs a change whose last parameters are (now, agent id, account id);
+/// 404 when no live agent of the account matched.
+async fn change_live_agent(db: &Db, q: AnyQuery<'_>, account: AccountId, id: AgentId) -> Result<()> {
+    let changed = q.bind(now_ms()).bind(id.to_string()).bind(account.to_string()).execute(&db.pool).await?.rows_affected();
+    if changed == 0 {
         return Err(Error::not_found("agent"));
     }
     Ok(())
