@@ -421,26 +421,18 @@ pub async fn sync_billing(db: &Db, id: CallId) -> Result<()> {
     Ok(())
 }
 
-/// The account and owner node of a call, for the webhook of an update.
-pub async fn owner(db: &Db, id: CallId) -> Result<AccountId> {
-    let account: Option<String> = sqlx::query_scalar("SELECT account_id FROM calls WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_optional(&db.pool)
-        .await?;
-    account.ok_or_else(|| Error::not_found("call"))?.parse()
-}
-
 /// Calls of `node_id` that never ended: the process died with them. Each is
 /// closed as failed (`node-lost`) with the minutes already debited and no
-/// more; returns their ids (for the `call.ended` webhooks).
-pub async fn close_lost(db: &Db, node_id: &str) -> Result<Vec<CallId>> {
-    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM calls WHERE node_id = $1 AND ended_at IS NULL")
+/// more; returns them with their accounts (for the `call.ended` webhooks).
+pub async fn close_lost(db: &Db, node_id: &str) -> Result<Vec<(CallId, AccountId)>> {
+    let rows = sqlx::query("SELECT id, account_id FROM calls WHERE node_id = $1 AND ended_at IS NULL")
         .bind(node_id)
         .fetch_all(&db.pool)
         .await?;
     let mut closed = Vec::new();
-    for id in ids {
-        let id: CallId = id.parse()?;
+    for row in rows {
+        let id: CallId = row.try_get::<String, _>("id")?.parse()?;
+        let account: AccountId = row.try_get::<String, _>("account_id")?.parse()?;
         let settlement = Settlement {
             status: "failed".into(),
             reason: "node-lost".into(),
@@ -451,7 +443,7 @@ pub async fn close_lost(db: &Db, node_id: &str) -> Result<Vec<CallId>> {
             latency: Latency::default(),
         };
         if apply(db, id, &CallUpdate::Ended(settlement)).await? {
-            closed.push(id);
+            closed.push((id, account));
         }
     }
     Ok(closed)

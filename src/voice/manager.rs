@@ -122,9 +122,9 @@ impl CallManager {
     pub async fn start(db: Db, config: CallsConfig, node_id: String, deps: Dependencies) -> Result<(CallManager, JoinHandle<()>)> {
         let Dependencies { trunks, sip, engines, webhooks, metrics } = deps;
         let (writer, writer_task) = writer::start(db.clone(), webhooks);
-        for id in calls::close_lost(&db, &node_id).await? {
+        for (id, account) in calls::close_lost(&db, &node_id).await? {
             tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
-            writer.ended_elsewhere(id);
+            writer.ended_elsewhere(id, account);
         }
         let slots = Arc::new(Semaphore::new(config.max_concurrent));
         let inner = Inner {
@@ -207,12 +207,12 @@ impl CallManager {
             id,
             account: call.account,
             dial: Dial { trunk: call.trunk, number: call.to.to_string() },
-            session: Session::start(engines, agent_config),
             commands: commands_rx,
             slot,
         };
+        let session = Session::start(engines, agent_config);
         let span = tracing::info_span!("call", call_id = %id, account_id = %call.account);
-        inner.tracker.spawn(run.run().instrument(span));
+        inner.tracker.spawn(run.run(session).instrument(span));
         Ok(Placed::New { id, quota })
     }
 
@@ -256,7 +256,6 @@ struct CallRun {
     id: CallId,
     account: AccountId,
     dial: Dial,
-    session: std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>,
     commands: mpsc::Receiver<Ending>,
     slot: OwnedSemaphorePermit,
 }
@@ -292,9 +291,20 @@ impl Billing {
     }
 }
 
+type SessionStart = std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>;
+
+/// Sleeps until `at`, or forever when there is no deadline (a `select!` arm
+/// that is off).
+async fn sleep_until_some(at: Option<TokioInstant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl CallRun {
-    async fn run(mut self) {
-        let settlement = self.converse().await;
+    async fn run(mut self, session: SessionStart) {
+        let settlement = self.converse(session).await;
         let inner = self.inner.clone();
         let m = &inner.metrics;
         m.calls_active.dec();
@@ -305,7 +315,7 @@ impl CallRun {
         if let Some(ms) = settlement.latency.answer_to_greeting_ms {
             m.answer_to_greeting.observe(f64::from(ms) / 1000.0);
         }
-        inner.writer.send(self.id, CallUpdate::Ended(settlement));
+        inner.writer.send(self.id, self.account, CallUpdate::Ended(settlement));
         if let Ok(mut active) = inner.active.lock() {
             active.remove(&self.id);
         }
@@ -324,8 +334,8 @@ impl CallRun {
         }
     }
 
-    async fn converse(&mut self) -> Settlement {
-        let (session, mut agent_events) = match std::mem::replace(&mut self.session, Err(voxgate_agents::AgentError::Closed)) {
+    async fn converse(&mut self, session: SessionStart) -> Settlement {
+        let (session, mut agent_events) = match session {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "agent session did not start");
@@ -340,7 +350,8 @@ impl CallRun {
             }
         };
         tracing::info!(sip_call_id = %call.call_id, to = %self.dial.number, "INVITE sent");
-        self.inner.writer.send(self.id, CallUpdate::Dialing { sip_call_id: call.call_id.clone() });
+        let writer = &self.inner.writer;
+        writer.send(self.id, self.account, CallUpdate::Dialing { sip_call_id: call.call_id.clone() });
 
         let mut transcript: Vec<TranscriptLine> = Vec::new();
         let mut latency = Latency::default();
@@ -355,30 +366,20 @@ impl CallRun {
                 Some(b) if b.pending.is_none() && ending.is_none() => Some(if b.checked { b.next_minute_at() } else { b.check_at() }),
                 _ => None,
             };
-            let billing_timer = async {
-                match billing_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let billing_timer = sleep_until_some(billing_at);
             let billing_done = async {
                 match billing.as_mut().and_then(|b| b.pending.as_mut()) {
                     Some(handle) => handle.await.unwrap_or(BillingResult::Unavailable),
                     None => std::future::pending().await,
                 }
             };
-            let bye_timer = async {
-                match bye_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let bye_timer = sleep_until_some(bye_at);
             tokio::select! {
                 ev = call.events.recv() => match ev {
-                    Some(CallEvent::Ringing { .. }) => self.inner.writer.send(self.id, CallUpdate::Ringing { at: now_ms() }),
+                    Some(CallEvent::Ringing { .. }) => writer.send(self.id, self.account, CallUpdate::Ringing { at: now_ms() }),
                     Some(CallEvent::Answered { at }) => {
                         answered_at = Some(at);
-                        self.inner.writer.send(self.id, CallUpdate::Answered { at: now_ms() });
+                        writer.send(self.id, self.account, CallUpdate::Answered { at: now_ms() });
                         session.answered().await;
                         let mut b = Billing { answered: TokioInstant::from_std(at), minute, paid: 0, checked: true, pending: None };
                         b.pending = Some(self.debit(1));
@@ -459,12 +460,11 @@ impl CallRun {
                         BillingResult::BalanceLow | BillingResult::Refused | BillingResult::Unavailable => {
                             let why = if matches!(result, BillingResult::Unavailable) { Ending::BillingUnavailable } else { Ending::InsufficientCredits };
                             tracing::info!(reason = why.as_str(), minutes = b.paid, "closing the call");
+                            ending.get_or_insert(why);
                             if b.paid == 0 {
                                 // Not even the first minute: no conversation.
-                                ending.get_or_insert(why);
                                 call.hangup().await;
                             } else {
-                                ending.get_or_insert(why);
                                 session.close_with(&self.inner.config.closing_line).await;
                                 bye_at = Some(TokioInstant::now() + CLOSING_LIMIT);
                             }

@@ -10,13 +10,13 @@ use tokio::task::JoinHandle;
 
 use super::calls::{self, CallUpdate};
 use crate::db::Db;
-use crate::domain::CallId;
+use crate::domain::{AccountId, CallId};
 use crate::webhooks::Webhooks;
 
 enum Message {
-    Update(CallId, CallUpdate),
+    Update(CallId, AccountId, CallUpdate),
     /// A call that another path already settled: only its webhook is due.
-    EndedElsewhere(CallId),
+    EndedElsewhere(CallId, AccountId),
 }
 
 #[derive(Clone)]
@@ -33,14 +33,14 @@ pub fn start(db: Db, webhooks: Webhooks) -> (CallWriter, JoinHandle<()>) {
 }
 
 impl CallWriter {
-    pub fn send(&self, id: CallId, update: CallUpdate) {
-        if self.tx.send(Message::Update(id, update)).is_err() {
+    pub fn send(&self, id: CallId, account: AccountId, update: CallUpdate) {
+        if self.tx.send(Message::Update(id, account, update)).is_err() {
             tracing::error!(call_id = %id, "call writer is gone; update lost");
         }
     }
 
-    pub fn ended_elsewhere(&self, id: CallId) {
-        let _ = self.tx.send(Message::EndedElsewhere(id));
+    pub fn ended_elsewhere(&self, id: CallId, account: AccountId) {
+        let _ = self.tx.send(Message::EndedElsewhere(id, account));
     }
 
     /// Lets the writer finish what is queued and stop.
@@ -58,7 +58,7 @@ async fn run(db: Db, webhooks: Webhooks, mut rx: mpsc::UnboundedReceiver<Message
         };
         let Some(message) = message else { break };
         match message {
-            Message::Update(id, update) => {
+            Message::Update(id, account, update) => {
                 if apply_with_retry(&db, id, &update).await {
                     let event = match update {
                         CallUpdate::Dialing { .. } => None,
@@ -67,11 +67,11 @@ async fn run(db: Db, webhooks: Webhooks, mut rx: mpsc::UnboundedReceiver<Message
                         CallUpdate::Ended(_) => Some("call.ended"),
                     };
                     if let Some(event) = event {
-                        notify(&db, &webhooks, id, event).await;
+                        notify(&db, &webhooks, id, account, event).await;
                     }
                 }
             }
-            Message::EndedElsewhere(id) => notify(&db, &webhooks, id, "call.ended").await,
+            Message::EndedElsewhere(id, account) => notify(&db, &webhooks, id, account, "call.ended").await,
         }
     }
 }
@@ -93,9 +93,8 @@ async fn apply_with_retry(db: &Db, id: CallId, update: &CallUpdate) -> bool {
 }
 
 /// Queues `event` with the call as it now stands.
-async fn notify(db: &Db, webhooks: &Webhooks, id: CallId, event: &str) {
+async fn notify(db: &Db, webhooks: &Webhooks, id: CallId, account: AccountId, event: &str) {
     let result = async {
-        let account = calls::owner(db, id).await?;
         let record = calls::get(db, account, id).await?;
         let data = serde_json::to_value(&record).map_err(|e| crate::Error::Internal(e.into()))?;
         webhooks.enqueue(account, event, data).await
