@@ -350,3 +350,37 @@ async fn an_inbound_session_timer_is_granted_refreshes_extend_it_and_silence_end
     assert!(sipp.wait(Duration::from_secs(10)), "SIPp saw Session-Expires granted, its UPDATE answered and our BYE");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_calls_ring_before_they_are_answered_and_a_wildcard_takes_any_number() {
+    let cancel = CancellationToken::new();
+    let uas_config = voxgate_sip::SipConfig { inbound_ring_ms: 400, ..inbound_config("*") };
+    let (uas, mut inbound) = SipAgent::start(uas_config, cancel.clone()).await.unwrap();
+    let mut uac_config = inbound_config("none");
+    uac_config.trunks = vec![voxgate_sip::Trunk {
+        name: "uas".into(),
+        host: "127.0.0.1".into(),
+        port: uas.local_addr().port(),
+        transport: Default::default(),
+        username: None,
+        password: None,
+        from_user: None,
+        outbound_proxy: None,
+    }];
+    let (uac, _) = SipAgent::start(uac_config, cancel.clone()).await.unwrap();
+    let mut call = uac.dial(Dial { trunk: None, number: "+442079460123".into() }).await.unwrap();
+    let mut incoming = tokio::time::timeout(Duration::from_secs(5), inbound.recv()).await.expect("INVITE arrived").unwrap();
+    assert_eq!(incoming.to, "+442079460123");
+
+    let CallEvent::Ringing { code: 180, at: rang } = next_event(&mut call).await else { panic!("180 first") };
+    let CallEvent::Answered { at: answered } = next_event(&mut call).await else { panic!("then 200") };
+    let rang_for = answered - rang;
+    assert!(rang_for >= Duration::from_millis(350) && rang_for < Duration::from_secs(3), "rang for {rang_for:?}");
+    assert!(matches!(next_event(&mut incoming.call).await, CallEvent::Ringing { code: 180, .. }));
+    assert!(matches!(next_event(&mut incoming.call).await, CallEvent::Answered { .. }));
+
+    call.hangup().await;
+    let outcome = incoming.call.ended().await.unwrap();
+    assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::RemoteHangup));
+    cancel.cancel();
+}

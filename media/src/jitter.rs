@@ -54,6 +54,8 @@ pub struct JitterStats {
     pub received: u64,
     pub played: u64,
     pub duplicates: u64,
+    /// Arrived with a lower sequence number than one already received.
+    pub out_of_order: u64,
     /// Arrived after their playout time and were dropped.
     pub late: u64,
     /// Ticks that had no frame while playing (concealed).
@@ -140,6 +142,9 @@ impl<T> JitterBuffer<T> {
     pub fn push(&mut self, seq: u16, timestamp: u32, arrival: Instant, payload: T) {
         let ext = self.extend(seq);
         self.update_jitter(arrival, timestamp);
+        if self.highest.is_some_and(|h| ext < h) {
+            self.stats.out_of_order += 1;
+        }
         if self.next.is_some_and(|next| ext < next) {
             self.stats.late += 1;
             return;
@@ -339,7 +344,7 @@ mod tests {
         assert_eq!(out[0], Playout::Frame(0), "20 ms minimum delay: the first tick plays");
         assert_eq!(frames(&out), (0..50).collect::<Vec<_>>());
         let s = jb.stats();
-        assert_eq!((s.lost, s.late, s.duplicates), (0, 0, 0));
+        assert_eq!((s.lost, s.late, s.duplicates, s.out_of_order), (0, 0, 0, 0));
         assert!(s.jitter_ms < 0.5, "{s:?}");
         assert_eq!(s.target_delay_ms, 20);
     }
@@ -362,6 +367,7 @@ mod tests {
         assert_eq!(&out[..6], &[Playout::Frame(0), Playout::Frame(1), Playout::Frame(2), Playout::Lost, Playout::Frame(4), Playout::Frame(5)]);
         let s = jb.stats();
         assert_eq!((s.concealed, s.late, s.lost), (1 + 2, 1, 1), "{s:?}");
+        assert_eq!(s.out_of_order, 1, "packet 3 came after 5");
     }
 
     #[test]

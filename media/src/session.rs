@@ -88,6 +88,9 @@ pub enum MediaEvent {
     Timeout,
     /// The first packet of agent audio left after a quiet period.
     PlayoutStarted { at: Instant },
+    /// The last packet of queued audio left: the queue ran dry (a flush
+    /// ends a spurt without this event).
+    PlayoutEnded { at: Instant },
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -617,6 +620,9 @@ impl Leg {
             }
             let ts = self.ts;
             self.send_packet(dest, payload_type, marker, ts, Bytes::from(payload)).await;
+            if speaking && self.outgoing.is_empty() {
+                let _ = self.events.try_send(MediaEvent::PlayoutEnded { at: Instant::now() });
+            }
         }
         self.was_playing = speaking;
         self.ts = self.ts.wrapping_add(samples);
@@ -762,6 +768,22 @@ mod tests {
         assert!(stats.packets_received >= 60, "{stats:?}");
         assert_eq!(stats.remote, Some(a.control.local_addr()));
         assert!(a.control.stats().packets_sent >= 60);
+    }
+
+    #[tokio::test]
+    async fn a_spurt_reports_its_first_and_last_packet() {
+        let (mut a, _b) = pair().await;
+        a.control.play(tone(400)).await;
+        let mut started = None;
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(2), a.events.recv()).await.expect("events").expect("open") {
+                MediaEvent::PlayoutStarted { at } => started = Some(at),
+                MediaEvent::PlayoutEnded { at } => break at,
+                _ => {}
+            }
+        };
+        let spurt = ended - started.expect("start before end");
+        assert!(spurt >= Duration::from_millis(360) && spurt < Duration::from_millis(600), "20 packets of 20 ms took {spurt:?}");
     }
 
     #[tokio::test]

@@ -642,6 +642,23 @@ impl CallTask {
         self.emit(CallEvent::Ended(outcome)).await;
     }
 
+    /// 200 OK with our SDP answer (and session timer) to an inbound INVITE.
+    async fn answer(&mut self, answer: &str, session_timer: &mut Option<SessionTimer>) -> Result<(), Outcome> {
+        let mut headers = sdp_header();
+        if let Some(t) = session_timer.as_mut() {
+            headers.extend(t.answer_headers());
+            t.restart();
+        }
+        if let Err(e) = self.dialog.accept(Some(headers), Some(answer.as_bytes().to_vec())) {
+            tracing::warn!(call_id = %self.call_id, error = %e, "could not answer");
+            return Err(self.outcome(CallStatus::Failed, EndReason::TransportError, None));
+        }
+        let at = Instant::now();
+        self.answered_at = Some(at);
+        self.emit(CallEvent::Answered { at }).await;
+        Ok(())
+    }
+
     async fn run_inbound(
         mut self,
         mut states: mpsc::UnboundedReceiver<DialogState>,
@@ -650,25 +667,32 @@ impl CallTask {
         mut session_timer: Option<SessionTimer>,
     ) {
         let mut media_check = tokio::time::interval(Duration::from_millis(500));
+        let ring = Duration::from_millis(self.inner.config.inbound_ring_ms);
+        let mut answer_at: Option<tokio::time::Instant> = None;
         let outcome = loop {
             let timer_deadline = SessionTimer::deadline(&session_timer);
             tokio::select! {
+                _ = tokio::time::sleep_until(answer_at.unwrap_or_else(tokio::time::Instant::now)), if answer_at.is_some() && self.answered_at.is_none() => {
+                    answer_at = None;
+                    if let Err(outcome) = self.answer(&answer, &mut session_timer).await {
+                        break outcome;
+                    }
+                }
                 state = states.recv() => {
                     let Some(state) = state else { break self.outcome(CallStatus::Failed, EndReason::TransportError, None) };
                     match state {
-                        DialogState::Calling(_) if self.answered_at.is_none() => {
-                            let mut headers = sdp_header();
-                            if let Some(t) = session_timer.as_mut() {
-                                headers.extend(t.answer_headers());
-                                t.restart();
+                        DialogState::Calling(_) if self.answered_at.is_none() && answer_at.is_none() => {
+                            if ring.is_zero() {
+                                if let Err(outcome) = self.answer(&answer, &mut session_timer).await {
+                                    break outcome;
+                                }
+                            } else {
+                                if let Err(e) = self.dialog.ringing(None, None) {
+                                    tracing::warn!(call_id = %self.call_id, error = %e, "could not send 180");
+                                }
+                                self.emit(CallEvent::Ringing { code: 180, at: Instant::now() }).await;
+                                answer_at = Some(tokio::time::Instant::now() + ring);
                             }
-                            if let Err(e) = self.dialog.accept(Some(headers), Some(answer.clone().into_bytes())) {
-                                tracing::warn!(call_id = %self.call_id, error = %e, "could not answer");
-                                break self.outcome(CallStatus::Failed, EndReason::TransportError, None);
-                            }
-                            let at = Instant::now();
-                            self.answered_at = Some(at);
-                            self.emit(CallEvent::Answered { at }).await;
                         }
                         DialogState::Updated(_, req, handle) => {
                             self.answer_in_dialog(&req, handle).await;
@@ -743,7 +767,7 @@ async fn accept_inbound(inner: Arc<Inner>, mut tx: Transaction, inbound: mpsc::S
     use rsipstack::sip::HeadersExt;
     let to_user = tx.original.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
     let from = tx.original.from_header().map(|h| h.value().to_owned()).unwrap_or_default();
-    if !inner.config.inbound_numbers.iter().any(|n| n == &to_user) {
+    if !inner.config.inbound_numbers.iter().any(|n| n == &to_user || n == "*") {
         tx.reply(StatusCode::NotFound).await?;
         return Err(SipError::Stack(format!("no inbound route for '{to_user}'")));
     }

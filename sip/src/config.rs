@@ -20,7 +20,10 @@ pub struct SipConfig {
     /// No RTP for this long ends an answered call (`media-timeout`).
     pub media_timeout_secs: u64,
     /// Numbers (user parts) inbound INVITEs may call; others get 404.
+    /// `"*"` answers any number.
     pub inbound_numbers: Vec<String>,
+    /// Inbound calls ring (180) this long before they are answered.
+    pub inbound_ring_ms: u64,
     pub trunks: Vec<Trunk>,
 }
 
@@ -34,6 +37,7 @@ impl Default for SipConfig {
             ring_timeout_secs: 30,
             media_timeout_secs: 30,
             inbound_numbers: Vec::new(),
+            inbound_ring_ms: 0,
             trunks: Vec::new(),
         }
     }
