@@ -59,6 +59,10 @@ pub struct CallsConfig {
     pub shutdown_grace_secs: u64,
     /// Load the speech models at start-up instead of at the first agent.
     pub preload_models: bool,
+    /// Load testing of the media engine alone: answered calls send the
+    /// caller's audio straight back instead of running the agent (no models
+    /// are needed). Never for real callers.
+    pub echo: bool,
 }
 
 impl Default for CallsConfig {
@@ -71,6 +75,7 @@ impl Default for CallsConfig {
             closing_line: "I'm sorry, but I have to end the call here. Goodbye.".into(),
             shutdown_grace_secs: 30,
             preload_models: true,
+            echo: false,
         }
     }
 }

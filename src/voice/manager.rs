@@ -168,11 +168,16 @@ impl CallManager {
             }
             _ => {}
         }
-        let engines = inner.engines.get().await?;
-        let agent_config = call.agent.engine_config();
-        engines
-            .check(&agent_config.llm_model, &agent_config.tts_model, &agent_config.language)
-            .map_err(|e| Error::bad_request(e.to_string()))?;
+        let engines = if inner.config.echo {
+            None
+        } else {
+            let engines = inner.engines.get().await?;
+            let agent_config = call.agent.engine_config();
+            engines
+                .check(&agent_config.llm_model, &agent_config.tts_model, &agent_config.language)
+                .map_err(|e| Error::bad_request(e.to_string()))?;
+            Some((engines, agent_config))
+        };
         let slot = inner.slots.clone().try_acquire_owned().map_err(|_| {
             Error::Unavailable(format!("this node is at its limit of {} concurrent calls", inner.config.max_concurrent))
         })?;
@@ -210,7 +215,7 @@ impl CallManager {
             commands: commands_rx,
             slot,
         };
-        let session = Session::start(engines, agent_config);
+        let session = engines.map(|(engines, agent_config)| Session::start(engines, agent_config));
         let span = tracing::info_span!("call", call_id = %id, account_id = %call.account);
         inner.tracker.spawn(run.run(session).instrument(span));
         Ok(Placed::New { id, quota })
@@ -291,7 +296,8 @@ impl Billing {
     }
 }
 
-type SessionStart = std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>;
+/// The agent's session, or `None` when calls echo (`calls.echo`).
+type SessionStart = Option<std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>>;
 
 /// Sleeps until `at`, or forever when there is no deadline (a `select!` arm
 /// that is off).
@@ -335,11 +341,16 @@ impl CallRun {
     }
 
     async fn converse(&mut self, session: SessionStart) -> Settlement {
-        let (session, mut agent_events) = match session {
-            Ok(s) => s,
-            Err(e) => {
+        // Echo calls have no agent: its events channel stays open and silent.
+        let (session, mut agent_events, _no_agent) = match session {
+            Some(Ok((session, events))) => (Some(session), events, None),
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "agent session did not start");
                 return Self::settlement(CallStatus::Failed, "agent-error", None);
+            }
+            None => {
+                let (tx, rx) = mpsc::channel(1);
+                (None, rx, Some(tx))
             }
         };
         let mut call = match self.inner.sip.dial(self.dial.clone()).await {
@@ -380,7 +391,9 @@ impl CallRun {
                     Some(CallEvent::Answered { at }) => {
                         answered_at = Some(at);
                         writer.send(self.id, self.account, CallUpdate::Answered { at: now_ms() });
-                        session.answered().await;
+                        if let Some(session) = &session {
+                            session.answered().await;
+                        }
                         let mut b = Billing { answered: TokioInstant::from_std(at), minute, paid: 0, checked: true, pending: None };
                         b.pending = Some(self.debit(1));
                         billing = Some(b);
@@ -390,9 +403,10 @@ impl CallRun {
                     None => break None,
                 },
                 frame = call.media.incoming.recv() => match frame {
-                    Some(frame) if answered_at.is_some() => {
-                        session.push_audio(frame.pcm, frame.received_at.unwrap_or_else(Instant::now)).await;
-                    }
+                    Some(frame) if answered_at.is_some() => match &session {
+                        Some(session) => session.push_audio(frame.pcm, frame.received_at.unwrap_or_else(Instant::now)).await,
+                        None => call.media.control.play(frame.pcm).await,
+                    },
                     Some(_) => {}
                     None => break None,
                 },
@@ -465,15 +479,22 @@ impl CallRun {
                                 // Not even the first minute: no conversation.
                                 call.hangup().await;
                             } else {
-                                session.close_with(&self.inner.config.closing_line).await;
-                                bye_at = Some(TokioInstant::now() + CLOSING_LIMIT);
+                                match &session {
+                                    Some(session) => {
+                                        session.close_with(&self.inner.config.closing_line).await;
+                                        bye_at = Some(TokioInstant::now() + CLOSING_LIMIT);
+                                    }
+                                    None => call.hangup().await,
+                                }
                             }
                         }
                     }
                 }
             }
         };
-        session.close();
+        if let Some(session) = session {
+            session.close();
+        }
         if let Some(handle) = billing.and_then(|b| b.pending) {
             let _ = handle.await;
         }
