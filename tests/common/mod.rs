@@ -213,6 +213,11 @@ impl TestServer {
         self.http.delete(self.url(path)).bearer_auth(key).send().await.expect("request")
     }
 
+    /// The server's process id (for tools that sample it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn terminate(&mut self, within: Duration) -> bool {
         let Some(child) = self.child.take() else { return false };

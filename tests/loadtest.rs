@@ -1,0 +1,103 @@
+//! `voxgate-loadtest` against a real server: the server's trunk points at
+//! the load tester's SIP address, the tool places calls through the API,
+//! answers them, speaks and listens, and writes its report.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::sipp::free_udp_port;
+use common::voice::{balance, trunk_config};
+use common::{wait_for_exit, TestServer};
+use serde_json::Value;
+
+/// Built beside `voxgate` by `cargo build --workspace` (and by the test runs
+/// of `scripts/test`).
+fn loadtest_bin() -> PathBuf {
+    let bin = Path::new(common::BIN).with_file_name("voxgate-loadtest");
+    assert!(bin.exists(), "{} is missing: build the workspace (cargo build --workspace)", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_concurrent_calls_are_answered_and_each_measured() {
+    let sip_port = free_udp_port();
+    let server = TestServer::start_configured(&trunk_config(sip_port, ""), &[]).await;
+    let (_account, key) = server.account("enterprise", 1000);
+    let (report, out) = run_loadtest(
+        &server,
+        &key,
+        sip_port,
+        &["--calls", "5", "--concurrency", "5", "--cps", "20", "--duration", "90s", "--ring", "200ms", "--utterance", "What are your opening hours?"],
+    );
+    let summary = &report["summary"];
+    assert_eq!(summary["placed"], 5, "{summary}");
+    assert_eq!(summary["answered"], 5, "{summary}");
+    assert_eq!(summary["answer_seizure_ratio"], 100.0);
+    let calls = report["calls"].as_array().expect("calls");
+    for call in calls {
+        let heard = &call["heard"];
+        let latencies = heard["greeting_ms"].as_f64().into_iter().chain(heard["turns"].as_array().expect("turns").iter().filter_map(|t| t["latency_ms"].as_f64()));
+        assert!(latencies.count() >= 1, "a call without a latency sample: {call}");
+        assert!(call["post_dial_delay_ms"].as_f64().is_some_and(|d| d > 0.0), "{call}");
+        assert!(heard["rtp"]["packets_received"].as_u64().is_some_and(|p| p > 50), "{call}");
+    }
+    assert!(summary["metrics"]["voice_to_voice_ms"]["n"].as_u64().is_some_and(|n| n >= 1), "no turn was answered: {summary}");
+    assert!(summary["server"]["rss_mb_peak"].as_f64().is_some_and(|m| m > 10.0), "the server was sampled: {summary}");
+    for file in ["summary.md", "latency_histogram.svg", "latency_cdf.svg", "latency_over_time.svg"] {
+        assert!(out.path().join(file).exists(), "{file}");
+    }
+    // Every call is shorter than a minute: one minute (10 credits) each.
+    assert_eq!(balance(&server, &key).await, 1000 - 5 * 10);
+}
+
+/// Runs the tool against `server` with `args`; the parsed report.json.
+fn run_loadtest(server: &TestServer, key: &str, sip_port: u16, args: &[&str]) -> (Value, tempfile::TempDir) {
+    let out = tempfile::tempdir().expect("tempdir");
+    let rtp = free_udp_port();
+    let child = Command::new(loadtest_bin())
+        .args(["--server", &server.url(""), "--no-progress"])
+        .args(["--sip-bind", &format!("127.0.0.1:{sip_port}"), "--rtp-ports", &format!("{rtp}-{}", rtp + 40)])
+        .args(["--server-pid", &server.pid().expect("running").to_string()])
+        .args(args)
+        .arg("--out")
+        .arg(out.path())
+        .env("VOXGATE_API_KEY", key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start voxgate-loadtest");
+    assert!(wait_for_exit(child, Duration::from_secs(150)), "voxgate-loadtest failed or did not stop by itself");
+    let report = serde_json::from_slice(&std::fs::read(out.path().join("report.json")).expect("report.json")).expect("JSON");
+    (report, out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn media_mode_measures_the_echo_of_every_call_without_loss() {
+    let sip_port = free_udp_port();
+    let server = TestServer::start_configured(&trunk_config(sip_port, "[calls]\necho = true\n"), &[]).await;
+    let (_account, key) = server.account("enterprise", 1000);
+    let (report, _out) = run_loadtest(&server, &key, sip_port, &["--mode", "media", "--calls", "4", "--concurrency", "4", "--cps", "20", "--hold", "4s", "--ring", "0s"]);
+    let summary = &report["summary"];
+    assert_eq!(summary["answered"], 4, "{summary}");
+    let echo = &summary["metrics"]["echo_round_trip_ms"];
+    assert!(echo["n"].as_u64().is_some_and(|n| n >= 4 * 2), "a round trip per second of each call: {summary}");
+    assert!(echo["p50"].as_f64().is_some_and(|ms| ms > 0.0 && ms < 1000.0), "{echo}");
+    assert_eq!(summary["turns_without_reply"], 0, "every burst came back: {summary}");
+    assert_eq!(summary["rtp"]["lost"], 0, "{summary}");
+    assert!(summary["rtp"]["packets_received"].as_u64().is_some_and(|p| p >= 4 * 140), "{summary}");
+}
+
+#[test]
+fn help_documents_every_option_and_remote_targets_are_refused() {
+    let help = Command::new(loadtest_bin()).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for option in ["--server", "--api-key", "--mode", "--calls", "--cps", "--concurrency", "--duration", "--barge-in-after", "--server-pid", "--allow-remote"] {
+        assert!(help.contains(option), "--help does not mention {option}");
+    }
+    let out = Command::new(loadtest_bin()).args(["--server", "http://203.0.113.7:8080", "--api-key", "k"]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
+}
