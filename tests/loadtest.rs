@@ -90,6 +90,22 @@ async fn media_mode_measures_the_echo_of_every_call_without_loss() {
     assert!(summary["rtp"]["packets_received"].as_u64().is_some_and(|p| p >= 4 * 140), "{summary}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_stops_at_its_duration_and_hangs_up_every_call() {
+    let sip_port = free_udp_port();
+    let server = TestServer::start_configured(&trunk_config(sip_port, "[calls]\necho = true\n"), &[]).await;
+    let (_account, key) = server.account("enterprise", 1000);
+    let started = std::time::Instant::now();
+    let (report, _out) = run_loadtest(&server, &key, sip_port, &["--mode", "media", "--calls", "3", "--concurrency", "3", "--hold", "10m", "--duration", "4s", "--ring", "0s"]);
+    assert!(started.elapsed() < Duration::from_secs(30), "stopped after {:?}", started.elapsed());
+    for call in report["calls"].as_array().expect("calls") {
+        assert_eq!(call["heard"]["ended_by"], "caller", "{call}");
+        let id = call["call_id"].as_str().expect("call id");
+        let record = common::voice::wait_call(&server, &key, id, Duration::from_secs(10), common::voice::ended).await;
+        assert_eq!((record["status"].as_str(), record["endReason"].as_str()), (Some("completed"), Some("remote-hangup")), "{record}");
+    }
+}
+
 #[test]
 fn help_documents_every_option_and_remote_targets_are_refused() {
     let help = Command::new(loadtest_bin()).arg("--help").output().expect("run");
