@@ -64,7 +64,7 @@ fn run_loadtest(server: &TestServer, key: &str, sip_port: u16, args: &[&str]) ->
         .args(args)
         .arg("--out")
         .arg(out.path())
-        .env("VOXGATE_API_KEY", key)
+        .env("LOADTEST_API_KEY", key)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

@@ -22,8 +22,9 @@ pub struct Options {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub server: Url,
 
-    /// API key with the `agents` and `calls` scopes (or `*`).
-    #[arg(long, env = "VOXGATE_API_KEY", hide_env_values = true)]
+    /// API key with the `agents` and `calls` scopes (or `*`). Not read from
+    /// a `VOXGATE_*` variable: voxgate takes those as its own settings.
+    #[arg(long, env = "LOADTEST_API_KEY", hide_env_values = true)]
     pub api_key: String,
 
     /// `agent`: each call talks to a voice agent (the full pipeline).
