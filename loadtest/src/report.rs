@@ -230,7 +230,7 @@ impl Report {
         }
         let _ = writeln!(md, "| metric (ms) | n | p50 | p95 | p99 | max |\n|---|---|---|---|---|---|");
         for (name, st) in &s.metrics {
-            let _ = writeln!(md, "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |", st.n, st.p50, st.p95, st.p99, st.max);
+            let _ = writeln!(md, "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |", st.n, st.p50, st.p95, st.p99, st.max);
         }
         let r = &s.rtp;
         let _ = writeln!(
@@ -482,7 +482,7 @@ mod tests {
         assert_eq!(json["calls"][0]["result"], "answered");
         assert_eq!(json["calls"][0]["heard"]["turns"][1]["latency_ms"], 600.0);
         let md = std::fs::read_to_string(dir.join("summary.md")).expect("md");
-        assert!(md.contains("| voice_to_voice_ms | 3 | 450 | 600 | 600 | 600 |"), "{md}");
+        assert!(md.contains("| voice_to_voice_ms | 3 | 450.0 | 600.0 | 600.0 | 600.0 |"), "{md}");
         for plot in ["latency_histogram.svg", "latency_cdf.svg", "latency_over_time.svg"] {
             let svg = std::fs::read_to_string(dir.join(plot)).expect(plot);
             assert!(svg.starts_with("<svg") && svg.contains("voice_to_voice_ms"), "{plot}");

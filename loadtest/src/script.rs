@@ -154,9 +154,12 @@ impl Script {
                 at_ms: ms(Instant::now() - epoch),
             });
             let Some(reply_at) = reply else { continue };
-            let last = i + 1 == self.audio.len();
+            if i + 1 == self.audio.len() {
+                // Measured; the rest of the last answer tells nothing more.
+                break;
+            }
             interrupting = false;
-            if let (Some(after), false) = (self.barge_in_after, last) {
+            if let Some(after) = self.barge_in_after {
                 line.listen_until(reply_at + after).await?;
                 interrupting = line.ear.talking(Instant::now());
             }
