@@ -761,8 +761,12 @@ mod tests {
         let got = collect(&mut b, 1400).await;
         let loud: Vec<i16> = got.iter().copied().skip_while(|s| s.unsigned_abs() < 2000).take(PIPELINE_RATE as usize / 2).collect();
         assert_eq!(loud.len(), PIPELINE_RATE as usize / 2, "half a second of tone arrived");
-        let crossings = loud.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
-        assert!((495..=505).contains(&crossings), "{crossings} rising zero crossings in 0.5 s");
+        // 1 kHz: 20 rising zero crossings per 20 ms frame. The median frame
+        // decides, so one frame concealed on a busy machine does not.
+        let mut per_frame: Vec<usize> = loud.chunks(320).map(|f| f.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count()).collect();
+        per_frame.sort_unstable();
+        let median = per_frame[per_frame.len() / 2];
+        assert!((19..=21).contains(&median), "{median} rising zero crossings in the median 20 ms frame: {per_frame:?}");
         let stats = b.control.stats();
         assert_eq!(stats.jitter.lost, 0);
         assert!(stats.packets_received >= 60, "{stats:?}");
