@@ -21,11 +21,18 @@ fn loadtest_bin() -> PathBuf {
     bin
 }
 
+/// A server whose trunk points at a free port for the load tester's SIP,
+/// with `extra` TOML; an account with 1,000 credits and its key.
+async fn server_with_trunk_to_loadtest(extra: &str) -> (TestServer, String, u16) {
+    let sip_port = free_udp_port();
+    let server = TestServer::start_configured(&trunk_config(sip_port, extra), &[]).await;
+    let (_account, key) = server.account("enterprise", 1000);
+    (server, key, sip_port)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn five_concurrent_calls_are_answered_and_each_measured() {
-    let sip_port = free_udp_port();
-    let server = TestServer::start_configured(&trunk_config(sip_port, ""), &[]).await;
-    let (_account, key) = server.account("enterprise", 1000);
+    let (server, key, sip_port) = server_with_trunk_to_loadtest("").await;
     let (report, out) = run_loadtest(
         &server,
         &key,
@@ -76,9 +83,7 @@ fn run_loadtest(server: &TestServer, key: &str, sip_port: u16, args: &[&str]) ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn media_mode_measures_the_echo_of_every_call_without_loss() {
-    let sip_port = free_udp_port();
-    let server = TestServer::start_configured(&trunk_config(sip_port, "[calls]\necho = true\n"), &[]).await;
-    let (_account, key) = server.account("enterprise", 1000);
+    let (server, key, sip_port) = server_with_trunk_to_loadtest("[calls]\necho = true\n").await;
     let (report, _out) = run_loadtest(&server, &key, sip_port, &["--mode", "media", "--calls", "4", "--concurrency", "4", "--cps", "20", "--hold", "4s", "--ring", "0s"]);
     let summary = &report["summary"];
     assert_eq!(summary["answered"], 4, "{summary}");
@@ -92,9 +97,7 @@ async fn media_mode_measures_the_echo_of_every_call_without_loss() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_run_stops_at_its_duration_and_hangs_up_every_call() {
-    let sip_port = free_udp_port();
-    let server = TestServer::start_configured(&trunk_config(sip_port, "[calls]\necho = true\n"), &[]).await;
-    let (_account, key) = server.account("enterprise", 1000);
+    let (server, key, sip_port) = server_with_trunk_to_loadtest("[calls]\necho = true\n").await;
     let started = std::time::Instant::now();
     let (report, _out) = run_loadtest(&server, &key, sip_port, &["--mode", "media", "--calls", "3", "--concurrency", "3", "--hold", "10m", "--duration", "4s", "--ring", "0s"]);
     assert!(started.elapsed() < Duration::from_secs(30), "stopped after {:?}", started.elapsed());

@@ -22,7 +22,7 @@ use crate::api::Api;
 use crate::options::Options;
 use crate::procstat::ProcSampler;
 use crate::report::{percentile, CallRecord, Outcome, Report, Sample};
-use crate::script::Script;
+use crate::script::{ms, Script};
 
 /// How long an accepted call may take to reach our SIP side.
 const INVITE_WITHIN: Duration = Duration::from_secs(10);
@@ -130,33 +130,15 @@ pub async fn run(o: &Options, interrupt: CancellationToken) -> anyhow::Result<Re
         });
     }
     let mut records = Vec::with_capacity(o.calls as usize);
-    loop {
-        tokio::select! {
-            done = calls.join_next() => match done {
-                Some(Ok(record)) => records.push(record),
-                Some(Err(e)) => tracing::error!(error = %e, "a call task failed"),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(deadline), if !stop.is_cancelled() => stop.cancel(),
-            _ = stop.cancelled(), if !stop.is_cancelled() => {}
-        }
-        if stop.is_cancelled() {
-            // Calls hang up (BYE) on their own; give them a bounded time.
-            let rest = tokio::time::timeout(TEARDOWN, async {
-                let mut rest = Vec::new();
-                while let Some(done) = calls.join_next().await {
-                    if let Ok(record) = done {
-                        rest.push(record);
-                    }
-                }
-                rest
-            })
-            .await;
-            records.extend(rest.unwrap_or_default());
-            calls.abort_all();
-            break;
-        }
+    tokio::select! {
+        _ = collect(&mut calls, &mut records) => {}
+        _ = tokio::time::sleep_until(deadline) => {}
+        _ = stop.cancelled() => {}
     }
+    // Calls still up hang up (BYE) on their own; give them a bounded time.
+    stop.cancel();
+    let _ = tokio::time::timeout(TEARDOWN, collect(&mut calls, &mut records)).await;
+    calls.abort_all();
     sampler.abort();
     let _ = sampler.await;
     progress.finish_and_clear();
@@ -168,8 +150,15 @@ pub async fn run(o: &Options, interrupt: CancellationToken) -> anyhow::Result<Re
     Ok(Report::new(o, agent, started_unix, ms(epoch.elapsed()), records, timeline))
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// Adds each call's record as its task ends (cancel-safe: what was
+/// collected stays collected).
+async fn collect(calls: &mut JoinSet<CallRecord>, records: &mut Vec<CallRecord>) {
+    while let Some(done) = calls.join_next().await {
+        match done {
+            Ok(record) => records.push(record),
+            Err(e) => tracing::error!(error = %e, "a call task failed"),
+        }
+    }
 }
 
 /// One call: a number, the API request, the INVITE, the script.

@@ -8,7 +8,6 @@
 //! silence between spurts, so a frame is speech when its mean level is above
 //! [`LOUD`].
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -31,7 +30,7 @@ const BURST_EVERY: Duration = Duration::from_secs(1);
 pub struct Script {
     pub mode: Mode,
     /// 16 kHz PCM of each utterance (agent mode) or the tone burst (media mode).
-    pub audio: Vec<Arc<Vec<i16>>>,
+    pub audio: Vec<Vec<i16>>,
     pub barge_in_after: Option<Duration>,
     pub quiet: Duration,
     pub reply_timeout: Duration,
@@ -99,11 +98,11 @@ impl Script {
                 let mut audio = Vec::new();
                 for text in o.utterances.iter().filter(|u| !u.trim().is_empty()) {
                     let pcm = voxgate_agents::tts::espeak(text, "en-us", 1.0).await?;
-                    audio.push(Arc::new(pcm));
+                    audio.push(pcm);
                 }
                 audio
             }
-            Mode::Media => vec![Arc::new(tone(BURST))],
+            Mode::Media => vec![tone(BURST)],
         };
         Ok(Script {
             mode: o.mode,
@@ -185,7 +184,8 @@ impl Script {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds, as the report gives them.
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -313,8 +313,8 @@ impl Line<'_> {
     }
 
     /// Says `pcm`; the wire times of its first and last packet.
-    async fn speak(&mut self, pcm: &Arc<Vec<i16>>) -> Result<(Instant, Instant), Stop> {
-        self.call.media.control.play(pcm.as_ref().clone()).await;
+    async fn speak(&mut self, pcm: &[i16]) -> Result<(Instant, Instant), Stop> {
+        self.call.media.control.play(pcm.to_vec()).await;
         let limit = Instant::now() + Duration::from_secs_f64(pcm.len() as f64 / f64::from(PIPELINE_RATE)) + Duration::from_secs(2);
         let mut start = None;
         loop {
