@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use voxgate_agents::EnginesConfig;
 use voxgate_sip::SipConfig;
 
+use crate::jobs::channels::ChannelConfig;
+use crate::jobs::storage::StorageConfig;
+use crate::jobs::worker::JobsConfig;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -38,6 +42,12 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Exceptions to the SSRF guard for user-supplied URLs (`[ssrf]`).
     pub ssrf: SsrfConfig,
+    /// The generation job workers (`[jobs]`).
+    pub jobs: JobsConfig,
+    /// Provider upstreams of the generation routes (`[[channels]]`).
+    pub channels: Vec<ChannelConfig>,
+    /// Where job outputs are kept and how their URLs are signed (`[storage]`).
+    pub storage: StorageConfig,
 }
 
 /// `[calls]`: the call manager's limits and billing clock.
@@ -165,6 +175,9 @@ impl Default for Config {
             calls: CallsConfig::default(),
             webhooks: WebhooksConfig::default(),
             ssrf: SsrfConfig::default(),
+            jobs: JobsConfig::default(),
+            channels: Vec::new(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -222,6 +235,11 @@ impl Config {
             self.sip.rtp_port_min < self.sip.rtp_port_max,
             "sip.rtp_port_min must be below sip.rtp_port_max"
         );
+        self.jobs.validate()?;
+        for channel in &self.channels {
+            channel.validate()?;
+        }
+        anyhow::ensure!(self.storage.url_ttl_secs > 0, "storage.url_ttl_secs must be at least 1");
         for trunk in &self.sip.trunks {
             anyhow::ensure!(!trunk.name.is_empty(), "sip.trunks: every trunk needs a name");
         }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod net;

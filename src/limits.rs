@@ -38,7 +38,9 @@ impl RateClass {
             RateClass::Upload
         } else if *method == Method::DELETE {
             RateClass::Delete
-        } else if *method == Method::POST && path.starts_with("/api/generate/") {
+        } else if *method == Method::POST
+            && (path.starts_with("/api/generate/") || path == "/v1/images/generations" || path == "/v1/videos")
+        {
             RateClass::Generation
         } else if *method == Method::GET || *method == Method::HEAD {
             RateClass::Read
@@ -161,6 +163,8 @@ mod tests {
         assert_eq!(RateClass::of(&Method::POST, "/api/upload/audio"), RateClass::Upload);
         assert_eq!(RateClass::of(&Method::DELETE, "/api/keys/x"), RateClass::Delete);
         assert_eq!(RateClass::of(&Method::POST, "/api/keys"), RateClass::Write);
+        assert_eq!(RateClass::of(&Method::POST, "/v1/videos"), RateClass::Generation);
+        assert_eq!(RateClass::of(&Method::GET, "/v1/tasks/x"), RateClass::Read);
     }
 
     #[test]

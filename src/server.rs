@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::usage_recorder::KeyUsageRecorder;
 use crate::config::Config;
 use crate::db::Db;
+use crate::jobs::channels::Channels;
+use crate::jobs::storage::Storage;
+use crate::jobs::worker::Jobs;
 use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::net::ssrf::SsrfGuard;
@@ -52,6 +55,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     };
     let (calls, writer_task) = CallManager::start(db.clone(), config.calls.clone(), config.node_id.clone(), deps).await?;
+    // Bound before the storage is opened: output URLs name the real port.
+    let listener = TcpListener::bind(config.bind).await.with_context(|| format!("cannot listen on {}", config.bind))?;
+    let storage = Storage::open(&config.storage, &format!("http://{}", listener.local_addr()?)).context("job output storage")?;
+    let jobs = Jobs::new(
+        db.clone(),
+        webhooks.clone(),
+        Channels::new(config.channels.clone()),
+        storage,
+        engines.clone(),
+        config.jobs.clone(),
+        config.node_id.clone(),
+    );
     let state = AppState {
         db: db.clone(),
         limiter: Arc::new(RequestLimiter::new(&config.rate_limits)),
@@ -61,14 +76,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         engines,
         calls: calls.clone(),
         webhooks,
+        jobs,
         config: Arc::new(config),
     };
     let limiter_task = tokio::spawn(forget_idle_limits(state.limiter.clone(), shutdown.clone()));
 
-    let listener = TcpListener::bind(state.config.bind)
-        .await
-        .with_context(|| format!("cannot listen on {}", state.config.bind))?;
     let addr = listener.local_addr()?;
+    let job_task = state.jobs.start(shutdown.clone());
     tracing::info!(%addr, node_id = %state.config.node_id, backend = ?db.backend, "voxgate listening");
     // Scripts and tests read this line to learn the port.
     println!("voxgate listening on http://{addr}");
@@ -101,6 +115,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = key_usage_task.await;
         let _ = limiter_task.await;
         let _ = webhook_task.await;
+        let _ = job_task.await;
     })
     .await;
     db.pool.close().await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::usage_recorder::KeyUsageRecorder;
 use crate::config::Config;
 use crate::db::Db;
+use crate::jobs::worker::Jobs;
 use crate::limits::RequestLimiter;
 use crate::metrics::Metrics;
 use crate::net::ssrf::SsrfGuard;
@@ -24,4 +25,5 @@ pub struct AppState {
     pub engines: Arc<SpeechEngines>,
     pub calls: CallManager,
     pub webhooks: Webhooks,
+    pub jobs: Jobs,
 }

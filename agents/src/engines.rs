@@ -158,6 +158,11 @@ impl Engines {
         &self.pool
     }
 
+    /// The local language model, when installed.
+    pub fn local_llm(&self) -> Option<Arc<LocalLlm>> {
+        self.llm.clone()
+    }
+
     /// `llmModel` values agents may use here.
     pub fn llm_models(&self) -> Vec<String> {
         let mut v: Vec<String> = self.llm.iter().map(|_| LOCAL_LLM.to_string()).collect();
@@ -176,6 +181,27 @@ impl Engines {
         }
         v.extend(self.hosted_tts.iter().map(|h| h.kind().model_name()));
         v
+    }
+
+    /// `text` spoken by `tts_model` (one of [`tts_models`](Self::tts_models))
+    /// as 16 kHz mono PCM. Local engines run on the inference pool.
+    pub async fn synthesize(&self, tts_model: &str, voice: Option<&str>, speed: f32, text: &str) -> Result<Vec<i16>, AgentError> {
+        match tts_model {
+            PIPER => {
+                let piper = self.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
+                let (text, speed) = (text.to_string(), speed);
+                self.pool.run(move || piper.synthesize(&text, speed)).await?
+            }
+            ESPEAK => crate::tts::espeak(text, voice.unwrap_or("en-us"), speed).await,
+            name => {
+                let hosted = self
+                    .hosted_tts
+                    .iter()
+                    .find(|h| h.kind().model_name() == name)
+                    .ok_or_else(|| AgentError::Unavailable(format!("ttsModel '{name}' is not configured")))?;
+                hosted.synthesize(text, voice, speed).await
+            }
+        }
     }
 
     /// Refuses an LLM, TTS or language this process cannot serve, with a

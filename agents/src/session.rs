@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunker::SentenceChunker;
-use crate::engines::{Engines, GreetingCache, ESPEAK, LOCAL_LLM, PIPER};
+use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
 use crate::llm::{ChatMessage, LocalConversation, Role};
 use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
@@ -931,18 +931,7 @@ impl ReplyJob {
 
 /// `text` in the agent's voice, 16 kHz.
 async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, text: &str) -> Result<Vec<i16>, AgentError> {
-    match config.tts_model.as_str() {
-        PIPER => {
-            let piper = engines.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
-            let (text, speed) = (text.to_string(), config.speed);
-            engines.pool.run(move || piper.synthesize(&text, speed)).await?
-        }
-        ESPEAK => crate::tts::espeak(text, config.voice.as_deref().unwrap_or("en-us"), config.speed).await,
-        name => {
-            let hosted = engines.hosted_tts.iter().find(|h| h.kind().model_name() == name).ok_or_else(|| AgentError::Unavailable(format!("ttsModel '{name}' is not configured")))?;
-            hosted.synthesize(text, config.voice.as_deref(), config.speed).await
-        }
-    }
+    engines.synthesize(&config.tts_model, config.voice.as_deref(), config.speed, text).await
 }
 
 /// What the caller heard of a reply cut after `played` samples: the pieces

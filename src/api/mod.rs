@@ -3,12 +3,17 @@
 
 mod agents;
 mod calls;
+mod files;
+mod generate;
+mod jobs;
 mod guard;
 pub mod json;
 mod keys;
+mod openai;
 mod settings;
 mod system;
 mod usage;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +22,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, Response as HttpResponse};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{middleware, BoxError, Extension, Router};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -66,6 +72,21 @@ fn guarded_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(calls::list_calls))
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::hangup_call))
+        .routes(routes!(generate::image))
+        .routes(routes!(generate::video))
+        .routes(routes!(generate::voice))
+        .routes(routes!(generate::voice_clone))
+        .routes(routes!(generate::avatar))
+        .routes(routes!(generate::clip))
+        .routes(routes!(generate::b_roll))
+        .routes(routes!(generate::text2video))
+        .routes(routes!(generate::commercial))
+        .routes(routes!(generate::translate))
+        .routes(routes!(generate::instant_ad))
+        .routes(routes!(generate::photoshoot))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(jobs::get_job))
+        .routes(routes!(webhooks::list_deliveries))
 }
 
 fn public_routes() -> OpenApiRouter<AppState> {
@@ -84,15 +105,25 @@ pub fn router(state: AppState) -> Router {
     doc.merge(public_doc);
     let doc_json = system::OpenApiJson(Arc::new(doc.to_pretty_json().unwrap_or_else(|_| "{}".into())));
 
-    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
+    // The OpenAI-compatible routes follow OpenAI's own reference, not this
+    // document.
+    let guarded = guarded
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/images/generations", post(openai::images_generations))
+        .route("/v1/videos", post(openai::videos))
+        .route("/v1/tasks/{id}", get(openai::get_task))
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
     let timeout = Duration::from_secs(state.config.request_timeout_secs);
     let request_id = HeaderName::from_static("x-request-id");
 
     Router::new()
         .merge(guarded)
         .merge(public)
+        .route("/files/{*key}", get(files::download))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(openai::reshape_errors))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(Extension(doc_json))
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))

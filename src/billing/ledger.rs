@@ -10,7 +10,7 @@
 //! the first statement and concurrent writers queue on the busy timeout
 //! instead of failing on a stale read snapshot.
 
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use crate::clock::now_ms;
 use crate::db::{is_foreign_key_violation, Db};
@@ -66,7 +66,7 @@ impl IdempotencyKey {
         &self.0
     }
 
-    fn refund_key(&self) -> String {
+    pub(crate) fn refund_key(&self) -> String {
         format!("refund:{}", self.0)
     }
 }
@@ -105,6 +105,44 @@ pub async fn debit(
     }
     let n = amount.to_db()?;
     let mut tx = db.pool.begin().await?;
+    match debit_in(&mut tx, account, amount, reason, reference, key).await? {
+        DebitIn::Applied => {
+            tx.commit().await?;
+            Ok(Debit { amount, applied: true })
+        }
+        DebitIn::Replayed => {
+            tx.rollback().await?;
+            replayed(db, account, key, -n).await.map(|amount| Debit { amount, applied: false })
+        }
+        DebitIn::Short => {
+            tx.rollback().await?;
+            let balance = balance(db, account).await?;
+            Err(Error::PaymentRequired { needed: amount.get(), balance: balance.get() })
+        }
+    }
+}
+
+/// What [`debit_in`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebitIn {
+    Applied,
+    /// The key was used before; nothing changed.
+    Replayed,
+    /// The balance is below the amount; the caller must roll back.
+    Short,
+}
+
+/// [`debit`] inside the caller's transaction (which must be rolled back
+/// unless this returns `Applied`).
+pub async fn debit_in(
+    conn: &mut AnyConnection,
+    account: AccountId,
+    amount: Credits,
+    reason: Reason,
+    reference: Option<&str>,
+    key: &IdempotencyKey,
+) -> Result<DebitIn> {
+    let n = amount.to_db()?;
     let inserted = sqlx::query(
         "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (account_id, idempotency_key) DO NOTHING",
@@ -116,28 +154,21 @@ pub async fn debit(
     .bind(reference)
     .bind(key.as_str())
     .bind(now_ms())
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .map_err(|e| if is_foreign_key_violation(&e) { Error::not_found("account") } else { e.into() })?
     .rows_affected();
     if inserted == 0 {
-        tx.rollback().await?;
-        return replayed(db, account, key, -n).await.map(|amount| Debit { amount, applied: false });
+        return Ok(DebitIn::Replayed);
     }
     let updated = sqlx::query(
         "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 RETURNING credits",
     )
     .bind(n)
     .bind(account.to_string())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
-    if updated.is_none() {
-        tx.rollback().await?;
-        let balance = balance(db, account).await?;
-        return Err(Error::PaymentRequired { needed: amount.get(), balance: balance.get() });
-    }
-    tx.commit().await?;
-    Ok(Debit { amount, applied: true })
+    Ok(if updated.is_some() { DebitIn::Applied } else { DebitIn::Short })
 }
 
 /// Adds `amount` to the account, once per key.
@@ -184,6 +215,26 @@ pub async fn grant(db: &Db, account: AccountId, amount: Credits, key: &Idempoten
 /// Returns the credits of the debit made with `debit_key`, once.
 pub async fn refund(db: &Db, account: AccountId, debit_key: &IdempotencyKey) -> Result<Refund> {
     let mut tx = db.pool.begin().await?;
+    if let Some(n) = refund_in(&mut tx, account, debit_key).await? {
+        tx.commit().await?;
+        return Ok(Refund::Refunded(n));
+    }
+    tx.rollback().await?;
+    let previous: Option<i64> =
+        sqlx::query_scalar("SELECT delta FROM ledger WHERE account_id = $1 AND idempotency_key = $2")
+            .bind(account.to_string())
+            .bind(debit_key.refund_key())
+            .fetch_optional(&db.pool)
+            .await?;
+    match previous {
+        Some(n) => Ok(Refund::AlreadyRefunded(Credits::from_db(n)?)),
+        None => Ok(Refund::NoSuchDebit),
+    }
+}
+
+/// [`refund`] inside the caller's transaction: the amount returned now, or
+/// `None` when there is no such debit or it was refunded before.
+pub async fn refund_in(conn: &mut AnyConnection, account: AccountId, debit_key: &IdempotencyKey) -> Result<Option<Credits>> {
     let row = sqlx::query(
         "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, refund_of, created_at) \
          SELECT $1, account_id, -delta, $2, reference, $3, idempotency_key, $4 FROM ledger \
@@ -196,29 +247,16 @@ pub async fn refund(db: &Db, account: AccountId, debit_key: &IdempotencyKey) -> 
     .bind(now_ms())
     .bind(account.to_string())
     .bind(debit_key.as_str())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
-    let Some(row) = row else {
-        tx.rollback().await?;
-        let previous: Option<i64> =
-            sqlx::query_scalar("SELECT delta FROM ledger WHERE account_id = $1 AND idempotency_key = $2")
-                .bind(account.to_string())
-                .bind(debit_key.refund_key())
-                .fetch_optional(&db.pool)
-                .await?;
-        return match previous {
-            Some(n) => Ok(Refund::AlreadyRefunded(Credits::from_db(n)?)),
-            None => Ok(Refund::NoSuchDebit),
-        };
-    };
+    let Some(row) = row else { return Ok(None) };
     let n: i64 = row.try_get(0)?;
     sqlx::query("UPDATE accounts SET credits = credits + $1 WHERE id = $2")
         .bind(n)
         .bind(account.to_string())
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    tx.commit().await?;
-    Ok(Refund::Refunded(Credits::from_db(n)?))
+    Ok(Some(Credits::from_db(n)?))
 }
 
 /// The account's current balance.

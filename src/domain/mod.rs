@@ -2,12 +2,14 @@
 //! invalid afterwards. Handlers and services work only with these.
 
 mod credits;
+mod cursor;
 mod ids;
 mod phone;
 mod plan;
 mod scope;
 
 pub use credits::Credits;
+pub use cursor::Cursor;
 pub use ids::{AccountId, AgentId, CallId, KeyId};
 pub use phone::PhoneNumber;
 pub use plan::Plan;

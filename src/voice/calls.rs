@@ -8,7 +8,6 @@
 //! PostgreSQL, the database write lock on SQLite. Counting the last hour's
 //! calls and inserting the new one then cannot race.
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -18,6 +17,7 @@ use crate::billing::ledger::Reason;
 use crate::clock::{now_ms, rfc3339};
 use crate::db::{is_unique_violation, Db};
 use crate::domain::{AccountId, AgentId, CallId, PhoneNumber};
+pub use crate::domain::Cursor;
 use crate::{Error, Result};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -272,28 +272,6 @@ pub struct CallFilter {
     pub to: Option<i64>,
     pub limit: u32,
     pub cursor: Option<Cursor>,
-}
-
-/// Where a page ends: the last call's creation time and id (newest first).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor {
-    pub created_at: i64,
-    pub id: String,
-}
-
-impl Cursor {
-    pub fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{}", self.created_at, self.id))
-    }
-
-    pub fn decode(s: &str) -> Result<Cursor> {
-        let bad = || Error::bad_request("cursor is not one this API returned");
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
-        let text = String::from_utf8(bytes).map_err(|_| bad())?;
-        let (at, id) = text.split_once('|').ok_or_else(bad)?;
-        let id: CallId = id.parse().map_err(|_| bad())?;
-        Ok(Cursor { created_at: at.parse().map_err(|_| bad())?, id: id.to_string() })
-    }
 }
 
 /// A page of the account's calls, newest first, and the cursor of the next.

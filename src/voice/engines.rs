@@ -19,6 +19,18 @@ impl SpeechEngines {
         Arc::new(SpeechEngines { config, loaded: OnceCell::new() })
     }
 
+    /// Whether `model` is a speech engine of this process (local, or hosted
+    /// and configured) -- known without loading the models.
+    pub fn has_tts(&self, model: &str) -> bool {
+        match model {
+            voxgate_agents::PIPER | voxgate_agents::ESPEAK => true,
+            "kokoro" => self.config.kokoro.is_some(),
+            "elevenlabs-v3" => self.config.elevenlabs.is_some(),
+            "fish-audio-s1" => self.config.fish_audio.is_some(),
+            _ => false,
+        }
+    }
+
     /// The engines, loading them on first use. A failed load is remembered
     /// (the models do not appear by themselves) and reported as 503.
     pub async fn get(&self) -> Result<Arc<Engines>> {

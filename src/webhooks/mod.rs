@@ -6,6 +6,7 @@
 //! "<t>.<body>" keyed with the webhook secret>`; `X-Webhook-Id` is the
 //! delivery id (the same on every retry, for de-duplication).
 
+pub mod deliveries;
 pub mod sender;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
+use sqlx::AnyConnection;
 use tokio::sync::Notify;
 
 use crate::clock::{now_ms, rfc3339};
@@ -34,29 +36,42 @@ impl Webhooks {
 
     /// Queues `event` for the account's webhook URL; nothing when it has none.
     pub async fn enqueue(&self, account: AccountId, event: &str, data: Value) -> Result<()> {
-        let now = now_ms();
-        let payload = json!({ "event": event, "timestamp": rfc3339(now), "data": data }).to_string();
-        let queued = sqlx::query(
-            "INSERT INTO webhook_deliveries (id, account_id, event, payload, status, next_attempt_at, created_at) \
-             SELECT $1, id, $2, $3, 'pending', $4, $4 FROM accounts WHERE id = $5 AND webhook_url IS NOT NULL",
-        )
-        .bind(uuid::Uuid::new_v4().to_string())
-        .bind(event)
-        .bind(payload)
-        .bind(now)
-        .bind(account.to_string())
-        .execute(&self.db.pool)
-        .await?
-        .rows_affected();
-        if queued > 0 {
-            self.wake.notify_one();
+        let mut conn = self.db.pool.acquire().await?;
+        if enqueue_in(&mut conn, account, event, data).await? {
+            self.notify();
         }
         Ok(())
+    }
+
+    /// Wakes the sender (after a transaction that queued events commits).
+    pub fn notify(&self) {
+        self.wake.notify_one();
     }
 
     pub(crate) fn wake(&self) -> Arc<Notify> {
         self.wake.clone()
     }
+}
+
+/// Queues `event` inside the caller's transaction, so the event exists if
+/// and only if the change it reports does. True when the account has a
+/// webhook URL (call [`Webhooks::notify`] after the commit).
+pub async fn enqueue_in(conn: &mut AnyConnection, account: AccountId, event: &str, data: Value) -> Result<bool> {
+    let now = now_ms();
+    let payload = json!({ "event": event, "timestamp": rfc3339(now), "data": data }).to_string();
+    let queued = sqlx::query(
+        "INSERT INTO webhook_deliveries (id, account_id, event, payload, status, next_attempt_at, created_at) \
+         SELECT $1, id, $2, $3, 'pending', $4, $4 FROM accounts WHERE id = $5 AND webhook_url IS NOT NULL",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(event)
+    .bind(payload)
+    .bind(now)
+    .bind(account.to_string())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(queued > 0)
 }
 
 /// The `X-Webhook-Signature` value for `body` sent at `timestamp`.

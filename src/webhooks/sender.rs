@@ -95,44 +95,60 @@ async fn claim(db: &Db, config: &WebhooksConfig) -> crate::Result<Vec<Due>> {
 }
 
 async fn deliver(db: Db, client: reqwest::Client, ssrf: SsrfGuard, config: WebhooksConfig, due: Due) {
+    let started_at = now_ms();
+    let clock = std::time::Instant::now();
     let outcome = attempt(&db, &client, &ssrf, &due).await;
+    let duration_ms = clock.elapsed().as_millis() as i64;
     let attempts = due.attempts + 1;
     let now = now_ms();
-    let result = match outcome {
+    let (last_status, last_error) = match &outcome {
+        Ok(status) => (Some(*status), None),
+        Err((status, error)) => (*status, Some(error.clone())),
+    };
+    let (state, next) = match &outcome {
         Ok(status) => {
             tracing::info!(delivery = %due.id, event = %due.event, status, "webhook delivered");
-            sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'delivered', attempts = $1, last_status = $2, last_error = NULL, \
-                 delivered_at = $3 WHERE id = $4",
-            )
-            .bind(attempts)
-            .bind(i64::from(status))
-            .bind(now)
-            .bind(&due.id)
-            .execute(&db.pool)
-            .await
+            ("delivered", now)
         }
-        Err((status, error)) => {
+        Err((_, error)) => {
             let retry = config.retry_delays_secs.get((attempts - 1) as usize).copied();
             tracing::warn!(delivery = %due.id, event = %due.event, attempts, error = %error, retry_in_secs = ?retry, "webhook delivery failed");
-            let (state, next) = match retry {
+            match retry {
                 Some(secs) => ("pending", now + secs as i64 * 1000),
                 None => ("failed", now),
-            };
-            sqlx::query(
-                "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, last_status = $4, \
-                 last_error = $5 WHERE id = $6",
-            )
-            .bind(state)
-            .bind(attempts)
-            .bind(next)
-            .bind(status.map(i64::from))
-            .bind(error)
-            .bind(&due.id)
-            .execute(&db.pool)
-            .await
+            }
         }
     };
+    let result = async {
+        let mut tx = db.pool.begin().await?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, last_status = $4, \
+             last_error = $5, delivered_at = $6 WHERE id = $7",
+        )
+        .bind(state)
+        .bind(attempts)
+        .bind(next)
+        .bind(last_status.map(i64::from))
+        .bind(&last_error)
+        .bind((state == "delivered").then_some(now))
+        .bind(&due.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (delivery_id, attempt) DO NOTHING",
+        )
+        .bind(&due.id)
+        .bind(attempts)
+        .bind(started_at)
+        .bind(last_status.map(i64::from))
+        .bind(&last_error)
+        .bind(duration_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+    .await;
     if let Err(e) = result {
         tracing::warn!(delivery = %due.id, error = %e, "webhook delivery state not saved; it will be retried when its lease ends");
     }

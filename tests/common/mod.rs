@@ -8,6 +8,7 @@ pub mod far_end;
 pub mod webhook_sink;
 pub mod voice;
 pub mod sipp;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

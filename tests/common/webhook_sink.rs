@@ -14,6 +14,9 @@ use sha2::Sha256;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub signature: String,
+    /// When it arrived, and whether the sink refused it with a 503.
+    pub at: Instant,
+    pub refused: bool,
     pub raw: String,
     pub body: Value,
 }
@@ -37,6 +40,12 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     pub async fn start() -> WebhookSink {
+        Self::start_failing(0).await
+    }
+
+    /// A receiver that is "down" (answers 503) for its first `refusals`
+    /// requests; every request is kept either way.
+    pub async fn start_failing(refusals: usize) -> WebhookSink {
         let received = Arc::new(Mutex::new(Vec::new()));
         let store = received.clone();
         let app = Router::new().route(
@@ -46,8 +55,10 @@ impl WebhookSink {
                 async move {
                     let signature = headers.get("x-webhook-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
                     let parsed = serde_json::from_str(&body).unwrap_or(Value::Null);
-                    store.lock().unwrap().push(Delivery { signature, raw: body, body: parsed });
-                    "ok"
+                    let mut store = store.lock().unwrap();
+                    let refused = store.len() < refusals;
+                    store.push(Delivery { signature, at: Instant::now(), refused, raw: body, body: parsed });
+                    if refused { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK }
                 }
             }),
         );

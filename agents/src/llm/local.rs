@@ -43,6 +43,30 @@ pub struct LocalLlm {
 }
 
 /// One call's state in the local model: the KV cache and what it holds.
+/// A generated reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub text: String,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Stopped at the token budget rather than at an end token.
+    pub truncated: bool,
+}
+
+/// How to sample a reply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Generation {
+    pub max_tokens: usize,
+    /// 0 picks the likeliest token every time.
+    pub temperature: f64,
+    pub top_p: f64,
+}
+
+impl Generation {
+    /// Short, focused spoken replies.
+    pub const AGENT: Generation = Generation { max_tokens: MAX_REPLY_TOKENS, temperature: 0.3, top_p: 0.9 };
+}
+
 pub struct LocalConversation {
     model: ModelWeights,
     tokens: Vec<u32>,
@@ -136,16 +160,41 @@ impl LocalLlm {
         Ok(())
     }
 
-    /// Generates the assistant's reply to `messages`, calling `on_text` with
-    /// each new piece of text. Stops at an end token, at the reply budget or
-    /// when `cancel` is set. Blocking: run it on the inference pool.
+    /// Generates the assistant's reply to `messages` with the agents'
+    /// settings ([`Generation::AGENT`]); see [`generate_with`](Self::generate_with).
     pub fn generate(
         &self,
         conv: &mut LocalConversation,
         messages: &[ChatMessage],
         cancel: &CancellationToken,
-        mut on_text: impl FnMut(&str),
+        on_text: impl FnMut(&str),
     ) -> Result<String, AgentError> {
+        self.generate_with(conv, messages, Generation::AGENT, cancel, on_text).map(|r| r.text)
+    }
+
+    /// Tokens of the prompt `messages` make (for usage reports and to
+    /// check they fit the context).
+    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, AgentError> {
+        self.count(&self.template.render(messages)?)
+    }
+
+    /// The context length in tokens (prompt and reply together).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Generates the assistant's reply to `messages`, calling `on_text` with
+    /// each new piece of text. Stops at an end token, at `opts.max_tokens`
+    /// or when `cancel` is set. Blocking: run it on the inference pool.
+    pub fn generate_with(
+        &self,
+        conv: &mut LocalConversation,
+        messages: &[ChatMessage],
+        opts: Generation,
+        cancel: &CancellationToken,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Reply, AgentError> {
+        let budget = opts.max_tokens.clamp(1, self.context / 2);
         let prompt = self.template.render(messages)?;
         let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
         let new_tokens = if !conv.text.is_empty() && prompt.starts_with(&conv.text) {
@@ -155,20 +204,24 @@ impl LocalLlm {
             conv.tokens.clear();
             encode(&prompt)?
         };
-        if conv.tokens.len() + new_tokens.len() + MAX_REPLY_TOKENS > self.context {
+        if conv.tokens.len() + new_tokens.len() + budget > self.context {
+            if conv.tokens.is_empty() {
+                return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
+            }
             conv.model = self.weights.clone();
             conv.tokens.clear();
             conv.text.clear();
-            return self.generate(conv, messages, cancel, on_text);
+            return self.generate_with(conv, messages, opts, cancel, on_text);
         }
         let mut logits = self.forward(conv, &new_tokens)?;
         conv.text = prompt;
         conv.seed = conv.seed.wrapping_add(1);
-        let mut sampler = LogitsProcessor::from_sampling(conv.seed, Sampling::TopKThenTopP { k: 40, p: 0.9, temperature: 0.3 });
+        let sampling = if opts.temperature <= 0.0 { Sampling::ArgMax } else { Sampling::TopKThenTopP { k: 40, p: opts.top_p, temperature: opts.temperature } };
+        let mut sampler = LogitsProcessor::from_sampling(conv.seed, sampling);
         let mut generated: Vec<u32> = Vec::new();
         let mut emitted = 0usize;
         let mut reply = String::new();
-        while generated.len() < MAX_REPLY_TOKENS && !cancel.is_cancelled() {
+        while generated.len() < budget && !cancel.is_cancelled() {
             let start = generated.len().saturating_sub(REPEAT_WINDOW);
             let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &generated[start..]).map_err(inference)?;
             let next = sampler.sample(&penalised).map_err(inference)?;
@@ -186,7 +239,7 @@ impl LocalLlm {
             logits = self.forward(conv, &[next])?;
         }
         conv.text.push_str(&reply);
-        Ok(reply)
+        Ok(Reply { text: reply, tokens: generated.len(), truncated: generated.len() >= budget })
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
