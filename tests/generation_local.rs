@@ -126,8 +126,52 @@ async fn chat_completions_on_the_local_model_streaming_and_not() {
     }
 }
 
+fn cosine(a: &Value, b: &Value) -> f64 {
+    let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+    a.iter().zip(b).map(|(x, y)| x.as_f64().unwrap() * y.as_f64().unwrap()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_place_similar_sentences_close() {
+    use base64::Engine as _;
+    let server = TestServer::start().await;
+    let (_, key) = server.account("enterprise", 10);
+    let input = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly revenue grew by ten percent."];
+    let (status, body) = json(server.post("/v1/embeddings", &key, json!({"model": "all-MiniLM-L6-v2", "input": input})).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let vectors: Vec<&Value> = data.iter().map(|d| &d["embedding"]).collect();
+    for (i, v) in vectors.iter().enumerate() {
+        assert_eq!(data[i]["index"], i);
+        assert_eq!(v.as_array().unwrap().len(), 384);
+        assert!((cosine(v, v) - 1.0).abs() < 1e-4, "unit length");
+    }
+    let (close, far) = (cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2]));
+    assert!(close > 0.8 && far < 0.3, "paraphrase {close}, unrelated {far}");
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() >= 20, "{}", body["usage"]);
+
+    // One text alone embeds the same as in a padded batch; base64 carries the same floats.
+    let (_, single) = json(server.post("/v1/embeddings", &key, json!({"model": "all-minilm-l6-v2", "input": input[2], "encoding_format": "base64"})).await).await;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(single["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let floats: Vec<f64> = bytes.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).collect();
+    assert!(floats.iter().zip(vectors[2].as_array().unwrap()).all(|(a, b)| (a - b.as_f64().unwrap()).abs() < 1e-4));
+
+    for (bad, status) in [
+        (json!({"model": "all-minilm-l6-v2", "input": []}), 400),
+        (json!({"model": "all-minilm-l6-v2", "input": [[1, 2, 3]]}), 400),
+        (json!({"model": "all-minilm-l6-v2", "input": "x", "dimensions": 128}), 400),
+        (json!({"model": "text-embedding-3-large", "input": "x"}), 503),
+    ] {
+        let (got, body) = json(server.post("/v1/embeddings", &key, bad).await).await;
+        assert_eq!(got, status, "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+}
+
 /// The official client (installed by scripts/setup into .venv) against the
-/// gateway: chat, streaming chat, and a model list.
+/// gateway: models, chat, streaming chat, embeddings and errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works_against_the_gateway() {
     let python = format!("{}/.venv/bin/python", env!("CARGO_MANIFEST_DIR"));
@@ -152,6 +196,8 @@ try:
     raise SystemExit("an empty conversation was accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.code == "invalid_request", e
+e = client.embeddings.create(model="all-minilm-l6-v2", input=["hello world", "goodbye"])
+assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e
 bad = openai.OpenAI(base_url=os.environ["BASE"] + "/v1", api_key="sk_live_nope")
 try:
     bad.models.list()

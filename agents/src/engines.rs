@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::asr::Asr;
+use crate::embed::Embedder;
 use crate::error::AgentError;
 use crate::llm::{LocalLlm, RemoteLlm, RemoteLlmConfig};
 use crate::models::ModelPaths;
@@ -66,6 +67,7 @@ pub struct Engines {
     pub(crate) piper: Option<Arc<Piper>>,
     pub(crate) espeak: bool,
     vad: Option<Arc<SileroModel>>,
+    embedder: Option<Arc<Embedder>>,
     pub(crate) remote_llms: Vec<RemoteLlm>,
     pub(crate) hosted_tts: Vec<HostedTts>,
     /// Greetings synthesized before: an agent says the same greeting on
@@ -132,6 +134,7 @@ impl Engines {
                 .is_ok();
         let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), 1))).flatten();
         let vad = (onnx && paths.vad.is_file()).then(|| optional("Silero VAD (earshot used instead)", SileroModel::load(&paths.vad, 4))).flatten();
+        let embedder = paths.embeddings.is_dir().then(|| optional("embeddings model", Embedder::load(&paths.embeddings))).flatten();
         let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
         let http = reqwest::Client::new();
         let remote_llms = config.remote_llms.iter().cloned().map(|c| RemoteLlm::new(c, http.clone())).collect();
@@ -143,7 +146,7 @@ impl Engines {
         .into_iter()
         .filter_map(|(kind, c)| c.clone().map(|c| HostedTts::new(kind, c, http.clone())))
         .collect();
-        Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
+        Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, embedder, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
     }
 
     /// A fresh VAD stream for one call.
@@ -156,6 +159,11 @@ impl Engines {
 
     pub fn pool(&self) -> &InferencePool {
         &self.pool
+    }
+
+    /// The sentence embedding model, when installed.
+    pub fn embedder(&self) -> Option<Arc<Embedder>> {
+        self.embedder.clone()
     }
 
     /// The local language model, when installed.

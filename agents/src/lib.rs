@@ -7,6 +7,7 @@
 
 pub mod asr;
 mod chunker;
+pub mod embed;
 mod engines;
 mod error;
 pub mod llm;

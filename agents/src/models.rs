@@ -19,6 +19,9 @@ pub struct ModelPaths {
     pub vad: PathBuf,
     /// ONNX Runtime shared library, loaded by `ort` at run time.
     pub onnxruntime: PathBuf,
+    /// all-MiniLM-L6-v2 (safetensors, config.json, tokenizer.json), for
+    /// the gateway's `/v1/embeddings`.
+    pub embeddings: PathBuf,
 }
 
 impl ModelPaths {
@@ -31,6 +34,7 @@ impl ModelPaths {
             piper_config: dir.join("tts/en_US-joe-medium.onnx.json"),
             vad: dir.join("vad/silero_vad.onnx"),
             onnxruntime: dir.join("runtime/libonnxruntime.so"),
+            embeddings: dir.join("embed/all-MiniLM-L6-v2"),
             dir,
         }
     }

@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
     let guarded = guarded
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/images/generations", post(openai::images_generations))
         .route("/v1/videos", post(openai::videos))
         .route("/v1/tasks/{id}", get(openai::get_task))

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible gateway (seed 002): `/v1/models`,
 //! `/v1/chat/completions` (the local LLM, or relayed to an `openai`
-//! channel serving the model), `/v1/images/generations` and `/v1/videos`
+//! channel serving the model), `/v1/embeddings` (the local
+//! all-MiniLM-L6-v2), `/v1/images/generations` and `/v1/videos`
 //! (tasks on the same job queue as `/api/generate/*`, at the same prices),
 //! and `/v1/tasks/{id}` to poll any job. Errors on `/v1` take OpenAI's
 //! shape `{"error": {"message", "type", "code"}}` ([`reshape_errors`]).
@@ -9,6 +10,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
+use base64::Engine as _;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
@@ -20,6 +22,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voxgate_agents::llm::{ChatMessage, Generation, LocalLlm};
+use voxgate_agents::embed::EMBEDDING_MODEL;
 use voxgate_agents::{Role, LOCAL_LLM};
 
 use super::generate::submit_job;
@@ -86,6 +89,9 @@ pub async fn list_models(State(state): State<AppState>, Auth(_auth): Auth) -> Re
         }
         for m in engines.tts_models() {
             push(m, "voxgate", "audio");
+        }
+        if engines.embedder().is_some() {
+            push(EMBEDDING_MODEL, "voxgate", "embedding");
         }
     }
     for (model, channel) in state.jobs.channels.models() {
@@ -348,6 +354,82 @@ fn raw_chat_body(req: &ChatRequest) -> Value {
         }
     }
     body
+}
+
+/// OpenAI's embeddings request.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    model: String,
+    /// A string or a list of strings.
+    input: Value,
+    /// `float` (default) or `base64` (little-endian f32, as OpenAI sends it).
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+}
+
+/// Inputs of one embeddings request (OpenAI's limit).
+const MAX_INPUTS: usize = 2048;
+/// Inputs embedded per pass on the pool, so one large request does not
+/// hold a pool slot for long.
+const EMBED_BATCH: usize = 32;
+
+/// Embeddings from the local all-MiniLM-L6-v2 (384 dimensions, texts cut
+/// at 256 tokens as sentence-transformers does).
+pub async fn embeddings(State(state): State<AppState>, Auth(auth): Auth, ApiJson(req): ApiJson<EmbeddingsRequest>) -> Result<Response> {
+    auth.require(Scope::Generate)?;
+    let wanted = req.model.rsplit('/').next().unwrap_or_default().to_ascii_lowercase();
+    if wanted != EMBEDDING_MODEL {
+        return Err(Error::Unavailable(format!("embedding model '{}' is not available; this gateway serves {EMBEDDING_MODEL}", req.model)));
+    }
+    let texts: Vec<String> = match &req.input {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::bad_request("input must be a string or a list of strings (token arrays are not supported)")))
+            .collect::<Result<_>>()?,
+        _ => return Err(Error::bad_request("input must be a non-empty string or list of strings")),
+    };
+    if texts.len() > MAX_INPUTS {
+        return Err(Error::bad_request(format!("input may hold at most {MAX_INPUTS} texts (got {})", texts.len())));
+    }
+    if texts.iter().any(|t| t.is_empty()) {
+        return Err(Error::bad_request("input must not contain empty strings"));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(Error::bad_request(format!("encoding_format must be float or base64 (got '{other}')"))),
+    };
+    let engines = state.engines.get().await?;
+    let embedder = engines
+        .embedder()
+        .ok_or_else(|| Error::Unavailable(format!("embedding model {EMBEDDING_MODEL} is not installed; install it with scripts/setup")))?;
+    if req.dimensions.is_some_and(|d| d != embedder.dimensions()) {
+        return Err(Error::bad_request(format!("dimensions must be {} for {EMBEDDING_MODEL}", embedder.dimensions())));
+    }
+    let mut data = Vec::with_capacity(texts.len());
+    let mut tokens = 0;
+    for chunk in texts.chunks(EMBED_BATCH) {
+        let (embedder, chunk) = (embedder.clone(), chunk.to_vec());
+        let out = engines.pool().run(move || embedder.embed(&chunk)).await.and_then(|r| r).map_err(|e| Error::Internal(e.into()))?;
+        tokens += out.tokens;
+        for v in out.vectors {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            data.push(json!({ "object": "embedding", "index": data.len(), "embedding": embedding }));
+        }
+    }
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": EMBEDDING_MODEL,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    }))
+    .into_response())
 }
 
 /// OpenAI's image request; the gateway queues it as an `image` job.
