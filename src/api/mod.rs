@@ -55,6 +55,19 @@ impl Modify for SecuritySchemes {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("sk_live_...").build()),
         );
         components.add_security_scheme("x-api-key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))));
+        // The guard answers these for every route behind it.
+        let error = |what: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(what)
+                .content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody"))).build())
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete].into_iter().flatten() {
+                op.responses.responses.entry("401".into()).or_insert_with(|| error("Missing, invalid or revoked API key").into());
+                op.responses.responses.entry("429".into()).or_insert_with(|| error("Rate limited; see Retry-After").into());
+            }
+        }
     }
 }
 
