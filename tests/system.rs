@@ -64,6 +64,21 @@ async fn openapi_lists_every_route() {
         "GET /api/voice-agent/calls",
         "GET /api/voice-agent/calls/{id}",
         "POST /api/voice-agent/calls/{id}/hangup",
+        "POST /api/generate/image",
+        "POST /api/generate/video",
+        "POST /api/generate/voice",
+        "POST /api/generate/voice-clone",
+        "POST /api/generate/avatar",
+        "POST /api/generate/clip",
+        "POST /api/generate/b-roll",
+        "POST /api/generate/text2video",
+        "POST /api/generate/commercial",
+        "POST /api/generate/translate",
+        "POST /api/generate/instant-ad",
+        "POST /api/generate/photoshoot",
+        "GET /api/jobs",
+        "GET /api/jobs/{id}",
+        "GET /api/webhooks/deliveries",
     ]
     .into_iter()
     .map(String::from)

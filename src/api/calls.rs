@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
-use super::json::{ok, ApiJson, Data};
+use super::json::{ok, page_limit, ApiJson, Data};
 use crate::auth::Auth;
 use crate::billing::ledger::IdempotencyKey;
 use crate::domain::{AgentId, CallId, PhoneNumber, Scope};
@@ -164,10 +164,7 @@ impl ListQuery {
                 return Err(Error::bad_request(format!("status '{s}' is not one of {}", STATUSES.join(", "))));
             }
         }
-        let limit = self.limit.unwrap_or(50);
-        if !(1..=100).contains(&limit) {
-            return Err(Error::bad_request(format!("limit must be 1-100 (got {limit})")));
-        }
+        let limit = page_limit(self.limit, 50)?;
         let agent = match &self.agent_id {
             Some(a) => Some(a.parse().map_err(|_| Error::bad_request(format!("agentId '{a}' is not a UUID")))?),
             None => None,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
-use super::json::{ok, Data};
+use super::json::{ok, page_limit, Data};
 use crate::auth::Auth;
 use crate::clock::{now_ms, rfc3339};
 use crate::domain::{Cursor, Scope};
@@ -119,14 +119,10 @@ pub async fn list_jobs(
     if let Some(id) = &q.id {
         return Ok(ok(JobView::new(queue::get(&state.db, auth.account_id, id).await?, &state.jobs.storage)));
     }
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(Error::bad_request(format!("limit must be 1-100 (got {limit})")));
-    }
     let filter = JobFilter {
         status: q.status.as_deref().map(str::parse).transpose()?,
         kind: q.kind.as_deref().map(str::parse).transpose()?,
-        limit,
+        limit: page_limit(q.limit, 20)?,
         cursor: q.cursor.as_deref().map(Cursor::decode).transpose()?,
     };
     let (jobs, next) = queue::list(&state.db, auth.account_id, &filter).await?;

@@ -57,3 +57,12 @@ pub fn ok<T: Serialize>(value: T) -> Response {
 pub fn created<T: Serialize>(value: T) -> Response {
     (StatusCode::CREATED, Json(Data { data: value })).into_response()
 }
+
+/// The page size of a list query: `default` when absent, else 1-100.
+pub fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, Error> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=100).contains(&limit) {
+        return Err(Error::bad_request(format!("limit must be 1-100 (got {limit})")));
+    }
+    Ok(limit)
+}

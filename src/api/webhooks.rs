@@ -7,6 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::json::page_limit;
 use crate::auth::Auth;
 use crate::domain::{Cursor, Scope};
 use crate::error::ErrorBody;
@@ -39,10 +40,7 @@ pub async fn list_deliveries(
 ) -> Result<Response> {
     auth.require(Scope::Settings)?;
     let Query(q) = query.map_err(|e| Error::bad_request(format!("invalid query: {}", e.body_text())))?;
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(Error::bad_request(format!("limit must be 1-100 (got {limit})")));
-    }
+    let limit = page_limit(q.limit, 20)?;
     let cursor = q.cursor.as_deref().map(Cursor::decode).transpose()?;
     let (data, next) = deliveries::list(&state.db, auth.account_id, limit, cursor.as_ref()).await?;
     Ok(Json(DeliveryPage { data, next_cursor: next.map(|c| c.encode()) }).into_response())

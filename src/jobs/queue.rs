@@ -321,13 +321,19 @@ pub async fn complete(db: &Db, hooks: &Webhooks, job: &Job, node: &str, done: Fi
         "createdAt": rfc3339(job.created_at),
         "completedAt": rfc3339(now),
     });
-    let account: AccountId = job.account_id.parse()?;
-    let queued = webhooks::enqueue_in(&mut tx, account, "job.completed", data).await?;
+    announce(tx, hooks, job.account_id.parse()?, "job.completed", data).await?;
+    Ok(true)
+}
+
+/// Queues the webhook of a job's end in the transaction that ends it, and
+/// commits.
+async fn announce(mut tx: sqlx::Transaction<'_, sqlx::Any>, hooks: &Webhooks, account: AccountId, event: &str, data: Value) -> Result<()> {
+    let queued = webhooks::enqueue_in(&mut tx, account, event, data).await?;
     tx.commit().await?;
     if queued {
         hooks.notify();
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Ends the job as failed, refunds its cost (once: the ledger key is the
@@ -367,10 +373,6 @@ pub async fn fail(db: &Db, hooks: &Webhooks, job: &Job, node: &str) -> Result<bo
         "createdAt": rfc3339(job.created_at),
         "failedAt": rfc3339(now),
     });
-    let queued = webhooks::enqueue_in(&mut tx, account, "job.failed", data).await?;
-    tx.commit().await?;
-    if queued {
-        hooks.notify();
-    }
+    announce(tx, hooks, account, "job.failed", data).await?;
     Ok(true)
 }
