@@ -512,3 +512,23 @@ async fn v1_gateway_queues_tasks_polls_them_and_speaks_openai_errors() {
     let resp = server.http.get(server.url("/v1/models")).header("x-api-key", &key).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sixth_generation_request_in_ten_seconds_is_429_and_not_charged() {
+    let up = FakeUpstream::start().await;
+    let config = format!("{TRUST_LOOPBACK}{}", channel("oa", "openai", &up.openai_url(), &["flux-2-dev"], 0));
+    let server = TestServer::start_configured(&config, &[]).await;
+    let (_, key) = server.account("enterprise", 1000);
+    for remaining in (0..5).rev() {
+        let resp = server.post("/api/generate/image", &key, json!({"prompt": "a"})).await;
+        assert_eq!(resp.headers()["x-ratelimit-limit"], "5");
+        assert_eq!(resp.headers()["x-ratelimit-remaining"], remaining.to_string().as_str());
+        assert_eq!(resp.status(), 200);
+    }
+    let refused = server.post("/api/generate/image", &key, json!({"prompt": "a"})).await;
+    assert!(refused.headers().get("retry-after").is_some());
+    expect_error(refused, 429, "RATE_LIMITED").await;
+    assert_eq!(balance(&server, &key).await, 1000 - 5 * 10, "the refused request cost nothing");
+    // Reads have their own quota.
+    assert_eq!(server.get("/api/jobs", &key).await.status(), 200);
+}
