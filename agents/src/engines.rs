@@ -44,6 +44,21 @@ pub struct EnginesConfig {
     pub kokoro: Option<HostedTtsConfig>,
 }
 
+impl EnginesConfig {
+    /// The hosted voices that are configured.
+    pub fn hosted_tts(&self) -> impl Iterator<Item = (HostedTtsKind, &HostedTtsConfig)> {
+        [(HostedTtsKind::ElevenLabs, &self.elevenlabs), (HostedTtsKind::FishAudio, &self.fish_audio), (HostedTtsKind::Kokoro, &self.kokoro)]
+            .into_iter()
+            .filter_map(|(kind, c)| c.as_ref().map(|c| (kind, c)))
+    }
+
+    /// Whether `tts_model` names an engine of this configuration (a local
+    /// one, or a configured hosted one), known without loading any model.
+    pub fn has_tts(&self, tts_model: &str) -> bool {
+        tts_model == PIPER || tts_model == ESPEAK || self.hosted_tts().any(|(kind, _)| kind.model_name() == tts_model)
+    }
+}
+
 impl Default for EnginesConfig {
     fn default() -> Self {
         EnginesConfig {
@@ -138,14 +153,7 @@ impl Engines {
         let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
         let http = reqwest::Client::new();
         let remote_llms = config.remote_llms.iter().cloned().map(|c| RemoteLlm::new(c, http.clone())).collect();
-        let hosted_tts = [
-            (HostedTtsKind::ElevenLabs, &config.elevenlabs),
-            (HostedTtsKind::FishAudio, &config.fish_audio),
-            (HostedTtsKind::Kokoro, &config.kokoro),
-        ]
-        .into_iter()
-        .filter_map(|(kind, c)| c.clone().map(|c| HostedTts::new(kind, c, http.clone())))
-        .collect();
+        let hosted_tts = config.hosted_tts().map(|(kind, c)| HostedTts::new(kind, c.clone(), http.clone())).collect();
         Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, embedder, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
     }
 

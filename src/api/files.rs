@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::clock::now_ms;
+use crate::jobs::storage::media_type_of;
 use crate::state::AppState;
 use crate::{Error, Result};
 
@@ -31,16 +32,7 @@ pub async fn download(
     let path = storage.path(&key)?;
     let file = tokio::fs::File::open(&path).await.map_err(|_| Error::not_found("file"))?;
     let len = file.metadata().await.map_err(|e| Error::Internal(e.into()))?.len();
-    let content_type = match path.extension().and_then(|e| e.to_str()) {
-        Some("png") => "image/png",
-        Some("jpg") => "image/jpeg",
-        Some("webp") => "image/webp",
-        Some("mp4") => "video/mp4",
-        Some("webm") => "video/webm",
-        Some("wav") => "audio/wav",
-        Some("mp3") => "audio/mpeg",
-        _ => "application/octet-stream",
-    };
+    let content_type = media_type_of(path.extension().and_then(|e| e.to_str()).unwrap_or_default());
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [

@@ -56,8 +56,7 @@ pub struct JobView {
 
 impl JobView {
     pub fn new(job: Job, storage: &Storage) -> Self {
-        let now = now_ms() / 1000;
-        let output_urls: Vec<String> = job.outputs.iter().map(|k| storage.signed_url(k, now)).collect();
+        let output_urls = storage.signed_urls(&job.outputs, now_ms() / 1000);
         let finished = job.finished_at.map(rfc3339);
         JobView {
             job_id: job.id.clone(),

@@ -190,15 +190,26 @@ enum Piece {
     Failed(String),
 }
 
+/// OpenAI's `finish_reason`: the token budget ran out, or the model stopped.
+fn finish_reason(length: bool) -> &'static str {
+    if length {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
 /// A chat completion, streamed (`stream: true`, server-sent events) or not.
 pub async fn chat_completions(State(state): State<AppState>, Auth(auth): Auth, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response> {
     auth.require(Scope::Generate)?;
     let msgs = messages(&req)?;
     let opts = generation(&req)?;
-    let engines = if req.model == LOCAL_LLM { state.engines.get().await.ok() } else { None };
-    if let Some(llm) = engines.as_ref().and_then(|e| e.local_llm()) {
-        let engines = engines.clone().expect("checked above");
-        return local_chat(engines, llm, req, msgs, opts).await;
+    if req.model == LOCAL_LLM {
+        if let Ok(engines) = state.engines.get().await {
+            if let Some(llm) = engines.local_llm() {
+                return local_chat(engines, llm, req, msgs, opts).await;
+            }
+        }
     }
     relay_chat(&state, req).await
 }
@@ -221,11 +232,9 @@ async fn local_chat(
     let cancel = CancellationToken::new();
     let seed = req.seed.unwrap_or_else(rand::random);
     {
-        let (tx, cancel, pool) = (tx.clone(), cancel.clone(), engines.clone());
+        let (tx, job_tx, job_cancel) = (tx.clone(), tx.clone(), cancel.clone());
         tokio::spawn(async move {
-            let job_tx = tx.clone();
-            let job_cancel = cancel.clone();
-            let run = pool.pool().run(move || {
+            let run = engines.pool().run(move || {
                 let mut conv = llm.conversation(seed);
                 let result = llm.generate_with(&mut conv, &msgs, opts, &job_cancel, |t| {
                     // A client that went away stops the generation.
@@ -252,7 +261,7 @@ async fn local_chat(
         let (finish, completion) = loop {
             match rx.recv().await {
                 Some(Piece::Text(t)) => text.push_str(&t),
-                Some(Piece::End { length, completion_tokens }) => break (if length { "length" } else { "stop" }, completion_tokens),
+                Some(Piece::End { length, completion_tokens }) => break (finish_reason(length), completion_tokens),
                 Some(Piece::Failed(e)) => return Err(Error::Internal(anyhow::anyhow!("local LLM: {e}"))),
                 None => return Err(Error::Internal(anyhow::anyhow!("local LLM stopped without an answer"))),
             }
@@ -279,7 +288,7 @@ async fn local_chat(
             let event = match piece {
                 Piece::Text(t) => chunk(json!({ "content": t }), None),
                 Piece::End { length, completion_tokens } => {
-                    let _ = send(chunk(json!({}), Some(if length { "length" } else { "stop" }))).await;
+                    let _ = send(chunk(json!({}), Some(finish_reason(length)))).await;
                     if include_usage {
                         let mut u = chunk(json!({}), None);
                         u["choices"] = json!([]);
@@ -542,8 +551,7 @@ pub async fn get_task(State(state): State<AppState>, Auth(auth): Auth, Path(id):
     let job = queue::get(&state.db, auth.account_id, &id).await?;
     let mut v = task(&job);
     v["progress"] = json!(job.progress);
-    let now = unix_now();
-    let urls: Vec<String> = job.outputs.iter().map(|k| state.jobs.storage.signed_url(k, now)).collect();
+    let urls = state.jobs.storage.signed_urls(&job.outputs, unix_now());
     match job.status {
         JobStatus::Completed => {
             v["completed_at"] = json!(job.finished_at.map(|t| t / 1000));

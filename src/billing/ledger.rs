@@ -66,7 +66,7 @@ impl IdempotencyKey {
         &self.0
     }
 
-    pub(crate) fn refund_key(&self) -> String {
+    fn refund_key(&self) -> String {
         format!("refund:{}", self.0)
     }
 }

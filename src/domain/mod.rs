@@ -9,7 +9,7 @@ mod plan;
 mod scope;
 
 pub use credits::Credits;
-pub use cursor::Cursor;
+pub use cursor::{page, Cursor};
 pub use ids::{AccountId, AgentId, CallId, KeyId};
 pub use phone::PhoneNumber;
 pub use plan::Plan;

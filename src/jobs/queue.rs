@@ -22,7 +22,7 @@ use super::{JobKind, JobStatus, FAILED_MESSAGE};
 use crate::billing::ledger::{self, DebitIn, IdempotencyKey, Reason};
 use crate::clock::{now_ms, rfc3339};
 use crate::db::{Backend, Db};
-use crate::domain::{AccountId, Credits, Cursor};
+use crate::domain::{page, AccountId, Credits, Cursor};
 use crate::webhooks::{self, Webhooks};
 use crate::{Error, Result};
 
@@ -188,10 +188,7 @@ pub async fn list(db: &Db, account: AccountId, f: &JobFilter) -> Result<(Vec<Job
             sql.push_str(&format!(" AND {column} = ${n}"));
         }
     }
-    if f.cursor.is_some() {
-        sql.push_str(&format!(" AND (created_at < ${} OR (created_at = ${} AND id < ${}))", n + 1, n + 1, n + 2));
-    }
-    sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {}", f.limit + 1));
+    sql.push_str(&Cursor::sql_page(f.cursor.as_ref(), n, f.limit));
     let mut q = sqlx::query(&sql).bind(account.to_string());
     if let Some(s) = f.status {
         q = q.bind(s.as_str());
@@ -203,15 +200,11 @@ pub async fn list(db: &Db, account: AccountId, f: &JobFilter) -> Result<(Vec<Job
         q = q.bind(c.created_at).bind(c.id.clone());
     }
     let rows = q.fetch_all(&db.pool).await?;
-    let more = rows.len() > f.limit as usize;
-    let mut page = Vec::new();
-    let mut last = None;
-    for row in rows.iter().take(f.limit as usize) {
+    page(&rows, f.limit, |row| {
         let job = from_row(row)?;
-        last = Some(Cursor { created_at: job.created_at, id: job.id.clone() });
-        page.push(job);
-    }
-    Ok((page, if more { last } else { None }))
+        let cursor = Cursor { created_at: job.created_at, id: job.id.clone() };
+        Ok((job, cursor))
+    })
 }
 
 /// Takes the oldest due job (queued, or processing with an expired lease)
@@ -263,14 +256,16 @@ pub async fn set_upstream(db: &Db, id: &str, node: &str, upstream: &Submitted) -
     Ok(n == 1)
 }
 
-/// Puts the job back in the queue to run after `delay_ms` (a retryable
-/// failure with attempts left).
-pub async fn retry_later(db: &Db, id: &str, node: &str, delay_ms: i64) -> Result<bool> {
+/// Puts the job back in the queue to run after `delay_ms`: a retryable
+/// failure with attempts left, or (`spend_attempt` false) a job this process
+/// gives back because it is stopping, which must not cost the job a run.
+pub async fn requeue(db: &Db, id: &str, node: &str, delay_ms: i64, spend_attempt: bool) -> Result<bool> {
     let n = sqlx::query(
-        "UPDATE jobs SET status = 'queued', run_after = $1, locked_by = NULL, locked_until = NULL \
-         WHERE id = $2 AND status = 'processing' AND locked_by = $3",
+        "UPDATE jobs SET status = 'queued', run_after = $1, attempts = attempts - $2, locked_by = NULL, locked_until = NULL \
+         WHERE id = $3 AND status = 'processing' AND locked_by = $4",
     )
     .bind(now_ms() + delay_ms)
+    .bind(i64::from(!spend_attempt))
     .bind(id)
     .bind(node)
     .execute(&db.pool)

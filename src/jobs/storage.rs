@@ -106,6 +106,11 @@ impl Storage {
         format!("{}/files/{key}?expires={expires}&sig={}", self.base, hex::encode(self.mac(key, expires).finalize().into_bytes()))
     }
 
+    /// URLs for every key in `keys` (a job's outputs).
+    pub fn signed_urls(&self, keys: &[String], now_secs: i64) -> Vec<String> {
+        keys.iter().map(|k| self.signed_url(k, now_secs)).collect()
+    }
+
     /// 403 unless `sig` signs `key` until `expires` and that is not past.
     pub fn verify(&self, key: &str, expires: i64, sig: &str, now_secs: i64) -> Result<()> {
         let sig = hex::decode(sig).map_err(|_| forbidden())?;
@@ -124,6 +129,30 @@ impl Storage {
         mac.update(expires.to_string().as_bytes());
         mac
     }
+}
+
+/// File extensions of the media types outputs are kept as; the first
+/// entry of an extension is the type it is served with.
+const MEDIA_TYPES: &[(&str, &str)] = &[
+    ("png", "image/png"),
+    ("jpg", "image/jpeg"),
+    ("webp", "image/webp"),
+    ("mp4", "video/mp4"),
+    ("webm", "video/webm"),
+    ("wav", "audio/wav"),
+    ("wav", "audio/x-wav"),
+    ("wav", "audio/wave"),
+    ("mp3", "audio/mpeg"),
+];
+
+/// The extension a file of `content_type` is stored with (`bin` if unknown).
+pub fn extension_for(content_type: &str) -> &'static str {
+    MEDIA_TYPES.iter().find(|(_, t)| *t == content_type).map_or("bin", |(e, _)| e)
+}
+
+/// The type a stored file is served with, from its extension.
+pub fn media_type_of(extension: &str) -> &'static str {
+    MEDIA_TYPES.iter().find(|(e, _)| *e == extension).map_or("application/octet-stream", |(_, t)| t)
 }
 
 fn forbidden() -> Error {
@@ -215,6 +244,15 @@ mod tests {
         assert!(s.verify("jobs/a/output.png", exp, "zz", 1_000).is_err(), "not hex");
         // The key persists: a second process signs alike.
         assert_eq!(storage(dir.path()).signed_url("k", 5), s.signed_url("k", 5));
+    }
+
+    #[test]
+    fn media_types_and_extensions_agree() {
+        for ty in ["image/png", "image/jpeg", "video/mp4", "audio/wav", "audio/mpeg"] {
+            assert_eq!(media_type_of(extension_for(ty)), ty);
+        }
+        assert_eq!(extension_for("audio/x-wav"), "wav");
+        assert_eq!((extension_for("text/html"), media_type_of("bin")), ("bin", "application/octet-stream"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::channels::{Channels, Fetch, Poll, Submitted, UpstreamError};
 use super::queue::{self, Finished, Job};
-use super::storage::Storage;
+use super::storage::{extension_for, Storage};
 use super::JobKind;
 use crate::clock::now_ms;
 use crate::db::Db;
@@ -180,23 +180,14 @@ impl Jobs {
                 }
             }
             Err(RunError::LeaseLost) => tracing::warn!("lease lost; another worker has the job"),
-            Err(RunError::Stopping) => {
-                // Given back without spending an attempt: the stop is ours.
-                let _ = sqlx::query(
-                    "UPDATE jobs SET status = 'queued', attempts = attempts - 1, locked_by = NULL, locked_until = NULL, run_after = $1 \
-                     WHERE id = $2 AND status = 'processing' AND locked_by = $3",
-                )
-                .bind(now_ms())
-                .bind(&job.id)
-                .bind(&self.node)
-                .execute(&self.db.pool)
-                .await;
-                tracing::info!("process stopping; job returned to the queue");
-            }
+            Err(RunError::Stopping) => match queue::requeue(&self.db, &job.id, &self.node, 0, false).await {
+                Ok(_) => tracing::info!("process stopping; job returned to the queue"),
+                Err(e) => tracing::warn!(error = %e, "job not returned to the queue; it runs again when its lease ends"),
+            },
             Err(RunError::Upstream(UpstreamError::Retryable(reason))) if job.attempts < job.max_attempts => {
                 let delay = self.config.retry_backoff_secs.get(job.attempts as usize - 1).or(self.config.retry_backoff_secs.last()).copied().unwrap_or(0);
                 tracing::warn!(%reason, retry_in_secs = delay, "job run failed; it will run again");
-                if let Err(e) = queue::retry_later(&self.db, &job.id, &self.node, delay as i64 * 1000).await {
+                if let Err(e) = queue::requeue(&self.db, &job.id, &self.node, delay as i64 * 1000, true).await {
                     tracing::error!(error = %e, "job not requeued; it runs again when its lease ends");
                 }
             }
@@ -438,16 +429,7 @@ fn default_type(job: &Job) -> String {
 }
 
 fn output_key(job: &Job, i: usize, many: bool, content_type: &str) -> String {
-    let ext = match content_type {
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        "image/webp" => "webp",
-        "video/mp4" => "mp4",
-        "video/webm" => "webm",
-        "audio/wav" | "audio/x-wav" | "audio/wave" => "wav",
-        "audio/mpeg" => "mp3",
-        _ => "bin",
-    };
+    let ext = extension_for(content_type);
     let name = if many { format!("output-{}.{ext}", i + 1) } else { format!("output.{ext}") };
     Storage::job_key(&job.id, &name)
 }

@@ -18,6 +18,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::db::{is_unique_violation, Db};
 use crate::domain::{AccountId, AgentId, CallId, PhoneNumber};
 pub use crate::domain::Cursor;
+use crate::domain::page;
 use crate::{Error, Result};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -289,10 +290,7 @@ pub async fn list(db: &Db, account: AccountId, f: &CallFilter) -> Result<(Vec<Ca
             sql.push_str(&format!(" AND {column}${n}"));
         }
     }
-    if f.cursor.is_some() {
-        sql.push_str(&format!(" AND (created_at < ${} OR (created_at = ${} AND id < ${}))", n + 1, n + 1, n + 2));
-    }
-    sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {}", f.limit + 1));
+    sql.push_str(&Cursor::sql_page(f.cursor.as_ref(), n, f.limit));
     let mut q = sqlx::query(&sql).bind(account.to_string());
     if let Some(s) = &f.status {
         q = q.bind(s.clone());
@@ -310,14 +308,7 @@ pub async fn list(db: &Db, account: AccountId, f: &CallFilter) -> Result<(Vec<Ca
         q = q.bind(c.created_at).bind(c.id.clone());
     }
     let rows = q.fetch_all(&db.pool).await?;
-    let more = rows.len() > f.limit as usize;
-    let mut page = Vec::with_capacity(rows.len().min(f.limit as usize));
-    let mut last = None;
-    for row in rows.iter().take(f.limit as usize) {
-        last = Some(Cursor { created_at: row.try_get("created_at")?, id: row.try_get("id")? });
-        page.push(from_row(row)?);
-    }
-    Ok((page, if more { last } else { None }))
+    page(&rows, f.limit, |row| Ok((from_row(row)?, Cursor { created_at: row.try_get("created_at")?, id: row.try_get("id")? })))
 }
 
 /// A change in a call's life, applied by the call writer.

@@ -22,13 +22,7 @@ impl SpeechEngines {
     /// Whether `model` is a speech engine of this process (local, or hosted
     /// and configured) -- known without loading the models.
     pub fn has_tts(&self, model: &str) -> bool {
-        match model {
-            voxgate_agents::PIPER | voxgate_agents::ESPEAK => true,
-            "kokoro" => self.config.kokoro.is_some(),
-            "elevenlabs-v3" => self.config.elevenlabs.is_some(),
-            "fish-audio-s1" => self.config.fish_audio.is_some(),
-            _ => false,
-        }
+        self.config.has_tts(model)
     }
 
     /// The engines, loading them on first use. A failed load is remembered
