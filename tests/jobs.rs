@@ -502,6 +502,11 @@ async fn v1_gateway_queues_tasks_polls_them_and_speaks_openai_errors() {
     let (status, body) = json(server.post("/v1/images/generations", &key, json!({"prompt": "a", "size": "huge"})).await).await;
     assert_eq!(status, 400);
     openai_error(&body, "invalid_request");
+    for bad in [json!({"prompt": "a", "size": "640x480"}), json!({"prompt": "a", "seconds": "eight"}), json!({"prompt": "a", "callback_url": "https://1.1.1.1/h"})] {
+        let (status, body) = json(server.post("/v1/videos", &key, bad).await).await;
+        assert_eq!(status, 400, "{body}");
+        openai_error(&body, "invalid_request");
+    }
     let (status, body) = json(server.post("/v1/chat/completions", &key, json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]})).await).await;
     assert_eq!(status, 503);
     openai_error(&body, "service_unavailable");
