@@ -16,6 +16,7 @@ use voxgate_sip::SipConfig;
 use crate::jobs::channels::ChannelConfig;
 use crate::jobs::storage::StorageConfig;
 use crate::jobs::worker::JobsConfig;
+use crate::voice::twilio::CarrierConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +49,13 @@ pub struct Config {
     pub channels: Vec<ChannelConfig>,
     /// Where job outputs are kept and how their URLs are signed (`[storage]`).
     pub storage: StorageConfig,
+    /// The URL CPaaS providers reach this node at (`https://voice.example.com`):
+    /// media stream URLs (`wss://`) and status callbacks are built on it.
+    /// Default: the address the API listens on, which only local peers reach.
+    pub public_url: Option<String>,
+    /// CPaaS accounts that place outbound calls over media streams
+    /// (`[[carriers]]`, kind `twilio`); their names are trunk names.
+    pub carriers: Vec<CarrierConfig>,
 }
 
 /// `[calls]`: the call manager's limits and billing clock.
@@ -69,6 +77,8 @@ pub struct CallsConfig {
     pub shutdown_grace_secs: u64,
     /// Load the speech models at start-up instead of at the first agent.
     pub preload_models: bool,
+    /// A media stream URL must be connected within this many seconds.
+    pub stream_connect_secs: u64,
     /// Load testing of the media engine alone: answered calls send the
     /// caller's audio straight back instead of running the agent (no models
     /// are needed). Never for real callers.
@@ -85,6 +95,7 @@ impl Default for CallsConfig {
             closing_line: "I'm sorry, but I have to end the call here. Goodbye.".into(),
             shutdown_grace_secs: 30,
             preload_models: true,
+            stream_connect_secs: 60,
             echo: false,
         }
     }
@@ -178,6 +189,8 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             channels: Vec::new(),
             storage: StorageConfig::default(),
+            public_url: None,
+            carriers: Vec::new(),
         }
     }
 }
@@ -242,6 +255,24 @@ impl Config {
         anyhow::ensure!(self.storage.url_ttl_secs > 0, "storage.url_ttl_secs must be at least 1");
         for trunk in &self.sip.trunks {
             anyhow::ensure!(!trunk.name.is_empty(), "sip.trunks: every trunk needs a name");
+        }
+        anyhow::ensure!(self.calls.stream_connect_secs > 0, "calls.stream_connect_secs must be at least 1");
+        if let Some(url) = &self.public_url {
+            let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("public_url: {e}"))?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "http" | "https") && parsed.path() == "/" && parsed.query().is_none(),
+                "public_url must be http(s)://host[:port] with no path"
+            );
+        }
+        for c in &self.carriers {
+            anyhow::ensure!(!c.name.is_empty(), "carriers: every carrier needs a name");
+            anyhow::ensure!(
+                !self.sip.trunks.iter().any(|t| t.name == c.name),
+                "carriers: '{}' is also a SIP trunk's name",
+                c.name
+            );
+            anyhow::ensure!(!c.account_sid.is_empty() && !c.auth_token.is_empty(), "carriers.{}: account_sid and auth_token are required", c.name);
+            crate::domain::PhoneNumber::parse("from", &c.from).map_err(|e| anyhow::anyhow!("carriers.{}: {e}", c.name))?;
         }
         Ok(())
     }

@@ -25,6 +25,9 @@ pub enum Error {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request conflicts with the object's state.
+    #[error("{0}")]
+    Conflict(String),
     #[error("Too many requests")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
@@ -53,6 +56,7 @@ impl Error {
             Error::Forbidden(_) => "FORBIDDEN",
             Error::NotFound(_) => "NOT_FOUND",
             Error::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Error::Conflict(_) => "CONFLICT",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Error::Database(e) if is_pool_exhausted(e) => "SERVICE_UNAVAILABLE",
@@ -68,6 +72,7 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Database(e) if is_pool_exhausted(e) => StatusCode::SERVICE_UNAVAILABLE,
@@ -97,7 +102,7 @@ pub struct ErrorBody {
     /// Human-readable message.
     pub error: String,
     /// `BAD_REQUEST`, `UNAUTHORIZED`, `PAYMENT_REQUIRED`, `FORBIDDEN`,
-    /// `NOT_FOUND`, `RATE_LIMITED`, `INTERNAL_ERROR` or `SERVICE_UNAVAILABLE`.
+    /// `NOT_FOUND`, `CONFLICT`, `RATE_LIMITED`, `INTERNAL_ERROR` or `SERVICE_UNAVAILABLE`.
     pub code: String,
 }
 

@@ -22,7 +22,9 @@ use crate::net::ssrf::SsrfGuard;
 use crate::state::AppState;
 use crate::voice::engines::SpeechEngines;
 use crate::voice::manager::{CallManager, Dependencies};
+use crate::voice::streams::Streams;
 use crate::webhooks::Webhooks;
+use voxgate_media::streams::StreamConfig;
 use voxgate_sip::SipAgent;
 
 /// Runs the server until a shutdown signal.
@@ -47,17 +49,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let webhook_task =
         tokio::spawn(crate::webhooks::sender::run(webhooks.clone(), config.webhooks.clone(), ssrf.clone(), shutdown.clone()));
     let metrics = Arc::new(Metrics::new().context("metrics registry")?);
+    // Bound before the storage is opened: output and stream URLs name the real port.
+    let listener = TcpListener::bind(config.bind).await.with_context(|| format!("cannot listen on {}", config.bind))?;
+    let local_base = format!("http://{}", listener.local_addr()?);
+    let storage = Storage::open(&config.storage, &local_base).context("job output storage")?;
+    let stream_config = StreamConfig {
+        connect_timeout: Duration::from_secs(config.calls.stream_connect_secs),
+        media_timeout: Duration::from_secs(config.sip.media_timeout_secs),
+    };
+    let streams = Streams::new(storage.clone(), config.public_url.as_deref().unwrap_or(&local_base), stream_config);
     let deps = Dependencies {
         trunks: config.sip.trunks.iter().map(|t| t.name.clone()).collect(),
+        carriers: config.carriers.clone(),
+        streams,
         sip: sip.clone(),
         engines: engines.clone(),
         webhooks: webhooks.clone(),
         metrics: metrics.clone(),
     };
     let (calls, writer_task) = CallManager::start(db.clone(), config.calls.clone(), config.node_id.clone(), deps).await?;
-    // Bound before the storage is opened: output URLs name the real port.
-    let listener = TcpListener::bind(config.bind).await.with_context(|| format!("cannot listen on {}", config.bind))?;
-    let storage = Storage::open(&config.storage, &format!("http://{}", listener.local_addr()?)).context("job output storage")?;
     let jobs = Jobs::new(
         db.clone(),
         webhooks.clone(),

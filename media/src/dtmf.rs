@@ -120,6 +120,26 @@ const ROWS: [f32; 4] = [697.0, 770.0, 852.0, 941.0];
 const COLS: [f32; 4] = [1209.0, 1336.0, 1477.0, 1633.0];
 const PAD: [[char; 4]; 4] = [['1', '2', '3', 'A'], ['4', '5', '6', 'B'], ['7', '8', '9', 'C'], ['*', '0', '#', 'D']];
 
+/// `duration_ms` of the key's two tones at `rate` (about -7 dBFS each,
+/// with a short ramp at both ends), followed by 50 ms of silence: in-band
+/// DTMF for a far end that takes key presses only as audio.
+pub fn key_tone(digit: char, duration_ms: u32, rate: u32) -> Option<Vec<i16>> {
+    let d = digit.to_ascii_uppercase();
+    let (r, c) = (0..4).flat_map(|r| (0..4).map(move |c| (r, c))).find(|&(r, c)| PAD[r][c] == d)?;
+    let n = (rate * duration_ms / 1000) as usize;
+    let ramp = (rate / 200) as usize;
+    let mut out: Vec<i16> = (0..n)
+        .map(|i| {
+            let t = i as f32 / rate as f32;
+            let env = (i.min(n - 1 - i) as f32 / ramp.max(1) as f32).min(1.0);
+            let s = (2.0 * PI * ROWS[r] * t).sin() + (2.0 * PI * COLS[c] * t).sin();
+            (s * 0.45 * env * 32767.0 / 2.0) as i16
+        })
+        .collect();
+    out.resize(n + (rate / 20) as usize, 0);
+    Some(out)
+}
+
 /// Power of `freq` in `block` (the Goertzel algorithm).
 fn goertzel(block: &[f32], freq: f32, rate: f32) -> f32 {
     let coeff = 2.0 * (2.0 * PI * freq / rate).cos();
@@ -260,5 +280,15 @@ mod tests {
             })
             .collect();
         assert!(det.push(&chord).is_empty());
+    }
+
+    #[test]
+    fn generated_tones_are_detected_in_band() {
+        for key in ['1', '5', '9', '#', '*', '0', 'D'] {
+            let pcm = key_tone(key, 100, 16_000).expect("a key");
+            let floats: Vec<f32> = pcm.iter().map(|s| f32::from(*s) / 32768.0).collect();
+            assert_eq!(ToneDetector::new(16_000).push(&floats), vec![key]);
+        }
+        assert!(key_tone('x', 100, 8000).is_none());
     }
 }

@@ -4,9 +4,9 @@
 //! G.711 and Opus codecs, resampling, RFC 4733 DTMF, WebSocket media streams
 //! and the WebRTC peer. Knows nothing of HTTP or SIP signalling.
 //!
-//! Present so far: [`g711`], [`jitter`], [`dtmf`], [`sdp`], [`resample`] and
-//! RTP [`session`]s with G.711. Opus comes with the rest of the issue "SIP
-//! user agent and RTP media engine".
+//! RTP legs are [`session`]s; WebSocket legs (Twilio, Telnyx, Plivo,
+//! Vonage media streams) are [`streams`]. Both hand the rest of the system
+//! the same [`session::MediaHandle`].
 
 pub mod dtmf;
 pub mod error;
@@ -15,5 +15,6 @@ pub mod jitter;
 pub mod resample;
 pub mod sdp;
 pub mod session;
+pub mod streams;
 
 pub use error::MediaError;

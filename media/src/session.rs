@@ -109,12 +109,14 @@ pub struct SessionStats {
     pub timed_out: bool,
 }
 
-enum Control {
+pub(crate) enum Control {
     Play(Vec<i16>),
     Flush,
     Dtmf(char),
     Remote(RemoteMedia),
     Direction(Direction),
+    /// End the leg from our side (a WebSocket stream sends its close frame).
+    Close,
 }
 
 /// A cloneable remote control of a running session.
@@ -122,7 +124,8 @@ enum Control {
 pub struct MediaControl {
     control: mpsc::Sender<Control>,
     stats: watch::Receiver<SessionStats>,
-    local: SocketAddr,
+    /// Our RTP address; `None` for legs that are not RTP.
+    local: Option<SocketAddr>,
 }
 
 /// What the rest of the system holds to use a running session: its
@@ -152,9 +155,19 @@ impl Default for SessionConfig {
 }
 
 impl MediaControl {
-    /// Where we receive RTP (for our SDP).
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn new(control: mpsc::Sender<Control>, stats: watch::Receiver<SessionStats>, local: Option<SocketAddr>) -> Self {
+        MediaControl { control, stats, local }
+    }
+
+    /// Where we receive RTP (for our SDP); `None` for a WebSocket stream.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local
+    }
+
+    /// Ends a WebSocket stream with a close frame; RTP legs end with their
+    /// signalling (BYE) instead, so for them this does nothing.
+    pub async fn close(&self) {
+        let _ = self.control.send(Control::Close).await;
     }
 
     /// Queues 16 kHz PCM to send, after whatever is queued.
@@ -189,6 +202,15 @@ impl MediaControl {
 }
 
 impl MediaHandle {
+    pub(crate) fn new(
+        control: MediaControl,
+        incoming: mpsc::Receiver<AudioFrame>,
+        events: mpsc::Receiver<MediaEvent>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        MediaHandle { control, incoming, events, task: Some(task) }
+    }
+
     /// Ends the session and waits for its task.
     pub async fn stop(mut self) {
         if let Some(task) = self.task.take() {
@@ -220,12 +242,7 @@ pub fn start(
     let (stats_tx, stats_rx) = watch::channel(SessionStats::default());
     let leg = Leg::new(sockets, remote, config, incoming_tx, events_tx, stats_tx)?;
     let task = tokio::spawn(leg.run(control_rx));
-    Ok(MediaHandle {
-        control: MediaControl { control: control_tx, stats: stats_rx, local },
-        incoming: incoming_rx,
-        events: events_rx,
-        task: Some(task),
-    })
+    Ok(MediaHandle::new(MediaControl::new(control_tx, stats_rx, Some(local)), incoming_rx, events_rx, task))
 }
 
 /// Opus encoder complexity (0-10). Measured here (`codec_cost` example):
@@ -452,6 +469,7 @@ impl Leg {
                 self.remote = Some(remote);
             }
             Control::Direction(d) => self.direction = d,
+            Control::Close => {}
         }
     }
 
@@ -770,7 +788,7 @@ mod tests {
         let stats = b.control.stats();
         assert_eq!(stats.jitter.lost, 0);
         assert!(stats.packets_received >= 60, "{stats:?}");
-        assert_eq!(stats.remote, Some(a.control.local_addr()));
+        assert_eq!(stats.remote, Some(a.control.local_addr().unwrap()));
         assert!(a.control.stats().packets_sent >= 60);
     }
 
@@ -840,7 +858,7 @@ mod tests {
             payload: Bytes::from(vec![0u8; 160]),
         };
         for _ in 0..5 {
-            stranger.send_to(&packet.marshal().unwrap(), b.control.local_addr()).await.unwrap();
+            stranger.send_to(&packet.marshal().unwrap(), b.control.local_addr().unwrap()).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(b.control.stats().ignored_packets, 5);
@@ -852,7 +870,7 @@ mod tests {
         let sock = ports.bind().await.unwrap();
         let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut h = start(sock, Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
-        let dest = h.control.local_addr();
+        let dest = h.control.local_addr().unwrap();
         // 1 s of a 1 kHz tone at 8 kHz in 30 ms PCMU packets, paced in real time.
         let tone8: Vec<i16> = (0..8000).map(|n| (8000.0 * (2.0 * std::f32::consts::PI * 1000.0 * n as f32 / 8000.0).sin()) as i16).collect();
         let sender = tokio::spawn(async move {
@@ -916,7 +934,7 @@ mod tests {
     async fn garbage_on_the_media_ports_changes_nothing() {
         let (a, mut b) = pair().await;
         let junk = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let target = b.control.local_addr();
+        let target = b.control.local_addr().unwrap();
         let rtcp_target = SocketAddr::new(target.ip(), target.port() + 1);
         for len in [0usize, 1, 11, 12, 13, 100, 1400] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();

@@ -57,6 +57,12 @@ pub struct Call {
 }
 
 impl Call {
+    /// A call leg another carrier runs (a CPaaS over a WebSocket media
+    /// stream): its events, its media, and where hang-up requests go.
+    pub fn new(call_id: String, events: mpsc::Receiver<CallEvent>, media: MediaHandle, hangup: mpsc::Sender<()>) -> Call {
+        Call { call_id, events, media, hangup }
+    }
+
     /// CANCEL before answer, BYE after.
     pub async fn hangup(&self) {
         let _ = self.hangup.send(()).await;

@@ -71,6 +71,10 @@ pub enum EndReason {
     Rejected,
     /// No response, or the transport failed.
     TransportError,
+    /// A WebSocket media stream broke its protocol and was closed.
+    StreamError,
+    /// The provider never connected the call's media stream.
+    NotConnected,
 }
 
 impl EndReason {
@@ -84,6 +88,8 @@ impl EndReason {
             EndReason::RingTimeout => "ring-timeout",
             EndReason::Rejected => "rejected",
             EndReason::TransportError => "transport-error",
+            EndReason::StreamError => "stream-error",
+            EndReason::NotConnected => "not-connected",
         }
     }
 }

@@ -19,7 +19,8 @@ use crate::error::ErrorBody;
 use crate::state::AppState;
 use crate::voice::agents;
 use crate::voice::calls::{self, CallFilter, CallRecord, Cursor};
-use crate::voice::manager::{Outbound, Placed};
+use crate::voice::manager::{Outbound, Placed, StreamCall};
+use voxgate_media::streams::protocol::Provider;
 use crate::{Error, Result};
 
 const METADATA_MAX_BYTES: usize = 4096;
@@ -65,33 +66,15 @@ pub async fn place_call(
     ApiJson(body): ApiJson<OutboundRequest>,
 ) -> Result<Response> {
     auth.require(Scope::Calls)?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let s = v.to_str().map_err(|_| Error::bad_request("Idempotency-Key must be printable ASCII"))?;
-            Some(IdempotencyKey::parse(s)?.as_str().to_owned())
-        }
-        None => None,
-    };
+    let idempotency_key = idempotency_key(&headers)?;
     let to = PhoneNumber::parse("phoneNumber", &body.phone_number)?;
     if let Some(t) = &body.trunk {
         if t.is_empty() || t.len() > TRUNK_MAX {
             return Err(Error::bad_request(format!("trunk must be 1-{TRUNK_MAX} characters")));
         }
     }
-    if let Some(m) = &body.metadata {
-        if !m.is_object() {
-            return Err(Error::bad_request("metadata must be a JSON object"));
-        }
-        let size = m.to_string().len();
-        if size > METADATA_MAX_BYTES {
-            return Err(Error::bad_request(format!("metadata must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size})")));
-        }
-    }
-    let agent_id: AgentId = body
-        .agent_id
-        .parse()
-        .map_err(|_| Error::bad_request(format!("agentId '{}' is not a UUID", body.agent_id)))?;
-    let agent = agents::get(&state.db, auth.account_id, agent_id).await?;
+    check_metadata(body.metadata.as_ref())?;
+    let agent = agent_of(&state, auth.account_id, &body.agent_id).await?;
     let placed = state
         .calls
         .place(Outbound {
@@ -119,6 +102,104 @@ pub async fn place_call(
         Placed::Replayed { id } => {
             let record = calls::get(&state.db, auth.account_id, id).await?;
             Ok(ok(OutboundResponse { call_id: record.id, status: record.status }))
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    match headers.get("idempotency-key") {
+        Some(v) => {
+            let s = v.to_str().map_err(|_| Error::bad_request("Idempotency-Key must be printable ASCII"))?;
+            Ok(Some(IdempotencyKey::parse(s)?.as_str().to_owned()))
+        }
+        None => Ok(None),
+    }
+}
+
+fn check_metadata(metadata: Option<&serde_json::Value>) -> Result<()> {
+    if let Some(m) = metadata {
+        if !m.is_object() {
+            return Err(Error::bad_request("metadata must be a JSON object"));
+        }
+        let size = m.to_string().len();
+        if size > METADATA_MAX_BYTES {
+            return Err(Error::bad_request(format!("metadata must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size})")));
+        }
+    }
+    Ok(())
+}
+
+async fn agent_of(state: &AppState, account: crate::domain::AccountId, raw: &str) -> Result<agents::Agent> {
+    let agent_id: AgentId = raw.parse().map_err(|_| Error::bad_request(format!("agentId '{raw}' is not a UUID")))?;
+    agents::get(&state.db, account, agent_id).await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamRequest {
+    /// The voice agent that talks on the call.
+    pub agent_id: String,
+    /// The CPaaS that will connect the stream: `twilio`, `telnyx`, `plivo`
+    /// or `vonage` (its message format).
+    pub provider: String,
+    /// The number the caller reached, E.164, if known (kept with the call).
+    pub to: Option<String>,
+    /// The caller's number, E.164, if known.
+    pub from: Option<String>,
+    /// Your own data, returned with the call and in its webhooks (a JSON
+    /// object of at most 4 KB).
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamResponse {
+    pub call_id: String,
+    /// Give this to the provider (TwiML `<Connect><Stream url>`, Telnyx
+    /// `stream_url`, Plivo `<Stream>`, Vonage NCCO `connect` websocket uri).
+    /// Null for a replay of the same `Idempotency-Key`.
+    pub url: Option<String>,
+    /// The provider must connect before this time (RFC 3339).
+    pub expires_at: Option<String>,
+    pub status: String,
+}
+
+/// Prepare a call that a CPaaS brings in over a WebSocket media stream:
+/// returns a signed, expiring stream URL for the provider. The call is
+/// answered when the provider's stream starts and billed like any call
+/// (10 credits per started minute of connected time).
+#[utoipa::path(post, path = "/api/voice-agent/calls/stream", tag = "voice-agent", request_body = StreamRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key returns the same call instead of preparing another")),
+    responses((status = 201, body = Data<StreamResponse>), (status = 200, description = "Replay of an Idempotency-Key", body = Data<StreamResponse>),
+        (status = 400, body = ErrorBody), (status = 402, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn place_stream_call(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<StreamRequest>,
+) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let provider: Provider = body.provider.parse().map_err(Error::BadRequest)?;
+    let to = body.to.as_deref().map(|t| PhoneNumber::parse("to", t)).transpose()?;
+    let from = body.from.as_deref().map(|f| PhoneNumber::parse("from", f)).transpose()?;
+    check_metadata(body.metadata.as_ref())?;
+    let agent = agent_of(&state, auth.account_id, &body.agent_id).await?;
+    let call = StreamCall { account: auth.account_id, agent, provider, to, from, metadata: body.metadata, idempotency_key };
+    match state.calls.place_stream(call).await? {
+        (Placed::New { id, .. }, Some(placed)) => {
+            let data = StreamResponse {
+                call_id: id.to_string(),
+                url: Some(placed.url),
+                expires_at: Some(crate::clock::rfc3339(placed.expires * 1000)),
+                status: "queued".into(),
+            };
+            Ok((StatusCode::CREATED, Json(Data { data })).into_response())
+        }
+        (Placed::New { id, .. } | Placed::Replayed { id }, _) => {
+            let record = calls::get(&state.db, auth.account_id, id).await?;
+            Ok(ok(StreamResponse { call_id: record.id, url: None, expires_at: None, status: record.status }))
         }
     }
 }

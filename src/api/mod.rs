@@ -9,6 +9,7 @@ mod jobs;
 mod guard;
 pub mod json;
 mod keys;
+mod media;
 mod openai;
 mod settings;
 mod system;
@@ -82,6 +83,7 @@ fn guarded_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(agents::list_agents, agents::create_agent))
         .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
         .routes(routes!(calls::place_call))
+        .routes(routes!(calls::place_stream_call))
         .routes(routes!(calls::list_calls))
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::hangup_call))
@@ -135,6 +137,9 @@ pub fn router(state: AppState) -> Router {
         .merge(guarded)
         .merge(public)
         .route("/files/{*key}", get(files::download))
+        .route("/media/{provider}", get(media::stream_query))
+        .route("/media/{provider}/{token}", get(media::stream))
+        .route("/carriers/twilio/{call}/status", post(media::twilio_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(openai::reshape_errors))
@@ -159,16 +164,24 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// One span per request; the key never appears (only its account, added by
-/// the guard), and neither does the query string.
+/// the guard), and neither does the query string nor a media stream's token.
 fn request_span(request: &Request) -> tracing::Span {
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
     tracing::info_span!(
         "request",
         method = %request.method(),
-        path = %request.uri().path(),
+        path = %loggable_path(request.uri().path()),
         request_id = %request_id,
         account_id = tracing::field::Empty,
     )
+}
+
+/// The path as logs may show it: `/media/{provider}/{token}` loses its token.
+fn loggable_path(path: &str) -> &str {
+    match path.strip_prefix("/media/").and_then(|rest| rest.find('/')) {
+        Some(i) => &path[..("/media/".len() + i)],
+        None => path,
+    }
 }
 
 async fn not_found() -> Error {
@@ -194,4 +207,14 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> HttpRespons
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
     Error::Internal(anyhow::anyhow!("handler panicked: {detail}")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stream_tokens_never_reach_the_request_log() {
+        assert_eq!(super::loggable_path("/media/twilio/abc.123.sig"), "/media/twilio");
+        assert_eq!(super::loggable_path("/media/twilio"), "/media/twilio");
+        assert_eq!(super::loggable_path("/api/jobs"), "/api/jobs");
+    }
 }

@@ -16,18 +16,23 @@ use utoipa::ToSchema;
 use crate::billing::ledger::Reason;
 use crate::clock::{now_ms, rfc3339};
 use crate::db::{is_unique_violation, Db};
-use crate::domain::{AccountId, AgentId, CallId, PhoneNumber};
+use crate::domain::{AccountId, AgentId, CallId};
 pub use crate::domain::Cursor;
 use crate::domain::page;
 use crate::{Error, Result};
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// An outbound call about to be admitted.
+/// A call about to be admitted.
 pub struct NewCall<'a> {
     pub account: AccountId,
     pub agent: AgentId,
-    pub to: &'a PhoneNumber,
+    /// `outbound` (counted in the hourly quota) or `inbound`.
+    pub direction: &'static str,
+    /// `sip`, or the CPaaS whose media stream carries the call.
+    pub carrier: &'a str,
+    /// E.164; unknown for a stream call the provider has not described.
+    pub to: Option<&'a str>,
     pub trunk: Option<&'a str>,
     pub from: Option<&'a str>,
     pub metadata: Option<&'a serde_json::Value>,
@@ -52,7 +57,7 @@ pub enum Admission {
     Replayed { id: CallId },
 }
 
-/// Admits an outbound call or refuses it (402 under `min_credits`, 429 over
+/// Admits a call or refuses it (402 under `min_credits`, 429 over
 /// the quota with the seconds until a slot frees).
 pub async fn admit(db: &Db, new: NewCall<'_>, hourly_limit: u32, min_credits: u64) -> Result<Admission> {
     let mut tx = db.pool.begin().await?;
@@ -101,13 +106,16 @@ pub async fn admit(db: &Db, new: NewCall<'_>, hourly_limit: u32, min_credits: u6
     let id = CallId::new();
     let metadata = new.metadata.map(|m| m.to_string());
     let inserted = sqlx::query(
-        "INSERT INTO calls (id, account_id, agent_id, direction, to_number, from_number, trunk, status, metadata, \
-         node_id, idempotency_key, created_at) VALUES ($1, $2, $3, 'outbound', $4, $5, $6, 'queued', $7, $8, $9, $10)",
+        "INSERT INTO calls (id, account_id, agent_id, direction, carrier, to_number, from_number, trunk, status, metadata, \
+         node_id, idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)",
     )
     .bind(id.to_string())
     .bind(new.account.to_string())
     .bind(new.agent.to_string())
-    .bind(new.to.as_str())
+    .bind(new.direction)
+    .bind(new.carrier)
+    // The column predates stream calls and is NOT NULL: '' is "unknown".
+    .bind(new.to.unwrap_or(""))
     .bind(new.from)
     .bind(new.trunk)
     .bind(metadata)
@@ -185,9 +193,13 @@ impl Latency {
 pub struct CallRecord {
     pub id: String,
     pub agent_id: String,
+    /// `outbound`, or `inbound` for a call a provider's stream brought in.
     pub direction: String,
-    /// The number called (E.164).
-    pub to: String,
+    /// `sip`, or the CPaaS whose media stream carries the call (`twilio`,
+    /// `telnyx`, `plivo`, `vonage`).
+    pub carrier: String,
+    /// The number called (E.164); null when a stream call did not say.
+    pub to: Option<String>,
     pub from: Option<String>,
     pub trunk: Option<String>,
     /// queued, ringing, in-progress, completed, busy, no-answer, canceled, failed.
@@ -212,7 +224,7 @@ pub struct CallRecord {
     pub latency: Latency,
 }
 
-const COLUMNS: &str = "id, agent_id, direction, to_number, from_number, trunk, status, end_reason, sip_code, \
+const COLUMNS: &str = "id, agent_id, direction, carrier, to_number, from_number, trunk, status, end_reason, sip_code, \
     sip_reason, metadata, created_at, ringing_at, answered_at, ended_at, billed_minutes, credits_charged, \
     transcript, latency";
 
@@ -231,7 +243,8 @@ fn from_row(row: &AnyRow) -> Result<CallRecord> {
         id: row.try_get("id")?,
         agent_id: row.try_get("agent_id")?,
         direction: row.try_get("direction")?,
-        to: row.try_get("to_number")?,
+        carrier: row.try_get("carrier")?,
+        to: Some(row.try_get::<String, _>("to_number")?).filter(|t| !t.is_empty()),
         from: row.try_get("from_number")?,
         trunk: row.try_get("trunk")?,
         status: row.try_get("status")?,

@@ -1,5 +1,8 @@
-//! The call manager: admits outbound calls, and runs each one as a task that
-//! owns its SIP dialog, its media session and its agent `Session`.
+//! The call manager: admits calls, and runs each one as a task that owns
+//! its leg (a SIP dialog with RTP, or a CPaaS call with a WebSocket media
+//! stream), its media session and its agent `Session`. The carriers differ
+//! only in how the leg is set up ([`Leg`]); from then on every call is run,
+//! billed and recorded by the same code.
 //!
 //! The call task moves audio between media and agent and never waits on the
 //! database: status changes go to the call writer ([`writer`]) through a
@@ -22,11 +25,14 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use voxgate_agents::{AgentEvent, HangupReason, Session, Speaker};
 use voxgate_media::session::MediaEvent;
-use voxgate_sip::{CallEvent, CallStatus, Dial, Outcome, SipAgent};
+use voxgate_media::streams::protocol::Provider;
+use voxgate_sip::{Call, CallEvent, CallStatus, Dial, EndReason, Outcome, SipAgent};
 
 use super::agents::Agent;
 use super::calls::{self, Admission, CallUpdate, Latency, NewCall, QuotaState, Settlement, TranscriptLine, TurnLatency};
 use super::engines::SpeechEngines;
+use super::streams::{self, Streams};
+use super::twilio::{self, CarrierConfig};
 use super::writer::{self, CallWriter};
 use crate::billing::ledger::{self, IdempotencyKey, Reason};
 use crate::clock::now_ms;
@@ -54,6 +60,39 @@ pub struct Outbound {
     pub trunk: Option<String>,
     pub metadata: Option<Value>,
     pub idempotency_key: Option<String>,
+}
+
+/// A call a provider's media stream brings in: the account's agent takes
+/// whatever call the provider connects to the stream URL.
+pub struct StreamCall {
+    pub account: AccountId,
+    pub agent: Agent,
+    pub provider: Provider,
+    /// The number the caller reached, and the caller's, when known.
+    pub to: Option<PhoneNumber>,
+    pub from: Option<PhoneNumber>,
+    pub metadata: Option<Value>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A stream call admitted: where the provider must connect, and until when.
+#[derive(Debug)]
+pub struct StreamPlaced {
+    pub id: CallId,
+    pub url: String,
+    /// Unix seconds.
+    pub expires: i64,
+}
+
+/// How a call's leg is set up.
+#[derive(Debug, Clone)]
+enum Leg {
+    /// INVITE through a SIP trunk.
+    Sip(Dial),
+    /// A call placed with a CPaaS's REST API, audio over a media stream.
+    Twilio { carrier: String, number: String },
+    /// A call the provider connects to a stream URL we gave out.
+    Stream(Provider),
 }
 
 #[derive(Debug)]
@@ -90,6 +129,9 @@ impl Ending {
 pub struct Dependencies {
     /// Names of the configured SIP trunks.
     pub trunks: Vec<String>,
+    /// CPaaS accounts that place calls over media streams (`[[carriers]]`).
+    pub carriers: Vec<CarrierConfig>,
+    pub streams: Streams,
     pub sip: SipAgent,
     pub engines: Arc<SpeechEngines>,
     pub webhooks: Webhooks,
@@ -106,6 +148,9 @@ struct Inner {
     config: CallsConfig,
     node_id: String,
     trunks: Vec<String>,
+    carriers: Vec<CarrierConfig>,
+    streams: Streams,
+    http: reqwest::Client,
     sip: SipAgent,
     engines: Arc<SpeechEngines>,
     metrics: Arc<Metrics>,
@@ -120,7 +165,7 @@ impl CallManager {
     /// Starts the manager and its writer; first closes the calls this node
     /// left open when it last died (`failed`, `node-lost`).
     pub async fn start(db: Db, config: CallsConfig, node_id: String, deps: Dependencies) -> Result<(CallManager, JoinHandle<()>)> {
-        let Dependencies { trunks, sip, engines, webhooks, metrics } = deps;
+        let Dependencies { trunks, carriers, streams, sip, engines, webhooks, metrics } = deps;
         let (writer, writer_task) = writer::start(db.clone(), webhooks);
         for (id, account) in calls::close_lost(&db, &node_id).await? {
             tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
@@ -132,6 +177,9 @@ impl CallManager {
             config,
             node_id,
             trunks,
+            carriers,
+            streams,
+            http: reqwest::Client::new(),
             sip,
             engines,
             metrics,
@@ -156,23 +204,85 @@ impl CallManager {
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
         }
-        match &call.trunk {
-            Some(name) if !inner.trunks.contains(name) => {
-                return Err(Error::bad_request(format!(
-                    "trunk '{name}' is not configured (configured: {})",
-                    inner.trunks.join(", ")
-                )));
-            }
-            None if inner.trunks.is_empty() => {
-                return Err(Error::Unavailable("no SIP trunk is configured for outbound calls".into()));
-            }
-            _ => {}
+        let leg = self.outbound_leg(call.trunk.as_deref(), &call.to)?;
+        let new = NewCall {
+            account: call.account,
+            agent: call.agent.id.parse()?,
+            direction: "outbound",
+            carrier: match &leg {
+                Leg::Sip(_) => "sip",
+                _ => "twilio",
+            },
+            to: Some(call.to.as_str()),
+            trunk: call.trunk.as_deref(),
+            from: None,
+            metadata: call.metadata.as_ref(),
+            idempotency_key: call.idempotency_key.as_deref(),
+            node_id: &inner.node_id,
+        };
+        match self.admit_and_run(&call.agent, call.account, new, leg).await? {
+            Admission::Replayed { id } => Ok(Placed::Replayed { id }),
+            Admission::Placed { id, quota } => Ok(Placed::New { id, quota }),
         }
+    }
+
+    /// Admits a call that a provider's media stream will bring in, and
+    /// returns the stream URL to give the provider.
+    pub async fn place_stream(&self, call: StreamCall) -> Result<(Placed, Option<StreamPlaced>)> {
+        let inner = &self.inner;
+        let new = NewCall {
+            account: call.account,
+            agent: call.agent.id.parse()?,
+            direction: "inbound",
+            carrier: call.provider.as_str(),
+            to: call.to.as_ref().map(PhoneNumber::as_str),
+            trunk: None,
+            from: call.from.as_ref().map(PhoneNumber::as_str),
+            metadata: call.metadata.as_ref(),
+            idempotency_key: call.idempotency_key.as_deref(),
+            node_id: &inner.node_id,
+        };
+        match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.provider)).await? {
+            Admission::Replayed { id } => Ok((Placed::Replayed { id }, None)),
+            Admission::Placed { id, quota } => {
+                let expires = now_ms() / 1000 + inner.streams.connect_timeout().as_secs() as i64;
+                let url = inner.streams.url(id, call.provider, expires);
+                Ok((Placed::New { id, quota }, Some(StreamPlaced { id, url, expires })))
+            }
+        }
+    }
+
+    /// The leg an outbound call through `trunk` (the first SIP trunk, else
+    /// the first carrier, by default) takes.
+    fn outbound_leg(&self, trunk: Option<&str>, to: &PhoneNumber) -> Result<Leg> {
+        let inner = &self.inner;
+        let number = to.to_string();
+        let carrier = |name: &str| Leg::Twilio { carrier: name.to_owned(), number: number.clone() };
+        match trunk {
+            Some(name) if inner.trunks.iter().any(|t| t == name) => Ok(Leg::Sip(Dial { trunk: Some(name.to_owned()), number })),
+            Some(name) if inner.carriers.iter().any(|c| c.name == name) => Ok(carrier(name)),
+            Some(name) => {
+                let configured: Vec<&str> =
+                    inner.trunks.iter().map(String::as_str).chain(inner.carriers.iter().map(|c| c.name.as_str())).collect();
+                Err(Error::bad_request(format!("trunk '{name}' is not configured (configured: {})", configured.join(", "))))
+            }
+            None if !inner.trunks.is_empty() => Ok(Leg::Sip(Dial { trunk: None, number })),
+            None => match inner.carriers.first() {
+                Some(c) => Ok(carrier(&c.name)),
+                None => Err(Error::Unavailable("no SIP trunk or carrier is configured for outbound calls".into())),
+            },
+        }
+    }
+
+    /// Checks the agent's engines and this node's capacity, admits the call
+    /// (credits, quota, idempotency) and starts its task.
+    async fn admit_and_run(&self, agent: &Agent, account: AccountId, new: NewCall<'_>, leg: Leg) -> Result<Admission> {
+        let inner = &self.inner;
         let engines = if inner.config.echo {
             None
         } else {
             let engines = inner.engines.get().await?;
-            let agent_config = call.agent.engine_config();
+            let agent_config = agent.engine_config();
             engines
                 .check(&agent_config.llm_model, &agent_config.tts_model, &agent_config.language)
                 .map_err(|e| Error::bad_request(e.to_string()))?;
@@ -181,27 +291,9 @@ impl CallManager {
         let slot = inner.slots.clone().try_acquire_owned().map_err(|_| {
             Error::Unavailable(format!("this node is at its limit of {} concurrent calls", inner.config.max_concurrent))
         })?;
-        let agent_id = call.agent.id.parse()?;
-        let admission = calls::admit(
-            &inner.db,
-            NewCall {
-                account: call.account,
-                agent: agent_id,
-                to: &call.to,
-                trunk: call.trunk.as_deref(),
-                from: None,
-                metadata: call.metadata.as_ref(),
-                idempotency_key: call.idempotency_key.as_deref(),
-                node_id: &inner.node_id,
-            },
-            inner.config.hourly_limit,
-            inner.config.credits_per_minute,
-        )
-        .await?;
-        let (id, quota) = match admission {
-            Admission::Replayed { id } => return Ok(Placed::Replayed { id }),
-            Admission::Placed { id, quota } => (id, quota),
-        };
+        let admission = calls::admit(&inner.db, new, inner.config.hourly_limit, inner.config.credits_per_minute).await?;
+        let Admission::Placed { id, .. } = &admission else { return Ok(admission) };
+        let id = *id;
         let (commands_tx, commands_rx) = mpsc::channel(4);
         if let Ok(mut active) = inner.active.lock() {
             active.insert(id, commands_tx);
@@ -210,15 +302,20 @@ impl CallManager {
         let run = CallRun {
             inner: inner.clone(),
             id,
-            account: call.account,
-            dial: Dial { trunk: call.trunk, number: call.to.to_string() },
+            account,
+            leg,
             commands: commands_rx,
             slot,
         };
         let session = engines.map(|(engines, agent_config)| Session::start(engines, agent_config));
-        let span = tracing::info_span!("call", call_id = %id, account_id = %call.account);
+        let span = tracing::info_span!("call", call_id = %id, account_id = %account);
         inner.tracker.spawn(run.run(session).instrument(span));
-        Ok(Placed::New { id, quota })
+        Ok(admission)
+    }
+
+    /// The media streams of this node's calls.
+    pub fn streams(&self) -> &Streams {
+        &self.inner.streams
     }
 
     /// Hangs up a call this process runs (CANCEL before answer, BYE after).
@@ -260,7 +357,7 @@ struct CallRun {
     inner: Arc<Inner>,
     id: CallId,
     account: AccountId,
-    dial: Dial,
+    leg: Leg,
     commands: mpsc::Receiver<Ending>,
     slot: OwnedSemaphorePermit,
 }
@@ -353,16 +450,14 @@ impl CallRun {
                 (None, rx, Some(tx))
             }
         };
-        let mut call = match self.inner.sip.dial(self.dial.clone()).await {
+        let mut call = match self.set_up().await {
             Ok(call) => call,
-            Err(e) => {
-                tracing::error!(error = %e, "dial failed");
-                return Self::settlement(CallStatus::Failed, "transport-error", None);
-            }
+            Err(outcome) => return Self::settlement(outcome.status, outcome.reason.as_str(), Some(&outcome)),
         };
-        tracing::info!(sip_call_id = %call.call_id, to = %self.dial.number, "INVITE sent");
         let writer = &self.inner.writer;
-        writer.send(self.id, self.account, CallUpdate::Dialing { sip_call_id: call.call_id.clone() });
+        if !call.call_id.is_empty() {
+            writer.send(self.id, self.account, CallUpdate::Dialing { sip_call_id: call.call_id.clone() });
+        }
 
         let mut transcript: Vec<TranscriptLine> = Vec::new();
         let mut latency = Latency::default();
@@ -509,6 +604,36 @@ impl CallRun {
         s.latency = latency;
         tracing::info!(status = %s.status, reason = %s.reason, "call ended");
         s
+    }
+
+    /// Sets up the call's leg: the INVITE leaves, the provider is asked to
+    /// call, or the stream is awaited.
+    async fn set_up(&self) -> std::result::Result<Call, Outcome> {
+        let inner = &self.inner;
+        let failed = |reason, detail: String| Outcome { status: CallStatus::Failed, reason, sip_code: None, sip_reason: Some(detail) };
+        match &self.leg {
+            Leg::Sip(dial) => {
+                let call = inner.sip.dial(dial.clone()).await.map_err(|e| {
+                    tracing::error!(error = %e, "dial failed");
+                    Outcome { status: CallStatus::Failed, reason: EndReason::TransportError, sip_code: None, sip_reason: None }
+                })?;
+                tracing::info!(sip_call_id = %call.call_id, to = %dial.number, "INVITE sent");
+                Ok(call)
+            }
+            Leg::Twilio { carrier, number } => {
+                let config = inner.carriers.iter().find(|c| &c.name == carrier).ok_or_else(|| failed(EndReason::TransportError, "carrier gone".into()))?;
+                let call = twilio::dial(&inner.streams, &inner.http, config, self.id, number).await.map_err(|e| {
+                    tracing::warn!(error = %e, "the provider did not place the call");
+                    failed(EndReason::Rejected, e)
+                })?;
+                tracing::info!(provider_call_id = %call.call_id, to = %number, "call placed with twilio");
+                Ok(call)
+            }
+            Leg::Stream(provider) => {
+                tracing::info!(%provider, "waiting for the provider's media stream");
+                Ok(streams::answer(&inner.streams, self.id, *provider))
+            }
+        }
     }
 
     /// Debits minute `n` in a task of its own (the audio loop goes on).

@@ -61,33 +61,16 @@ impl FarEnd {
     /// Received audio from sample `from` on, upsampled to 16 kHz floats for Whisper.
     pub fn received_16k(&self, from: usize) -> Vec<f32> {
         let s = self.state.lock().unwrap();
-        let src = &s.received[from.min(s.received.len())..];
-        let mut out = Vec::with_capacity(src.len() * 2);
-        for (i, &x) in src.iter().enumerate() {
-            let next = *src.get(i + 1).unwrap_or(&x);
-            out.push(x as f32 / 32768.0);
-            out.push((x as f32 + next as f32) / 2.0 / 32768.0);
-        }
-        out
+        to_16k(&s.received[from.min(s.received.len())..])
     }
 
     /// Waits until voxgate has spoken (from sample `from` on) and then been
     /// quiet for `quiet`; returns the sample index where the speech ended.
     pub async fn wait_for_speech_then_silence(&self, from: usize, quiet: Duration, within: Duration) -> Option<usize> {
         let deadline = Instant::now() + within;
-        let quiet_samples = quiet.as_millis() as usize * 8;
         while Instant::now() < deadline {
-            {
-                let s = self.state.lock().unwrap();
-                let audio = &s.received[from.min(s.received.len())..];
-                let frames: Vec<bool> = audio.chunks(FRAME).map(loud).collect();
-                if let Some(first) = frames.iter().position(|l| *l) {
-                    let last = frames.iter().rposition(|l| *l).unwrap_or(first);
-                    let end = from + (last + 1) * FRAME;
-                    if s.received.len() >= end + quiet_samples {
-                        return Some(end);
-                    }
-                }
+            if let Some(end) = speech_end(&self.state.lock().unwrap().received, from, quiet) {
+                return Some(end);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -95,7 +78,31 @@ impl FarEnd {
     }
 }
 
-fn loud(frame: &[i16]) -> bool {
+/// 8 kHz audio upsampled to 16 kHz floats for Whisper.
+pub fn to_16k(src: &[i16]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(src.len() * 2);
+    for (i, &x) in src.iter().enumerate() {
+        let next = *src.get(i + 1).unwrap_or(&x);
+        out.push(x as f32 / 32768.0);
+        out.push((x as f32 + next as f32) / 2.0 / 32768.0);
+    }
+    out
+}
+
+/// Where speech that began at or after sample `from` of 8 kHz `received`
+/// ended, once `quiet` of silence has followed it.
+pub fn speech_end(received: &[i16], from: usize, quiet: Duration) -> Option<usize> {
+    let quiet_samples = quiet.as_millis() as usize * 8;
+    let audio = &received[from.min(received.len())..];
+    let frames: Vec<bool> = audio.chunks(FRAME).map(loud).collect();
+    let first = frames.iter().position(|l| *l)?;
+    let last = frames.iter().rposition(|l| *l).unwrap_or(first);
+    let end = from + (last + 1) * FRAME;
+    (received.len() >= end + quiet_samples).then_some(end)
+}
+
+/// Whether a frame holds speech (RMS above the line noise of G.711 silence).
+pub fn loud(frame: &[i16]) -> bool {
     let energy: f64 = frame.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / frame.len().max(1) as f64;
     energy.sqrt() > 300.0
 }

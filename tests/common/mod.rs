@@ -9,6 +9,8 @@ pub mod webhook_sink;
 pub mod voice;
 pub mod sipp;
 pub mod upstream;
+pub mod stream_phone;
+pub mod fake_twilio;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

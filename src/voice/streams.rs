@@ -1,0 +1,289 @@
+//! Calls whose audio rides a CPaaS WebSocket media stream: the signed
+//! stream URLs, the calls waiting for their provider to connect, and the
+//! leg that turns a stream's life into the call events the manager knows.
+//!
+//! A stream URL is `/media/{provider}/{token}`; the token names the call,
+//! the provider and an expiry, signed with the server's HMAC key, so only
+//! the provider voxgate gave the URL to can open that call's stream (the
+//! path form, because Twilio's `<Stream url>` takes no query string;
+//! `?token=` works too). A stream connects once: a second connection for
+//! the same call is refused. Waiting calls live in this process, so the
+//! provider must reach the node that placed the call (DEPLOY: route
+//! `/media/` by call, or run one node per public host name).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+use hmac::Mac;
+use tokio::sync::mpsc;
+use voxgate_media::session::MediaHandle;
+use voxgate_media::streams::protocol::Provider;
+use voxgate_media::streams::{self, Attach, StreamConfig, StreamEnd, StreamEvent};
+use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
+
+use crate::domain::CallId;
+use crate::jobs::storage::Storage;
+use crate::{Error, Result};
+
+/// What the token signs first, so it can never pass for another signature.
+const PURPOSE: &str = "media-stream";
+
+/// A status report of the provider about a call (Twilio's status callback).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderStatus {
+    /// queued, initiated, ringing, in-progress, answered, completed, busy,
+    /// no-answer, canceled, failed.
+    pub status: String,
+    pub sip_code: Option<u16>,
+}
+
+struct Waiting {
+    provider: Provider,
+    attach: Option<Attach>,
+    /// Where the provider's status callbacks for this call go, and the
+    /// secret that signs them (Twilio's auth token).
+    status: Option<(mpsc::Sender<ProviderStatus>, String)>,
+}
+
+#[derive(Clone)]
+pub struct Streams {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Storage,
+    /// `http(s)://host[:port]` the providers reach this node at.
+    public_base: String,
+    config: StreamConfig,
+    waiting: Mutex<HashMap<CallId, Waiting>>,
+}
+
+impl Streams {
+    pub fn new(storage: Storage, public_base: &str, config: StreamConfig) -> Streams {
+        let inner = Inner {
+            storage,
+            public_base: public_base.trim_end_matches('/').to_owned(),
+            config,
+            waiting: Mutex::new(HashMap::new()),
+        };
+        Streams { inner: Arc::new(inner) }
+    }
+
+    /// How long a stream URL stays valid (the provider must connect by then).
+    pub fn connect_timeout(&self) -> Duration {
+        self.inner.config.connect_timeout
+    }
+
+    /// The base URL the providers call back (`https://...`).
+    pub fn public_base(&self) -> &str {
+        &self.inner.public_base
+    }
+
+    fn sign(&self, call: CallId, provider: Provider, expires: i64) -> String {
+        let (call, expires) = (call.to_string(), expires.to_string());
+        let mac = self.inner.storage.mac_of(&[PURPOSE, &call, provider.as_str(), &expires]);
+        B64URL.encode(mac.finalize().into_bytes())
+    }
+
+    /// The `wss://` URL of `call`'s stream for `provider`, valid until
+    /// `expires` (Unix seconds).
+    pub fn url(&self, call: CallId, provider: Provider, expires: i64) -> String {
+        let base = &self.inner.public_base;
+        let ws = base.strip_prefix("https://").map(|h| format!("wss://{h}")).or_else(|| base.strip_prefix("http://").map(|h| format!("ws://{h}")));
+        let token = format!("{call}.{expires}.{}", self.sign(call, provider, expires));
+        format!("{}/media/{provider}/{token}", ws.unwrap_or_else(|| base.clone()))
+    }
+
+    /// Starts `call`'s stream session and waits for its provider to connect.
+    pub fn open(&self, call: CallId, provider: Provider) -> (MediaHandle, mpsc::Receiver<StreamEvent>) {
+        let (media, attach, life) = streams::start(provider, self.inner.config.clone());
+        if let Ok(mut w) = self.inner.waiting.lock() {
+            w.insert(call, Waiting { provider, attach: Some(attach), status: None });
+        }
+        (media, life)
+    }
+
+    /// Routes the provider's status callbacks for `call` to `tx`; `secret`
+    /// checks their signature.
+    pub fn expect_status(&self, call: CallId, tx: mpsc::Sender<ProviderStatus>, secret: String) {
+        if let Ok(mut w) = self.inner.waiting.lock() {
+            if let Some(entry) = w.get_mut(&call) {
+                entry.status = Some((tx, secret));
+            }
+        }
+    }
+
+    /// Forgets `call` (its leg ended).
+    pub fn close(&self, call: CallId) {
+        if let Ok(mut w) = self.inner.waiting.lock() {
+            w.remove(&call);
+        }
+    }
+
+    /// Checks a stream token and hands over the call's session: 401 for a
+    /// bad or expired token, 404 when no call here waits for it, 409 when
+    /// its stream is already connected.
+    pub fn connect(&self, provider: Provider, token: &str, now_secs: i64) -> Result<(CallId, Attach)> {
+        let call = self.verify(provider, token, now_secs)?;
+        let mut w = self.inner.waiting.lock().map_err(|_| Error::Unavailable("stream registry unavailable".into()))?;
+        let entry = w.get_mut(&call).filter(|e| e.provider == provider).ok_or_else(|| Error::not_found("call waiting for a media stream on this node"))?;
+        match entry.attach.take() {
+            Some(a) if !a.is_closed() => Ok((call, a)),
+            _ => Err(Error::Conflict("this call's media stream is already connected or over".into())),
+        }
+    }
+
+    fn verify(&self, provider: Provider, token: &str, now_secs: i64) -> Result<CallId> {
+        const BAD: &str = "invalid or expired media stream token";
+        let mut parts = token.splitn(3, '.');
+        let (Some(call), Some(expires), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::Unauthorized(BAD));
+        };
+        let call: CallId = call.parse().map_err(|_| Error::Unauthorized(BAD))?;
+        let expires: i64 = expires.parse().map_err(|_| Error::Unauthorized(BAD))?;
+        let sig = B64URL.decode(sig).map_err(|_| Error::Unauthorized(BAD))?;
+        let mac = self.inner.storage.mac_of(&[PURPOSE, &call.to_string(), provider.as_str(), &expires.to_string()]);
+        // Constant-time comparison.
+        mac.verify_slice(&sig).map_err(|_| Error::Unauthorized(BAD))?;
+        if expires < now_secs {
+            return Err(Error::Unauthorized(BAD));
+        }
+        Ok(call)
+    }
+
+    /// Delivers a status callback for `call` once `check` accepts its
+    /// signature with the call's secret: 404 for a call not waiting here,
+    /// 403 for a bad signature.
+    pub fn status(&self, call: CallId, check: impl FnOnce(&str) -> bool, status: ProviderStatus) -> Result<()> {
+        let tx = {
+            let w = self.inner.waiting.lock().map_err(|_| Error::Unavailable("stream registry unavailable".into()))?;
+            let (tx, secret) = w.get(&call).and_then(|e| e.status.as_ref()).ok_or_else(|| Error::not_found("call"))?;
+            if !check(secret) {
+                return Err(Error::Forbidden("invalid request signature".into()));
+            }
+            tx.clone()
+        };
+        // A call that ended meanwhile no longer listens: nothing to do.
+        let _ = tx.try_send(status);
+        Ok(())
+    }
+}
+
+/// A call the provider's stream brings in (no REST leg): answered when the
+/// stream starts, over when it stops. Hang-up closes the stream.
+pub fn answer(streams: &Streams, id: CallId, provider: Provider) -> Call {
+    let (media, life) = streams.open(id, provider);
+    let (events_tx, events_rx) = mpsc::channel(8);
+    let (hangup_tx, hangup_rx) = mpsc::channel(1);
+    let control = media.control.clone();
+    let streams = streams.clone();
+    tokio::spawn(async move {
+        let outcome = follow(life, &events_tx, hangup_rx, &control).await;
+        streams.close(id);
+        let _ = events_tx.send(CallEvent::Ended(outcome)).await;
+    });
+    Call::new(String::new(), events_rx, media, hangup_tx)
+}
+
+/// Reports the stream's start as the answer, and its end as the outcome.
+async fn follow(
+    mut life: mpsc::Receiver<StreamEvent>,
+    events: &mpsc::Sender<CallEvent>,
+    mut hangup: mpsc::Receiver<()>,
+    control: &voxgate_media::session::MediaControl,
+) -> Outcome {
+    let mut answered = false;
+    let mut hung_up = false;
+    loop {
+        tokio::select! {
+            ev = life.recv() => match ev {
+                Some(StreamEvent::Started(_)) => {
+                    answered = true;
+                    let _ = events.send(CallEvent::Answered { at: Instant::now() }).await;
+                }
+                Some(StreamEvent::Ended(end)) => return stream_outcome(&end, answered, hung_up),
+                None => return stream_outcome(&StreamEnd::Closed, answered, true),
+            },
+            Some(()) = hangup.recv(), if !hung_up => {
+                hung_up = true;
+                control.close().await;
+            }
+        }
+    }
+}
+
+/// How a call whose stream ended this way ends.
+pub fn stream_outcome(end: &StreamEnd, answered: bool, hung_up: bool) -> Outcome {
+    let (status, reason) = match end {
+        _ if hung_up && answered => (CallStatus::Completed, EndReason::LocalHangup),
+        _ if hung_up => (CallStatus::Canceled, EndReason::Canceled),
+        StreamEnd::Stopped | StreamEnd::Closed if answered => (CallStatus::Completed, EndReason::RemoteHangup),
+        StreamEnd::Stopped | StreamEnd::Closed => (CallStatus::Failed, EndReason::NotConnected),
+        StreamEnd::Timeout => (CallStatus::Completed, EndReason::MediaTimeout),
+        StreamEnd::NotConnected => (CallStatus::Failed, EndReason::NotConnected),
+        StreamEnd::Error(_) if answered => (CallStatus::Completed, EndReason::StreamError),
+        StreamEnd::Error(_) => (CallStatus::Failed, EndReason::StreamError),
+    };
+    let detail = match end {
+        StreamEnd::Error(e) => Some(e.reason.clone()),
+        _ => None,
+    };
+    Outcome { status, reason, sip_code: None, sip_reason: detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::storage::StorageConfig;
+
+    fn streams() -> (Streams, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig { root: dir.path().to_path_buf(), ..Default::default() };
+        let storage = Storage::open(&config, "http://127.0.0.1:1").unwrap();
+        (Streams::new(storage, "https://voice.example.com/", StreamConfig::default()), dir)
+    }
+
+    fn token_of(url: &str) -> &str {
+        url.rsplit('/').next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_opens_its_own_call_once_and_nothing_else() {
+        let (s, _dir) = streams();
+        let id = CallId::new();
+        let url = s.url(id, Provider::Twilio, 1_000);
+        assert!(url.starts_with("wss://voice.example.com/media/twilio/"), "{url}");
+        let (_media, _life) = s.open(id, Provider::Twilio);
+        let token = token_of(&url);
+        // Another provider, a changed character, an expired token: 401.
+        assert!(matches!(s.connect(Provider::Telnyx, token, 900), Err(Error::Unauthorized(_))));
+        let mut tampered = token.to_owned();
+        let last = tampered.pop().unwrap();
+        tampered.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(matches!(s.connect(Provider::Twilio, &tampered, 900), Err(Error::Unauthorized(_))));
+        assert!(matches!(s.connect(Provider::Twilio, token, 1_001), Err(Error::Unauthorized(_))));
+        assert!(matches!(s.connect(Provider::Twilio, "garbage", 900), Err(Error::Unauthorized(_))));
+        let (got, _attach) = s.connect(Provider::Twilio, token, 900).expect("valid");
+        assert_eq!(got, id);
+        assert!(matches!(s.connect(Provider::Twilio, token, 900), Err(Error::Conflict(_))));
+        // A valid token for a call this node does not run.
+        let other = s.url(CallId::new(), Provider::Twilio, 1_000);
+        assert!(matches!(s.connect(Provider::Twilio, token_of(&other), 900), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn outcomes_follow_who_ended_the_stream() {
+        let o = stream_outcome(&StreamEnd::Stopped, true, false);
+        assert_eq!((o.status, o.reason), (CallStatus::Completed, EndReason::RemoteHangup));
+        let o = stream_outcome(&StreamEnd::Closed, true, true);
+        assert_eq!((o.status, o.reason), (CallStatus::Completed, EndReason::LocalHangup));
+        let o = stream_outcome(&StreamEnd::NotConnected, false, false);
+        assert_eq!((o.status, o.reason), (CallStatus::Failed, EndReason::NotConnected));
+        let e = voxgate_media::streams::protocol::ProtocolError::new(1007, "bad");
+        let o = stream_outcome(&StreamEnd::Error(e), true, false);
+        assert_eq!((o.status, o.reason, o.sip_reason.as_deref()), (CallStatus::Completed, EndReason::StreamError, Some("bad")));
+    }
+}
