@@ -79,6 +79,9 @@ pub struct CallsConfig {
     pub preload_models: bool,
     /// A media stream URL must be connected within this many seconds.
     pub stream_connect_secs: u64,
+    /// WebRTC calls offer loopback ICE candidates only (a browser on this
+    /// host, tests); otherwise every local interface's.
+    pub webrtc_loopback_only: bool,
     /// Load testing of the media engine alone: answered calls send the
     /// caller's audio straight back instead of running the agent (no models
     /// are needed). Never for real callers.
@@ -96,6 +99,7 @@ impl Default for CallsConfig {
             shutdown_grace_secs: 30,
             preload_models: true,
             stream_connect_secs: 60,
+            webrtc_loopback_only: false,
             echo: false,
         }
     }

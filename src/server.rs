@@ -25,6 +25,7 @@ use crate::voice::manager::{CallManager, Dependencies};
 use crate::voice::streams::Streams;
 use crate::webhooks::Webhooks;
 use voxgate_media::streams::StreamConfig;
+use voxgate_media::webrtc::WebRtcConfig;
 use voxgate_sip::SipAgent;
 
 /// Runs the server until a shutdown signal.
@@ -57,7 +58,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(config.calls.stream_connect_secs),
         media_timeout: Duration::from_secs(config.sip.media_timeout_secs),
     };
-    let streams = Streams::new(storage.clone(), config.public_url.as_deref().unwrap_or(&local_base), stream_config);
+    let webrtc_config = WebRtcConfig {
+        connect_timeout: stream_config.connect_timeout,
+        media_timeout: stream_config.media_timeout,
+        loopback_only: config.calls.webrtc_loopback_only,
+    };
+    let streams = Streams::new(storage.clone(), config.public_url.as_deref().unwrap_or(&local_base), stream_config, webrtc_config);
     let deps = Dependencies {
         trunks: config.sip.trunks.iter().map(|t| t.name.clone()).collect(),
         carriers: config.carriers.clone(),

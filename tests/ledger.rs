@@ -129,7 +129,7 @@ async fn a_refused_debit_changes_nothing_and_usage_nets_out_refunds() {
         .unwrap()
         .into_iter()
         .collect();
-    assert_eq!(reasons, ["grant", "generate.image", "generate.video", "refund"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(reasons, ["grant", "generate.image", "generate.video", "refund"].iter().map(|s| s.to_string()).collect::<std::collections::HashSet<String>>());
 }
 
 #[tokio::test]

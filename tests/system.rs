@@ -61,6 +61,8 @@ async fn openapi_lists_every_route() {
         "PATCH /api/voice-agent/agents/{id}",
         "DELETE /api/voice-agent/agents/{id}",
         "POST /api/voice-agent/calls/outbound",
+        "POST /api/voice-agent/calls/stream",
+        "POST /api/voice-agent/agents/{id}/web-call",
         "GET /api/voice-agent/calls",
         "GET /api/voice-agent/calls/{id}",
         "POST /api/voice-agent/calls/{id}/hangup",

@@ -5,8 +5,8 @@
 //! and the WebRTC peer. Knows nothing of HTTP or SIP signalling.
 //!
 //! RTP legs are [`session`]s; WebSocket legs (Twilio, Telnyx, Plivo,
-//! Vonage media streams) are [`streams`]. Both hand the rest of the system
-//! the same [`session::MediaHandle`].
+//! Vonage media streams) are [`streams`]; browser legs are [`webrtc`]. All
+//! hand the rest of the system the same [`session::MediaHandle`].
 
 pub mod dtmf;
 pub mod error;
@@ -16,5 +16,6 @@ pub mod resample;
 pub mod sdp;
 pub mod session;
 pub mod streams;
+pub mod webrtc;
 
 pub use error::MediaError;

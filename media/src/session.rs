@@ -259,7 +259,7 @@ enum CodecState {
     Opus { encoder: Box<opus::Encoder>, decoder: Box<opus::Decoder> },
 }
 
-struct Codecs {
+pub(crate) struct Codecs {
     codec: Codec,
     state: CodecState,
     /// Rate of the PCM the codec takes and gives.
@@ -269,7 +269,7 @@ struct Codecs {
 }
 
 impl Codecs {
-    fn new(codec: Codec) -> Result<Self, MediaError> {
+    pub(crate) fn new(codec: Codec) -> Result<Self, MediaError> {
         let opus_err = |e: opus::Error| MediaError::Codec(format!("opus: {e}"));
         let (state, pcm_rate) = match codec {
             Codec::Pcmu => (CodecState::G711(Law::Ulaw), 8000),
@@ -295,7 +295,7 @@ impl Codecs {
 
     /// Appends the decoded payload; an empty payload asks for concealment
     /// of `conceal` samples.
-    fn decode(&mut self, payload: &[u8], conceal: usize, out: &mut Vec<i16>) {
+    pub(crate) fn decode(&mut self, payload: &[u8], conceal: usize, out: &mut Vec<i16>) {
         match &mut self.state {
             CodecState::G711(law) if !payload.is_empty() => law.decode(payload, out),
             // G.711 has no concealment of its own: silence is the honest fill.
@@ -313,7 +313,7 @@ impl Codecs {
         }
     }
 
-    fn encode(&mut self, pcm: &[i16], out: &mut Vec<u8>) {
+    pub(crate) fn encode(&mut self, pcm: &[i16], out: &mut Vec<u8>) {
         match &mut self.state {
             CodecState::G711(law) => law.encode(pcm, out),
             CodecState::Opus { encoder, .. } => {

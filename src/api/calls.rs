@@ -19,7 +19,8 @@ use crate::error::ErrorBody;
 use crate::state::AppState;
 use crate::voice::agents;
 use crate::voice::calls::{self, CallFilter, CallRecord, Cursor};
-use crate::voice::manager::{Outbound, Placed, StreamCall};
+use crate::voice::manager::{Outbound, Placed, StreamCall, StreamPlaced};
+use crate::voice::streams::StreamKind;
 use voxgate_media::streams::protocol::Provider;
 use crate::{Error, Result};
 
@@ -186,8 +187,13 @@ pub async fn place_stream_call(
     let from = body.from.as_deref().map(|f| PhoneNumber::parse("from", f)).transpose()?;
     check_metadata(body.metadata.as_ref())?;
     let agent = agent_of(&state, auth.account_id, &body.agent_id).await?;
-    let call = StreamCall { account: auth.account_id, agent, provider, to, from, metadata: body.metadata, idempotency_key };
-    match state.calls.place_stream(call).await? {
+    let call =
+        StreamCall { account: auth.account_id, agent, kind: StreamKind::Provider(provider), to, from, metadata: body.metadata, idempotency_key };
+    stream_response(&state, auth.account_id, state.calls.place_stream(call).await?).await
+}
+
+async fn stream_response(state: &AppState, account: crate::domain::AccountId, placed: (Placed, Option<StreamPlaced>)) -> Result<Response> {
+    match placed {
         (Placed::New { id, .. }, Some(placed)) => {
             let data = StreamResponse {
                 call_id: id.to_string(),
@@ -198,7 +204,7 @@ pub async fn place_stream_call(
             Ok((StatusCode::CREATED, Json(Data { data })).into_response())
         }
         (Placed::New { id, .. } | Placed::Replayed { id }, _) => {
-            let record = calls::get(&state.db, auth.account_id, id).await?;
+            let record = calls::get(&state.db, account, id).await?;
             Ok(ok(StreamResponse { call_id: record.id, url: None, expires_at: None, status: record.status }))
         }
     }
@@ -320,4 +326,40 @@ pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(i
         }
     }
     Ok(ok(calls::get(&state.db, auth.account_id, id).await?))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebCallRequest {
+    /// Your own data, returned with the call and in its webhooks (a JSON
+    /// object of at most 4 KB).
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Start a test call from a browser: returns a short-lived URL where the
+/// browser posts its WebRTC SDP offer (`Content-Type: application/sdp`,
+/// WHIP-style) and gets the answer. Opus both ways, billed like any call.
+#[utoipa::path(post, path = "/api/voice-agent/agents/{id}/web-call", tag = "voice-agent", request_body = WebCallRequest,
+    params(("id" = String, Path, description = "The agent")),
+    responses((status = 201, body = Data<StreamResponse>), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn web_call(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    auth.require(Scope::Calls)?;
+    // The body is optional: none is `{}`.
+    let body: WebCallRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        WebCallRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let metadata = body.metadata;
+    check_metadata(metadata.as_ref())?;
+    let agent_id: AgentId = id.parse().map_err(|_| Error::not_found("agent"))?;
+    let agent = agents::get(&state.db, auth.account_id, agent_id).await?;
+    let call = StreamCall { account: auth.account_id, agent, kind: StreamKind::WebRtc, to: None, from: None, metadata, idempotency_key: None };
+    stream_response(&state, auth.account_id, state.calls.place_stream(call).await?).await
 }

@@ -1,8 +1,9 @@
-//! The CPaaS side of the API: `/media/{provider}/{token}` (or
-//! `/media/{provider}?token=`), the WebSocket a provider opens to carry a
-//! call's audio, and `/carriers/twilio/{call}/status`, Twilio's status
-//! callbacks. Neither takes an API key: the stream is authorised by its
-//! signed token, the callback by Twilio's signature.
+//! Where a call's media connects: `/media/{provider}/{token}` (or
+//! `/media/{provider}?token=`), the WebSocket a CPaaS opens to carry a
+//! call's audio; `/webrtc/{token}`, where a browser posts its SDP offer; and
+//! `/carriers/twilio/{call}/status`, Twilio's status callbacks. None takes
+//! an API key: media is authorised by its signed token, the callback by
+//! Twilio's signature.
 //!
 //! The handler only moves WebSocket messages to and from the call's stream
 //! session (`voxgate_media::streams`), which owns the protocol.
@@ -13,14 +14,15 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use voxgate_media::streams::protocol::{close, Frame, Provider, MAX_TEXT_BYTES};
 use voxgate_media::streams::{Attach, Socket};
+use voxgate_media::webrtc::MAX_OFFER_BYTES;
 
 use crate::clock::now_ms;
 use crate::domain::CallId;
@@ -156,4 +158,24 @@ pub async fn twilio_status(
     };
     streams.status(call, |secret| twilio::signature_valid(secret, &url, &params, presented), status)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A browser's WebRTC offer for a web call (WHIP-style): 201 with the SDP
+/// answer, which carries all our ICE candidates.
+pub async fn webrtc_offer(State(state): State<AppState>, Path(token): Path<String>, headers: HeaderMap, body: String) -> Result<Response> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !content_type.starts_with("application/sdp") {
+        return Err(Error::bad_request("the offer must be sent as Content-Type: application/sdp"));
+    }
+    if body.len() > MAX_OFFER_BYTES || !body.starts_with("v=0") {
+        return Err(Error::bad_request(format!("the body must be an SDP offer (starting v=0, at most {MAX_OFFER_BYTES} bytes)")));
+    }
+    let (call, offer) = state.calls.streams().offer(&token, now_ms() / 1000).inspect_err(|e| {
+        tracing::warn!(reason = %e, "WebRTC offer refused");
+    })?;
+    let answer = offer.answer(body).await.map_err(|e| {
+        tracing::warn!(call_id = %call, error = %e, "WebRTC offer could not be answered");
+        Error::bad_request(format!("the offer could not be answered: {e}"))
+    })?;
+    Ok((StatusCode::CREATED, [(header::CONTENT_TYPE, "application/sdp")], answer).into_response())
 }

@@ -3,6 +3,7 @@
 
 mod agents;
 mod calls;
+mod dashboard;
 mod files;
 mod generate;
 mod jobs;
@@ -84,6 +85,7 @@ fn guarded_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
         .routes(routes!(calls::place_call))
         .routes(routes!(calls::place_stream_call))
+        .routes(routes!(calls::web_call))
         .routes(routes!(calls::list_calls))
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::hangup_call))
@@ -140,6 +142,8 @@ pub fn router(state: AppState) -> Router {
         .route("/media/{provider}", get(media::stream_query))
         .route("/media/{provider}/{token}", get(media::stream))
         .route("/carriers/twilio/{call}/status", post(media::twilio_status))
+        .route("/webrtc/{token}", post(media::webrtc_offer))
+        .route("/", get(dashboard::page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(openai::reshape_errors))
@@ -176,8 +180,12 @@ fn request_span(request: &Request) -> tracing::Span {
     )
 }
 
-/// The path as logs may show it: `/media/{provider}/{token}` loses its token.
+/// The path as logs may show it: `/media/{provider}/{token}` and
+/// `/webrtc/{token}` lose their token.
 fn loggable_path(path: &str) -> &str {
+    if path.starts_with("/webrtc/") {
+        return "/webrtc";
+    }
     match path.strip_prefix("/media/").and_then(|rest| rest.find('/')) {
         Some(i) => &path[..("/media/".len() + i)],
         None => path,
@@ -216,5 +224,6 @@ mod tests {
         assert_eq!(super::loggable_path("/media/twilio/abc.123.sig"), "/media/twilio");
         assert_eq!(super::loggable_path("/media/twilio"), "/media/twilio");
         assert_eq!(super::loggable_path("/api/jobs"), "/api/jobs");
+        assert_eq!(super::loggable_path("/webrtc/abc.123.sig"), "/webrtc");
     }
 }

@@ -328,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn accepts_a_public_https_name() {
         let ok = guard().check_url("webhookUrl", "https://public.example.com/hooks?x=1").await.unwrap();
-        assert_eq!(ok.addrs, vec!["93.184.215.14:443".parse().unwrap()]);
+        assert_eq!(ok.addrs, vec!["93.184.215.14:443".parse::<std::net::SocketAddr>().unwrap()]);
     }
 
     #[test]

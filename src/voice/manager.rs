@@ -25,13 +25,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use voxgate_agents::{AgentEvent, HangupReason, Session, Speaker};
 use voxgate_media::session::MediaEvent;
-use voxgate_media::streams::protocol::Provider;
 use voxgate_sip::{Call, CallEvent, CallStatus, Dial, EndReason, Outcome, SipAgent};
 
 use super::agents::Agent;
 use super::calls::{self, Admission, CallUpdate, Latency, NewCall, QuotaState, Settlement, TranscriptLine, TurnLatency};
 use super::engines::SpeechEngines;
-use super::streams::{self, Streams};
+use super::streams::{self, StreamKind, Streams};
 use super::twilio::{self, CarrierConfig};
 use super::writer::{self, CallWriter};
 use crate::billing::ledger::{self, IdempotencyKey, Reason};
@@ -62,12 +61,12 @@ pub struct Outbound {
     pub idempotency_key: Option<String>,
 }
 
-/// A call a provider's media stream brings in: the account's agent takes
-/// whatever call the provider connects to the stream URL.
+/// A call a provider's media stream (or a browser over WebRTC) brings in:
+/// the account's agent takes whatever connects to the URL.
 pub struct StreamCall {
     pub account: AccountId,
     pub agent: Agent,
-    pub provider: Provider,
+    pub kind: StreamKind,
     /// The number the caller reached, and the caller's, when known.
     pub to: Option<PhoneNumber>,
     pub from: Option<PhoneNumber>,
@@ -91,8 +90,8 @@ enum Leg {
     Sip(Dial),
     /// A call placed with a CPaaS's REST API, audio over a media stream.
     Twilio { carrier: String, number: String },
-    /// A call the provider connects to a stream URL we gave out.
-    Stream(Provider),
+    /// A call the provider (or a browser) connects to a URL we gave out.
+    Stream(StreamKind),
 }
 
 #[derive(Debug)]
@@ -234,7 +233,7 @@ impl CallManager {
             account: call.account,
             agent: call.agent.id.parse()?,
             direction: "inbound",
-            carrier: call.provider.as_str(),
+            carrier: call.kind.as_str(),
             to: call.to.as_ref().map(PhoneNumber::as_str),
             trunk: None,
             from: call.from.as_ref().map(PhoneNumber::as_str),
@@ -242,11 +241,11 @@ impl CallManager {
             idempotency_key: call.idempotency_key.as_deref(),
             node_id: &inner.node_id,
         };
-        match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.provider)).await? {
+        match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.kind)).await? {
             Admission::Replayed { id } => Ok((Placed::Replayed { id }, None)),
             Admission::Placed { id, quota } => {
                 let expires = now_ms() / 1000 + inner.streams.connect_timeout().as_secs() as i64;
-                let url = inner.streams.url(id, call.provider, expires);
+                let url = inner.streams.url(id, call.kind, expires);
                 Ok((Placed::New { id, quota }, Some(StreamPlaced { id, url, expires })))
             }
         }
@@ -629,9 +628,9 @@ impl CallRun {
                 tracing::info!(provider_call_id = %call.call_id, to = %number, "call placed with twilio");
                 Ok(call)
             }
-            Leg::Stream(provider) => {
-                tracing::info!(%provider, "waiting for the provider's media stream");
-                Ok(streams::answer(&inner.streams, self.id, *provider))
+            Leg::Stream(kind) => {
+                tracing::info!(carrier = kind.as_str(), "waiting for the call's media to connect");
+                Ok(streams::answer(&inner.streams, self.id, *kind))
             }
         }
     }

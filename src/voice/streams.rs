@@ -1,6 +1,7 @@
-//! Calls whose audio rides a CPaaS WebSocket media stream: the signed
-//! stream URLs, the calls waiting for their provider to connect, and the
-//! leg that turns a stream's life into the call events the manager knows.
+//! Calls whose audio rides a CPaaS WebSocket media stream or a browser's
+//! WebRTC connection: the signed URLs, the calls waiting for their provider
+//! (or browser) to connect, and the leg that turns a stream's life into the
+//! call events the manager knows.
 //!
 //! A stream URL is `/media/{provider}/{token}`; the token names the call,
 //! the provider and an expiry, signed with the server's HMAC key, so only
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 use voxgate_media::session::MediaHandle;
 use voxgate_media::streams::protocol::Provider;
 use voxgate_media::streams::{self, Attach, StreamConfig, StreamEnd, StreamEvent};
+use voxgate_media::webrtc::{self, Offer, WebRtcConfig};
 use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
 
 use crate::domain::CallId;
@@ -40,9 +42,34 @@ pub struct ProviderStatus {
     pub sip_code: Option<u16>,
 }
 
+/// How a waiting call's media arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A CPaaS's WebSocket media stream.
+    Provider(Provider),
+    /// A browser's WebRTC offer.
+    WebRtc,
+}
+
+impl StreamKind {
+    /// The call's `carrier`, and the name its token is signed for.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Provider(p) => p.as_str(),
+            StreamKind::WebRtc => "webrtc",
+        }
+    }
+}
+
+/// Where the connecting side is handed over.
+enum Door {
+    Stream(Attach),
+    WebRtc(Offer),
+}
+
 struct Waiting {
-    provider: Provider,
-    attach: Option<Attach>,
+    kind: StreamKind,
+    door: Option<Door>,
     /// Where the provider's status callbacks for this call go, and the
     /// secret that signs them (Twilio's auth token).
     status: Option<(mpsc::Sender<ProviderStatus>, String)>,
@@ -58,15 +85,17 @@ struct Inner {
     /// `http(s)://host[:port]` the providers reach this node at.
     public_base: String,
     config: StreamConfig,
+    webrtc: WebRtcConfig,
     waiting: Mutex<HashMap<CallId, Waiting>>,
 }
 
 impl Streams {
-    pub fn new(storage: Storage, public_base: &str, config: StreamConfig) -> Streams {
+    pub fn new(storage: Storage, public_base: &str, config: StreamConfig, webrtc: WebRtcConfig) -> Streams {
         let inner = Inner {
             storage,
             public_base: public_base.trim_end_matches('/').to_owned(),
             config,
+            webrtc,
             waiting: Mutex::new(HashMap::new()),
         };
         Streams { inner: Arc::new(inner) }
@@ -82,26 +111,42 @@ impl Streams {
         &self.inner.public_base
     }
 
-    fn sign(&self, call: CallId, provider: Provider, expires: i64) -> String {
-        let (call, expires) = (call.to_string(), expires.to_string());
-        let mac = self.inner.storage.mac_of(&[PURPOSE, &call, provider.as_str(), &expires]);
-        B64URL.encode(mac.finalize().into_bytes())
+    fn mac(&self, call: CallId, kind: StreamKind, expires: i64) -> hmac::Hmac<sha2::Sha256> {
+        self.inner.storage.mac_of(&[PURPOSE, &call.to_string(), kind.as_str(), &expires.to_string()])
     }
 
-    /// The `wss://` URL of `call`'s stream for `provider`, valid until
-    /// `expires` (Unix seconds).
-    pub fn url(&self, call: CallId, provider: Provider, expires: i64) -> String {
+    /// The URL where `call`'s media connects, valid until `expires` (Unix
+    /// seconds): `wss://.../media/{provider}/{token}` for a stream,
+    /// `https://.../webrtc/{token}` (the SDP offer is posted there) for a browser.
+    pub fn url(&self, call: CallId, kind: StreamKind, expires: i64) -> String {
         let base = &self.inner.public_base;
-        let ws = base.strip_prefix("https://").map(|h| format!("wss://{h}")).or_else(|| base.strip_prefix("http://").map(|h| format!("ws://{h}")));
-        let token = format!("{call}.{expires}.{}", self.sign(call, provider, expires));
-        format!("{}/media/{provider}/{token}", ws.unwrap_or_else(|| base.clone()))
+        let token = format!("{call}.{expires}.{}", B64URL.encode(self.mac(call, kind, expires).finalize().into_bytes()));
+        match kind {
+            StreamKind::Provider(provider) => {
+                let ws = base
+                    .strip_prefix("https://")
+                    .map(|h| format!("wss://{h}"))
+                    .or_else(|| base.strip_prefix("http://").map(|h| format!("ws://{h}")));
+                format!("{}/media/{provider}/{token}", ws.unwrap_or_else(|| base.clone()))
+            }
+            StreamKind::WebRtc => format!("{base}/webrtc/{token}"),
+        }
     }
 
-    /// Starts `call`'s stream session and waits for its provider to connect.
-    pub fn open(&self, call: CallId, provider: Provider) -> (MediaHandle, mpsc::Receiver<StreamEvent>) {
-        let (media, attach, life) = streams::start(provider, self.inner.config.clone());
+    /// Starts `call`'s media leg and waits for its provider (or browser).
+    pub fn open(&self, call: CallId, kind: StreamKind) -> (MediaHandle, mpsc::Receiver<StreamEvent>) {
+        let (media, door, life) = match kind {
+            StreamKind::Provider(provider) => {
+                let (media, attach, life) = streams::start(provider, self.inner.config.clone());
+                (media, Door::Stream(attach), life)
+            }
+            StreamKind::WebRtc => {
+                let (media, offer, life) = webrtc::start(self.inner.webrtc.clone());
+                (media, Door::WebRtc(offer), life)
+            }
+        };
         if let Ok(mut w) = self.inner.waiting.lock() {
-            w.insert(call, Waiting { provider, attach: Some(attach), status: None });
+            w.insert(call, Waiting { kind, door: Some(door), status: None });
         }
         (media, life)
     }
@@ -127,16 +172,28 @@ impl Streams {
     /// bad or expired token, 404 when no call here waits for it, 409 when
     /// its stream is already connected.
     pub fn connect(&self, provider: Provider, token: &str, now_secs: i64) -> Result<(CallId, Attach)> {
-        let call = self.verify(provider, token, now_secs)?;
-        let mut w = self.inner.waiting.lock().map_err(|_| Error::Unavailable("stream registry unavailable".into()))?;
-        let entry = w.get_mut(&call).filter(|e| e.provider == provider).ok_or_else(|| Error::not_found("call waiting for a media stream on this node"))?;
-        match entry.attach.take() {
-            Some(a) if !a.is_closed() => Ok((call, a)),
-            _ => Err(Error::Conflict("this call's media stream is already connected or over".into())),
+        match self.take(StreamKind::Provider(provider), token, now_secs)? {
+            (call, Door::Stream(a)) if !a.is_closed() => Ok((call, a)),
+            _ => Err(over()),
         }
     }
 
-    fn verify(&self, provider: Provider, token: &str, now_secs: i64) -> Result<CallId> {
+    /// Like [`connect`](Self::connect), for a browser's WebRTC offer.
+    pub fn offer(&self, token: &str, now_secs: i64) -> Result<(CallId, Offer)> {
+        match self.take(StreamKind::WebRtc, token, now_secs)? {
+            (call, Door::WebRtc(o)) if !o.is_closed() => Ok((call, o)),
+            _ => Err(over()),
+        }
+    }
+
+    fn take(&self, kind: StreamKind, token: &str, now_secs: i64) -> Result<(CallId, Door)> {
+        let call = self.verify(kind, token, now_secs)?;
+        let mut w = self.inner.waiting.lock().map_err(|_| Error::Unavailable("stream registry unavailable".into()))?;
+        let entry = w.get_mut(&call).filter(|e| e.kind == kind).ok_or_else(|| Error::not_found("call waiting for its media on this node"))?;
+        entry.door.take().map(|d| (call, d)).ok_or_else(over)
+    }
+
+    fn verify(&self, kind: StreamKind, token: &str, now_secs: i64) -> Result<CallId> {
         const BAD: &str = "invalid or expired media stream token";
         let mut parts = token.splitn(3, '.');
         let (Some(call), Some(expires), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
@@ -145,9 +202,8 @@ impl Streams {
         let call: CallId = call.parse().map_err(|_| Error::Unauthorized(BAD))?;
         let expires: i64 = expires.parse().map_err(|_| Error::Unauthorized(BAD))?;
         let sig = B64URL.decode(sig).map_err(|_| Error::Unauthorized(BAD))?;
-        let mac = self.inner.storage.mac_of(&[PURPOSE, &call.to_string(), provider.as_str(), &expires.to_string()]);
         // Constant-time comparison.
-        mac.verify_slice(&sig).map_err(|_| Error::Unauthorized(BAD))?;
+        self.mac(call, kind, expires).verify_slice(&sig).map_err(|_| Error::Unauthorized(BAD))?;
         if expires < now_secs {
             return Err(Error::Unauthorized(BAD));
         }
@@ -172,10 +228,15 @@ impl Streams {
     }
 }
 
-/// A call the provider's stream brings in (no REST leg): answered when the
-/// stream starts, over when it stops. Hang-up closes the stream.
-pub fn answer(streams: &Streams, id: CallId, provider: Provider) -> Call {
-    let (media, life) = streams.open(id, provider);
+fn over() -> Error {
+    Error::Conflict("this call's media is already connected or over".into())
+}
+
+/// A call the provider's stream (or a browser) brings in, with no REST
+/// leg: answered when the media starts, over when it stops. Hang-up closes
+/// the media.
+pub fn answer(streams: &Streams, id: CallId, kind: StreamKind) -> Call {
+    let (media, life) = streams.open(id, kind);
     let (events_tx, events_rx) = mpsc::channel(8);
     let (hangup_tx, hangup_rx) = mpsc::channel(1);
     let control = media.control.clone();
@@ -200,7 +261,7 @@ async fn follow(
     loop {
         tokio::select! {
             ev = life.recv() => match ev {
-                Some(StreamEvent::Started(_)) => {
+                Some(StreamEvent::Started) => {
                     answered = true;
                     let _ = events.send(CallEvent::Answered { at: Instant::now() }).await;
                 }
@@ -224,11 +285,12 @@ pub fn stream_outcome(end: &StreamEnd, answered: bool, hung_up: bool) -> Outcome
         StreamEnd::Stopped | StreamEnd::Closed => (CallStatus::Failed, EndReason::NotConnected),
         StreamEnd::Timeout => (CallStatus::Completed, EndReason::MediaTimeout),
         StreamEnd::NotConnected => (CallStatus::Failed, EndReason::NotConnected),
-        StreamEnd::Error(_) if answered => (CallStatus::Completed, EndReason::StreamError),
-        StreamEnd::Error(_) => (CallStatus::Failed, EndReason::StreamError),
+        StreamEnd::Error(_) | StreamEnd::Failed(_) if answered => (CallStatus::Completed, EndReason::StreamError),
+        StreamEnd::Error(_) | StreamEnd::Failed(_) => (CallStatus::Failed, EndReason::StreamError),
     };
     let detail = match end {
         StreamEnd::Error(e) => Some(e.reason.clone()),
+        StreamEnd::Failed(reason) => Some(reason.clone()),
         _ => None,
     };
     Outcome { status, reason, sip_code: None, sip_reason: detail }
@@ -243,7 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = StorageConfig { root: dir.path().to_path_buf(), ..Default::default() };
         let storage = Storage::open(&config, "http://127.0.0.1:1").unwrap();
-        (Streams::new(storage, "https://voice.example.com/", StreamConfig::default()), dir)
+        (Streams::new(storage, "https://voice.example.com/", StreamConfig::default(), WebRtcConfig::default()), dir)
     }
 
     fn token_of(url: &str) -> &str {
@@ -254,9 +316,9 @@ mod tests {
     async fn a_token_opens_its_own_call_once_and_nothing_else() {
         let (s, _dir) = streams();
         let id = CallId::new();
-        let url = s.url(id, Provider::Twilio, 1_000);
+        let url = s.url(id, StreamKind::Provider(Provider::Twilio), 1_000);
         assert!(url.starts_with("wss://voice.example.com/media/twilio/"), "{url}");
-        let (_media, _life) = s.open(id, Provider::Twilio);
+        let (_media, _life) = s.open(id, StreamKind::Provider(Provider::Twilio));
         let token = token_of(&url);
         // Another provider, a changed character, an expired token: 401.
         assert!(matches!(s.connect(Provider::Telnyx, token, 900), Err(Error::Unauthorized(_))));
@@ -270,7 +332,9 @@ mod tests {
         assert_eq!(got, id);
         assert!(matches!(s.connect(Provider::Twilio, token, 900), Err(Error::Conflict(_))));
         // A valid token for a call this node does not run.
-        let other = s.url(CallId::new(), Provider::Twilio, 1_000);
+        let other = s.url(CallId::new(), StreamKind::Provider(Provider::Twilio), 1_000);
+        // A stream token does not open a WebRTC call.
+        assert!(matches!(s.offer(token, 900), Err(Error::Unauthorized(_))));
         assert!(matches!(s.connect(Provider::Twilio, token_of(&other), 900), Err(Error::NotFound(_))));
     }
 

@@ -22,7 +22,7 @@ use voxgate_media::streams::protocol::Provider;
 use voxgate_media::streams::{StreamEnd, StreamEvent};
 use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
 
-use super::streams::{stream_outcome, ProviderStatus, Streams};
+use super::streams::{stream_outcome, ProviderStatus, StreamKind, Streams};
 use crate::clock::now_ms;
 use crate::domain::CallId;
 
@@ -123,11 +123,11 @@ struct ApiError {
 /// Places `id`'s call to `to` through `carrier`; on success the call's
 /// leg runs in a task of its own. The error is the provider's refusal.
 pub async fn dial(streams: &Streams, http: &reqwest::Client, carrier: &CarrierConfig, id: CallId, to: &str) -> Result<Call, String> {
-    let (media, life) = streams.open(id, Provider::Twilio);
+    let (media, life) = streams.open(id, StreamKind::Provider(Provider::Twilio));
     let (status_tx, status_rx) = mpsc::channel(16);
     streams.expect_status(id, status_tx, carrier.auth_token.clone());
     let expires = now_ms() / 1000 + streams.connect_timeout().as_secs() as i64 + carrier.ring_timeout_secs as i64;
-    let stream_url = streams.url(id, Provider::Twilio, expires);
+    let stream_url = streams.url(id, StreamKind::Provider(Provider::Twilio), expires);
     let twiml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect><Stream url=\"{}\">\
          <Parameter name=\"voxgateCallId\" value=\"{id}\"/></Stream></Connect></Response>",
@@ -220,7 +220,7 @@ impl Leg {
         loop {
             tokio::select! {
                 ev = life.recv() => match ev {
-                    Some(StreamEvent::Started(_)) => {
+                    Some(StreamEvent::Started) => {
                         answered = true;
                         let _ = self.events.send(CallEvent::Answered { at: Instant::now() }).await;
                     }

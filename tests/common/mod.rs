@@ -11,6 +11,7 @@ pub mod sipp;
 pub mod upstream;
 pub mod stream_phone;
 pub mod fake_twilio;
+pub mod web_client;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -73,8 +73,9 @@ impl Attach {
 /// The life of a stream, for the call leg.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    /// The provider's `start`: audio flows both ways from now.
-    Started(StreamStart),
+    /// The provider's `start` (or, for WebRTC, ICE and DTLS up): audio
+    /// flows both ways from now.
+    Started,
     Ended(StreamEnd),
 }
 
@@ -90,6 +91,8 @@ pub enum StreamEnd {
     NotConnected,
     /// The provider broke the protocol; the socket was closed with this.
     Error(ProtocolError),
+    /// The leg could not be set up (a WebRTC offer that was refused).
+    Failed(String),
 }
 
 /// Starts the session of a stream for `provider`; the socket comes later
@@ -243,6 +246,7 @@ impl StreamLeg {
             }
             StreamEnd::Timeout => (close::POLICY, format!("no media for {} s", self.config.media_timeout.as_secs())),
             StreamEnd::NotConnected => (close::POLICY, "no start message".into()),
+            StreamEnd::Failed(reason) => (close::POLICY, reason.clone()),
             StreamEnd::Stopped | StreamEnd::Closed => (close::NORMAL, "call ended".into()),
         };
         let _ = outgoing.try_send(Frame::Close { code, reason });
@@ -341,7 +345,7 @@ impl StreamLeg {
             Inbound::Start(start) => {
                 self.codec = Some(StreamCodec::new(start.encoding)?);
                 tracing::info!(provider = %self.provider, stream_id = %start.stream_id, encoding = ?start.encoding, "media stream started");
-                let _ = self.life.try_send(StreamEvent::Started(start.clone()));
+                let _ = self.life.try_send(StreamEvent::Started);
                 self.start = Some(start);
             }
             Inbound::Stop => return Ok(Some(StreamEnd::Stopped)),
@@ -457,7 +461,7 @@ mod tests {
         let mut far = connect(attach);
         far.to_us.send(Frame::Text(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into())).await.unwrap();
         far.to_us.send(twilio_start()).await.unwrap();
-        assert!(matches!(life.recv().await, Some(StreamEvent::Started(s)) if s.stream_id == "MZ1"));
+        assert_eq!(life.recv().await, Some(StreamEvent::Started));
         // 30 ms in: one 20 ms frame out, 10 ms kept for the next.
         far.to_us.send(media(&[0xff; 240])).await.unwrap();
         let frame = handle.incoming.recv().await.expect("a frame");
@@ -535,7 +539,7 @@ mod tests {
         let (mut handle, attach, mut life) = start(Provider::Vonage, StreamConfig::default());
         let mut far = connect(attach);
         far.to_us.send(Frame::Text(r#"{"event":"websocket:connected","content-type":"audio/l16;rate=16000"}"#.into())).await.unwrap();
-        assert!(matches!(life.recv().await, Some(StreamEvent::Started(_))));
+        assert_eq!(life.recv().await, Some(StreamEvent::Started));
         let pcm: Vec<u8> = (0..320i16).flat_map(|i| (i * 10).to_le_bytes()).collect();
         far.to_us.send(Frame::Binary(pcm)).await.unwrap();
         let frame = handle.incoming.recv().await.unwrap();
