@@ -96,6 +96,42 @@ async fn media_mode_measures_the_echo_of_every_call_without_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_twilio_websocket_transport_plays_the_provider_and_measures_agent_calls() {
+    let (server, key, sip_port) = server_with_trunk_to_loadtest("").await;
+    let (report, _out) = run_loadtest(
+        &server,
+        &key,
+        sip_port,
+        &["--transport", "twilio", "--calls", "3", "--concurrency", "3", "--cps", "20", "--duration", "90s", "--utterance", "What are your opening hours?"],
+    );
+    let summary = &report["summary"];
+    assert_eq!((summary["placed"].as_u64(), summary["answered"].as_u64()), (Some(3), Some(3)), "{summary}");
+    assert_eq!(report["options"]["transport"], "twilio");
+    for call in report["calls"].as_array().expect("calls") {
+        let heard = &call["heard"];
+        assert!(heard["greeting_ms"].as_f64().is_some_and(|ms| ms > 0.0), "greeting timed at the socket: {call}");
+        assert!(heard["rtp"]["packets_received"].as_u64().is_some_and(|p| p > 50), "{call}");
+        let id = call["call_id"].as_str().expect("call id");
+        let record = common::voice::wait_call(&server, &key, id, Duration::from_secs(15), common::voice::ended).await;
+        assert_eq!((record["carrier"].as_str(), record["status"].as_str()), (Some("twilio"), Some("completed")), "{record}");
+    }
+    assert!(summary["metrics"]["voice_to_voice_ms"]["n"].as_u64().is_some_and(|n| n >= 1), "no turn was answered: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn media_mode_over_vonage_binary_streams_gets_every_echo_back() {
+    let (server, key, sip_port) = server_with_trunk_to_loadtest("[calls]\necho = true\n").await;
+    let (report, _out) =
+        run_loadtest(&server, &key, sip_port, &["--transport", "vonage", "--mode", "media", "--calls", "3", "--concurrency", "3", "--cps", "20", "--hold", "4s"]);
+    let summary = &report["summary"];
+    assert_eq!(summary["answered"], 3, "{summary}");
+    let echo = &summary["metrics"]["echo_round_trip_ms"];
+    assert!(echo["n"].as_u64().is_some_and(|n| n >= 3 * 2), "{summary}");
+    assert!(echo["p50"].as_f64().is_some_and(|ms| ms > 0.0 && ms < 1000.0), "{echo}");
+    assert_eq!(summary["turns_without_reply"], 0, "every burst came back: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_run_stops_at_its_duration_and_hangs_up_every_call() {
     let (server, key, sip_port) = server_with_trunk_to_loadtest("[calls]\necho = true\n").await;
     let started = std::time::Instant::now();
@@ -113,7 +149,7 @@ async fn the_run_stops_at_its_duration_and_hangs_up_every_call() {
 fn help_documents_every_option_and_remote_targets_are_refused() {
     let help = Command::new(loadtest_bin()).arg("--help").output().expect("run");
     let help = String::from_utf8_lossy(&help.stdout);
-    for option in ["--server", "--api-key", "--mode", "--calls", "--cps", "--concurrency", "--duration", "--barge-in-after", "--server-pid", "--allow-remote"] {
+    for option in ["--server", "--api-key", "--mode", "--transport", "--calls", "--cps", "--concurrency", "--duration", "--barge-in-after", "--server-pid", "--allow-remote"] {
         assert!(help.contains(option), "--help does not mention {option}");
     }
     let out = Command::new(loadtest_bin()).args(["--server", "http://203.0.113.7:8080", "--api-key", "k"]).output().expect("run");

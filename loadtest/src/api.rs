@@ -77,6 +77,21 @@ impl Api {
         }
     }
 
+    /// Asks for a call a provider's media stream brings in: voxgate's call
+    /// id and the stream URL to connect to, or why it refused.
+    pub async fn place_stream(&self, agent: &str, provider: &str) -> Result<(String, String), Refusal> {
+        let body = json!({"agentId": agent, "provider": provider});
+        let refusal = |status: u16, code: &str, message: String| Refusal { status, code: code.into(), message };
+        let url = self.url("/api/voice-agent/calls/stream").map_err(|e| refusal(0, "bad-url", e.to_string()))?;
+        let resp = self.http.post(url).bearer_auth(&self.key).json(&body).send().await.map_err(|e| refusal(0, "unreachable", e.to_string()))?;
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        match (status, v["data"]["callId"].as_str(), v["data"]["url"].as_str()) {
+            (201, Some(id), Some(url)) => Ok((id.to_owned(), url.to_owned())),
+            _ => Err(refusal(status, v["code"].as_str().unwrap_or("unknown"), v["error"].as_str().unwrap_or_default().to_owned())),
+        }
+    }
+
     /// Asks voxgate to hang up a call (one that never reached our SIP side).
     pub async fn hangup(&self, call_id: &str) {
         if let Ok(url) = self.url(&format!("/api/voice-agent/calls/{call_id}/hangup")) {

@@ -12,9 +12,12 @@ use url::Url;
 /// caller hears: post-dial delay, greeting latency, voice-to-voice latency
 /// per turn, barge-in stop time, RTP loss, jitter and reordering.
 ///
-/// voxgate places the calls (through its API, with the key given here) to
-/// numbers on a SIP trunk that must point at this tool's `--sip-bind`
-/// address; this tool answers them, speaks and listens.
+/// With `--transport sip` (the default) voxgate places the calls (through
+/// its API, with the key given here) to numbers on a SIP trunk that must
+/// point at this tool's `--sip-bind` address; this tool answers them,
+/// speaks and listens. With `--transport twilio` (or telnyx, plivo,
+/// vonage) this tool plays the CPaaS instead: it asks the API for a stream
+/// call and connects to its `/media/...` WebSocket as the provider would.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "voxgate-loadtest", version)]
 pub struct Options {
@@ -32,6 +35,11 @@ pub struct Options {
     /// audio back; measures the media engine alone.
     #[arg(long, value_enum, default_value_t = Mode::Agent)]
     pub mode: Mode,
+
+    /// How the calls reach voxgate: over SIP, or as a CPaaS's WebSocket
+    /// media stream in its protocol.
+    #[arg(long, value_enum, default_value_t = Transport::Sip)]
+    pub transport: Transport,
 
     /// Calls to place in all.
     #[arg(long, default_value_t = 10)]
@@ -142,6 +150,30 @@ pub enum Mode {
     Media,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Sip,
+    Twilio,
+    Telnyx,
+    Plivo,
+    Vonage,
+}
+
+impl Transport {
+    /// The media stream protocol, for the stream transports.
+    pub fn provider(self) -> Option<voxgate_media::streams::protocol::Provider> {
+        use voxgate_media::streams::protocol::Provider;
+        match self {
+            Transport::Sip => None,
+            Transport::Twilio => Some(Provider::Twilio),
+            Transport::Telnyx => Some(Provider::Telnyx),
+            Transport::Plivo => Some(Provider::Plivo),
+            Transport::Vonage => Some(Provider::Vonage),
+        }
+    }
+}
+
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("expected MIN-MAX, e.g. 40000-59999")?;
     let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| "MIN is not a port")?, b.trim().parse().map_err(|_| "MAX is not a port")?);
@@ -210,6 +242,8 @@ mod tests {
         assert_eq!(o.validate(), Ok(()));
         assert_eq!(o.utterances.len(), 2);
         assert_eq!(o.ring, Duration::from_millis(500));
+        assert_eq!(o.transport, Transport::Sip);
+        assert_eq!(parse(&["--transport", "twilio"]).transport.provider().map(|p| p.as_str()), Some("twilio"));
     }
 
     #[test]

@@ -173,6 +173,7 @@ fn turn_metric(mode: Mode) -> &'static str {
 impl Report {
     pub fn new(o: &Options, agent: String, started_unix: u64, duration_ms: f64, calls: Vec<CallRecord>, timeline: Vec<Sample>) -> Report {
         let options = BTreeMap::from([
+            ("transport", format!("{:?}", o.transport).to_lowercase()),
             ("calls", o.calls.to_string()),
             ("cps", o.cps.to_string()),
             ("concurrency", o.concurrency.to_string()),

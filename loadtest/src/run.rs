@@ -16,10 +16,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use voxgate_media::streams::protocol::Provider;
 use voxgate_sip::{Call, CallEvent, SipAgent, SipConfig};
 
 use crate::api::Api;
-use crate::options::Options;
+use crate::options::{Options, Transport};
 use crate::procstat::ProcSampler;
 use crate::report::{percentile, CallRecord, Outcome, Report, Sample};
 use crate::script::{ms, Script};
@@ -44,6 +45,7 @@ struct Shared {
     api: Api,
     agent: String,
     trunk: Option<String>,
+    transport: Transport,
     script: Script,
     prefix: String,
     numbers: Mutex<Vec<u32>>,
@@ -76,6 +78,7 @@ pub async fn run(o: &Options, interrupt: CancellationToken) -> anyhow::Result<Re
         api,
         agent: agent.clone(),
         trunk: o.trunk.clone(),
+        transport: o.transport,
         script,
         prefix: o.number_prefix.clone(),
         numbers: Mutex::new((0..o.concurrency).rev().collect()),
@@ -173,22 +176,9 @@ async fn place_and_play(shared: &Shared, index: u32) -> CallRecord {
     let live = &shared.live;
     live.active.fetch_add(1, Ordering::Relaxed);
     let requested = Instant::now();
-    let outcome = match shared.api.place(&shared.agent, &number, shared.trunk.as_deref()).await {
-        Err(refusal) => Outcome::Refused(refusal),
-        Ok(call_id) => {
-            record.call_id = Some(call_id.clone());
-            let invite = tokio::select! {
-                call = tokio::time::timeout(INVITE_WITHIN, rx) => call.ok().and_then(Result::ok),
-                _ = shared.stop.cancelled() => None,
-            };
-            match invite {
-                None => {
-                    shared.api.hangup(&call_id).await;
-                    Outcome::NoInvite
-                }
-                Some(call) => answer_and_play(shared, call, requested, &mut record).await,
-            }
-        }
+    let outcome = match shared.transport.provider() {
+        Some(provider) => stream_and_play(shared, provider, requested, &mut record).await,
+        None => place_and_answer(shared, &number, rx, requested, &mut record).await,
     };
     if let Ok(mut r) = shared.routes.lock() {
         r.remove(&number);
@@ -205,6 +195,44 @@ async fn place_and_play(shared: &Shared, index: u32) -> CallRecord {
         live.failed.fetch_add(1, Ordering::Relaxed);
     }
     record
+}
+
+/// A call over SIP: the API request, then the INVITE it causes.
+async fn place_and_answer(shared: &Shared, number: &str, rx: oneshot::Receiver<Call>, requested: Instant, record: &mut CallRecord) -> Outcome {
+    match shared.api.place(&shared.agent, number, shared.trunk.as_deref()).await {
+        Err(refusal) => Outcome::Refused(refusal),
+        Ok(call_id) => {
+            record.call_id = Some(call_id.clone());
+            let invite = tokio::select! {
+                call = tokio::time::timeout(INVITE_WITHIN, rx) => call.ok().and_then(Result::ok),
+                _ = shared.stop.cancelled() => None,
+            };
+            match invite {
+                None => {
+                    shared.api.hangup(&call_id).await;
+                    Outcome::NoInvite
+                }
+                Some(call) => answer_and_play(shared, call, requested, record).await,
+            }
+        }
+    }
+}
+
+/// A call over a media stream: the API request, then our connection as the provider.
+async fn stream_and_play(shared: &Shared, provider: Provider, requested: Instant, record: &mut CallRecord) -> Outcome {
+    match shared.api.place_stream(&shared.agent, provider.as_str()).await {
+        Err(refusal) => Outcome::Refused(refusal),
+        Ok((call_id, url)) => {
+            record.call_id = Some(call_id.clone());
+            match crate::stream::connect(&url, provider, &call_id).await {
+                Ok(call) => answer_and_play(shared, call, requested, record).await,
+                Err(e) => {
+                    shared.api.hangup(&call_id).await;
+                    Outcome::NotAnswered { reason: format!("websocket: {e}") }
+                }
+            }
+        }
+    }
 }
 
 /// Rings, answers (the SIP agent does both), then runs the caller's script.

@@ -24,7 +24,8 @@ use tokio::time::Instant as TokioInstant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use voxgate_agents::{AgentEvent, HangupReason, Session, Speaker};
-use voxgate_media::session::MediaEvent;
+use voxgate_media::session::{MediaEvent, MediaHandle};
+use voxgate_media::streams::StreamEvent;
 use voxgate_sip::{Call, CallEvent, CallStatus, Dial, EndReason, Outcome, SipAgent};
 
 use super::agents::Agent;
@@ -298,12 +299,22 @@ impl CallManager {
             active.insert(id, commands_tx);
         }
         inner.metrics.calls_active.inc();
+        let leg_kind = match &leg {
+            Leg::Stream(kind) => Some(*kind),
+            _ => None,
+        };
         let run = CallRun {
             inner: inner.clone(),
             id,
             account,
             leg,
             commands: commands_rx,
+            // A stream's URL is given out when this returns: the call must
+            // already wait for it.
+            opened: match &leg_kind {
+                Some(kind) => Some(inner.streams.open(id, *kind)),
+                None => None,
+            },
             slot,
         };
         let session = engines.map(|(engines, agent_config)| Session::start(engines, agent_config));
@@ -358,6 +369,8 @@ struct CallRun {
     account: AccountId,
     leg: Leg,
     commands: mpsc::Receiver<Ending>,
+    /// The media leg of a stream call, opened at admission.
+    opened: Option<(MediaHandle, mpsc::Receiver<StreamEvent>)>,
     slot: OwnedSemaphorePermit,
 }
 
@@ -607,7 +620,7 @@ impl CallRun {
 
     /// Sets up the call's leg: the INVITE leaves, the provider is asked to
     /// call, or the stream is awaited.
-    async fn set_up(&self) -> std::result::Result<Call, Outcome> {
+    async fn set_up(&mut self) -> std::result::Result<Call, Outcome> {
         let inner = &self.inner;
         let failed = |reason, detail: String| Outcome { status: CallStatus::Failed, reason, sip_code: None, sip_reason: Some(detail) };
         match &self.leg {
@@ -630,7 +643,8 @@ impl CallRun {
             }
             Leg::Stream(kind) => {
                 tracing::info!(carrier = kind.as_str(), "waiting for the call's media to connect");
-                Ok(streams::answer(&inner.streams, self.id, *kind))
+                let (media, life) = self.opened.take().unwrap_or_else(|| inner.streams.open(self.id, *kind));
+                Ok(streams::answer(&inner.streams, self.id, media, life))
             }
         }
     }

@@ -235,8 +235,7 @@ fn over() -> Error {
 /// A call the provider's stream (or a browser) brings in, with no REST
 /// leg: answered when the media starts, over when it stops. Hang-up closes
 /// the media.
-pub fn answer(streams: &Streams, id: CallId, kind: StreamKind) -> Call {
-    let (media, life) = streams.open(id, kind);
+pub fn answer(streams: &Streams, id: CallId, media: MediaHandle, life: mpsc::Receiver<StreamEvent>) -> Call {
     let (events_tx, events_rx) = mpsc::channel(8);
     let (hangup_tx, hangup_rx) = mpsc::channel(1);
     let control = media.control.clone();

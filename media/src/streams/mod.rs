@@ -19,6 +19,7 @@
 //! second `start`, oversize messages) close the socket with a code and a
 //! reason, which is also logged; nothing the far end sends can panic.
 
+pub mod caller;
 pub mod protocol;
 
 use std::collections::VecDeque;
@@ -139,32 +140,32 @@ impl StreamCodec {
         Ok(StreamCodec { encoding, decode_rs: rs(rate, PIPELINE_RATE)?, encode_rs: rs(PIPELINE_RATE, rate)? })
     }
 
-    fn decode(&self, coded: &[u8], out: &mut VecDeque<i16>) {
-        match self.encoding {
-            Encoding::Ulaw | Encoding::Alaw => {
-                let mut pcm = Vec::with_capacity(coded.len());
-                law(self.encoding).decode(coded, &mut pcm);
-                out.extend(pcm);
-            }
-            Encoding::L16 { big_endian, .. } => out.extend(coded.chunks_exact(2).map(|b| {
-                let b = [b[0], b[1]];
-                if big_endian { i16::from_be_bytes(b) } else { i16::from_le_bytes(b) }
-            })),
-        }
-    }
+}
 
-    fn encode(&self, pcm: &[i16]) -> Vec<u8> {
-        match self.encoding {
-            Encoding::Ulaw | Encoding::Alaw => {
-                let mut out = Vec::with_capacity(pcm.len());
-                law(self.encoding).encode(pcm, &mut out);
-                out
-            }
-            Encoding::L16 { big_endian, .. } => pcm
-                .iter()
-                .flat_map(|s| if big_endian { s.to_be_bytes() } else { s.to_le_bytes() })
-                .collect(),
+/// Appends the PCM (at the encoding's rate) of `coded` to `out`.
+pub(crate) fn decode(encoding: Encoding, coded: &[u8], out: &mut VecDeque<i16>) {
+    match encoding {
+        Encoding::Ulaw | Encoding::Alaw => {
+            let mut pcm = Vec::with_capacity(coded.len());
+            law(encoding).decode(coded, &mut pcm);
+            out.extend(pcm);
         }
+        Encoding::L16 { big_endian, .. } => out.extend(coded.chunks_exact(2).map(|b| {
+            let b = [b[0], b[1]];
+            if big_endian { i16::from_be_bytes(b) } else { i16::from_le_bytes(b) }
+        })),
+    }
+}
+
+/// `pcm` (at the encoding's rate) coded.
+pub(crate) fn encode(encoding: Encoding, pcm: &[i16]) -> Vec<u8> {
+    match encoding {
+        Encoding::Ulaw | Encoding::Alaw => {
+            let mut out = Vec::with_capacity(pcm.len());
+            law(encoding).encode(pcm, &mut out);
+            out
+        }
+        Encoding::L16 { big_endian, .. } => pcm.iter().flat_map(|s| if big_endian { s.to_be_bytes() } else { s.to_le_bytes() }).collect(),
     }
 }
 
@@ -365,7 +366,7 @@ impl StreamLeg {
         let Some(codec) = self.codec.as_mut() else { return };
         let now = Instant::now();
         self.stats.packets_received += 1;
-        codec.decode(coded, &mut self.pcm_in);
+        decode(codec.encoding, coded, &mut self.pcm_in);
         let n = frame_len(codec.encoding.rate());
         while self.pcm_in.len() >= n {
             let frame: Vec<i16> = self.pcm_in.drain(..n).collect();
@@ -392,7 +393,7 @@ impl StreamLeg {
         if codec.encode_rs.process(&pcm, &mut coded_pcm).is_err() {
             return;
         }
-        let message = self.provider.media(&start.stream_id, codec.encoding, codec.encode(&coded_pcm));
+        let message = self.provider.media(&start.stream_id, codec.encoding, encode(codec.encoding, &coded_pcm));
         if outgoing.try_send(message).is_err() {
             // The socket writer is behind (a slow provider): skipping keeps time.
             self.stats.dropped_frames += 1;
