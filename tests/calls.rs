@@ -9,24 +9,11 @@ use std::time::Duration;
 
 use common::far_end::FarEnd;
 use common::sipp::{scenario, Sipp};
-use common::voice::{balance, create_agent, ended, get_call, place_call, trunk_config, wait_call};
+use common::voice::{balance, create_agent, ended, get_call, has_words, place_call, recall, transcribe, trunk_config, wait_call};
 use common::{expect_error, json, TestServer};
 use serde_json::json;
 
-fn words(s: &str) -> Vec<String> {
-    s.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
-/// Share of `expected`'s words found in `heard`.
-fn recall(expected: &str, heard: &str) -> f64 {
-    let heard = words(heard);
-    let exp = words(expected);
-    exp.iter().filter(|w| heard.contains(w)).count() as f64 / exp.len().max(1) as f64
-}
 
 fn sipp_agent(scenario_file: &str, far: &FarEnd) -> Sipp {
     Sipp::uas(scenario(scenario_file).to_str().unwrap(), &["-key", "sink_port", &far.port.to_string()])
@@ -36,15 +23,6 @@ async fn outbound(server: &TestServer, key: &str, body: serde_json::Value) -> re
     server.post("/api/voice-agent/calls/outbound", key, body).await
 }
 
-async fn transcribe(pcm: Vec<f32>) -> String {
-    tokio::task::spawn_blocking(move || {
-        let paths = voxgate_agents::ModelPaths::new(std::path::Path::new(&common::models_dir()));
-        let asr = voxgate_agents::asr::Asr::load(&paths.whisper, 2).expect("whisper model");
-        asr.transcribe(&pcm, "en").expect("transcribe")
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_greets_answers_the_caller_and_the_call_is_recorded_and_billed() {
@@ -79,7 +57,7 @@ async fn agent_greets_answers_the_caller_and_the_call_is_recorded_and_billed() {
     let heard_greeting = transcribe(far.received_16k(0)[..greeting_end * 2].to_vec()).await;
     assert!(recall(greeting, &heard_greeting) >= 0.7, "greeting heard as '{heard_greeting}'");
     let heard_answer = transcribe(far.received_16k(question_end)).await;
-    assert!(!words(&heard_answer).is_empty(), "no words in the agent's answer");
+    assert!(has_words(&heard_answer), "no words in the agent's answer");
 
     assert_eq!(call["status"], "completed", "{call:#}");
     assert_eq!(call["endReason"], "local-hangup");

@@ -9,36 +9,15 @@ use std::time::Duration;
 
 use common::fake_twilio::{FakeTwilio, INVALID_TO};
 use common::stream_phone::{Kind, StreamPhone};
-use common::voice::{balance, create_agent, ended, wait_call};
+use common::voice::{balance, create_agent, ended, recall, transcribe, wait_call};
 use common::{expect_error, json, TestServer};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 const GREETING: &str = "Hello, this is Bright Dental. How can I help you today?";
 
-fn words(s: &str) -> Vec<String> {
-    s.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
-fn recall(expected: &str, heard: &str) -> f64 {
-    let heard = words(heard);
-    let exp = words(expected);
-    exp.iter().filter(|w| heard.contains(w)).count() as f64 / exp.len().max(1) as f64
-}
 
-async fn transcribe(pcm: Vec<f32>) -> String {
-    tokio::task::spawn_blocking(move || {
-        let paths = voxgate_agents::ModelPaths::new(std::path::Path::new(&common::models_dir()));
-        let asr = voxgate_agents::asr::Asr::load(&paths.whisper, 2).expect("whisper model");
-        asr.transcribe(&pcm, "en").expect("transcribe")
-    })
-    .await
-    .unwrap()
-}
 
 /// Prepares a stream call; returns (call id, stream URL).
 async fn stream_call(server: &TestServer, key: &str, agent: &str, provider: &str) -> (String, String) {
@@ -135,6 +114,23 @@ async fn telnyx_and_vonage_binary_streams_carry_the_greeting_and_end_with_the_st
     }
 }
 
+type Source = futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>;
+
+/// The close frame the server sends (within 10 s), skipping other messages.
+async fn close_frame(source: &mut Source) -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(m)) = source.next().await {
+            if let Message::Close(c) = m {
+                return c;
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed in time")
+}
+
 /// The server for protocol tests: echo calls (no models), a short connect window.
 async fn echo_server(extra_toml: &str) -> TestServer {
     TestServer::start_configured(&format!("[calls]\necho = true\nstream_connect_secs = 20\n{extra_toml}"), &[]).await
@@ -164,17 +160,7 @@ async fn malformed_streams_close_with_a_reason_and_cost_nothing_and_bad_urls_are
         for m in messages {
             let _ = sink.send(m).await;
         }
-        let close = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(Ok(m)) = source.next().await {
-                if let Message::Close(c) = m {
-                    return c;
-                }
-            }
-            None
-        })
-        .await
-        .expect("closed in time")
-        .unwrap_or_else(|| panic!("{what}: a close frame"));
+        let close = close_frame(&mut source).await.unwrap_or_else(|| panic!("{what}: a close frame"));
         assert_eq!(u16::from(close.code), code, "{what}: {close:?}");
         assert!(close.reason.contains(reason), "{what}: {close:?}");
         let call = wait_call(&server, &key, &id, Duration::from_secs(10), ended).await;
@@ -239,17 +225,7 @@ async fn a_stream_never_connected_ends_unbilled_and_an_idle_one_times_out() {
     let (mut sink, mut source) = ws.split();
     let start = r#"{"event":"start","streamSid":"MZ1","start":{"callSid":"CA1","mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#;
     sink.send(Message::text(start)).await.unwrap();
-    let close = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = source.next().await {
-            if let Message::Close(c) = m {
-                return c;
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed in time")
-    .expect("a close frame");
+    let close = close_frame(&mut source).await.expect("a close frame");
     assert!(close.reason.contains("no media"), "{close:?}");
     let call = wait_call(&server, &key, &id, Duration::from_secs(10), ended).await;
     assert_eq!((call["status"].as_str(), call["endReason"].as_str()), (Some("completed"), Some("media-timeout")), "{call:#}");

@@ -8,36 +8,15 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::voice::{balance, create_agent, ended, wait_call};
+use common::voice::{balance, create_agent, ended, recall, transcribe, wait_call};
 use common::web_client::WebClient;
 use common::{expect_error, json, TestServer};
 use serde_json::{json, Value};
 
 const GREETING: &str = "Hello, this is Bright Dental. How can I help you today?";
 
-fn words(s: &str) -> Vec<String> {
-    s.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
-fn recall(expected: &str, heard: &str) -> f64 {
-    let heard = words(heard);
-    let exp = words(expected);
-    exp.iter().filter(|w| heard.contains(w)).count() as f64 / exp.len().max(1) as f64
-}
 
-async fn transcribe(pcm: Vec<f32>) -> String {
-    tokio::task::spawn_blocking(move || {
-        let paths = voxgate_agents::ModelPaths::new(std::path::Path::new(&common::models_dir()));
-        let asr = voxgate_agents::asr::Asr::load(&paths.whisper, 2).expect("whisper model");
-        asr.transcribe(&pcm, "en").expect("transcribe")
-    })
-    .await
-    .unwrap()
-}
 
 async fn server() -> TestServer {
     TestServer::start_configured("[calls]\nwebrtc_loopback_only = true\nstream_connect_secs = 30\n", &[]).await

@@ -388,9 +388,9 @@ impl Core {
                 break;
             }
         }
-        if let Some(r) = self.reply.take() {
-            r.cancel.cancel();
-        }
+        // A reply the end of the call cut short is still part of the call.
+        // The holder may have stopped reading: never wait on it for long.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), self.cut_reply()).await;
     }
 
     fn now_ms(&self) -> u64 {
@@ -591,6 +591,12 @@ impl Core {
         self.paused = false;
         self.queue.clear();
         self.emit(AgentEvent::ClearAudio).await;
+        self.cut_reply().await;
+    }
+
+    /// Cancels the reply in flight; what the caller heard of it goes into
+    /// the transcript (interrupted) and the conversation's memory.
+    async fn cut_reply(&mut self) {
         if let Some(r) = self.reply.take() {
             r.cancel.cancel();
             let heard = heard_text(&r.pieces, r.played);

@@ -408,6 +408,20 @@ impl Billing {
 /// The agent's session, or `None` when calls echo (`calls.echo`).
 type SessionStart = Option<std::result::Result<(Session, mpsc::Receiver<AgentEvent>), voxgate_agents::AgentError>>;
 
+fn line_of(t: voxgate_agents::Transcript) -> TranscriptLine {
+    TranscriptLine {
+        role: match t.speaker {
+            Speaker::Caller => "caller",
+            Speaker::Agent => "agent",
+        }
+        .into(),
+        text: t.text,
+        start_ms: t.start_ms,
+        end_ms: t.end_ms,
+        interrupted: t.interrupted,
+    }
+}
+
 /// Sleeps until `at`, or forever when there is no deadline (a `select!` arm
 /// that is off).
 async fn sleep_until_some(at: Option<TokioInstant>) {
@@ -526,13 +540,7 @@ impl CallRun {
                 ev = agent_events.recv() => match ev {
                     Some(AgentEvent::AgentAudio(pcm)) => call.media.control.play(pcm).await,
                     Some(AgentEvent::ClearAudio) => call.media.control.flush().await,
-                    Some(AgentEvent::Transcript(t)) if t.is_final => transcript.push(TranscriptLine {
-                        role: match t.speaker { Speaker::Caller => "caller", Speaker::Agent => "agent" }.into(),
-                        text: t.text,
-                        start_ms: t.start_ms,
-                        end_ms: t.end_ms,
-                        interrupted: t.interrupted,
-                    }),
+                    Some(AgentEvent::Transcript(t)) if t.is_final => transcript.push(line_of(t)),
                     Some(AgentEvent::Transcript(_)) => {}
                     Some(AgentEvent::TurnMetrics(m)) => latency.turns.push(TurnLatency {
                         turn: m.turn,
@@ -601,6 +609,17 @@ impl CallRun {
         };
         if let Some(session) = session {
             session.close();
+            // The session records the reply the hang-up cut short, then ends.
+            let last_lines = async {
+                while let Some(ev) = agent_events.recv().await {
+                    if let AgentEvent::Transcript(t) = ev {
+                        if t.is_final {
+                            transcript.push(line_of(t));
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(300), last_lines).await;
         }
         if let Some(handle) = billing.and_then(|b| b.pending) {
             let _ = handle.await;

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use voxgate_media::g711::{linear_to_ulaw, ulaw_to_linear};
@@ -67,14 +67,7 @@ impl FarEnd {
     /// Waits until voxgate has spoken (from sample `from` on) and then been
     /// quiet for `quiet`; returns the sample index where the speech ended.
     pub async fn wait_for_speech_then_silence(&self, from: usize, quiet: Duration, within: Duration) -> Option<usize> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(end) = speech_end(&self.state.lock().unwrap().received, from, quiet) {
-                return Some(end);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        super::voice::poll(within, || speech_end(&self.state.lock().unwrap().received, from, quiet)).await
     }
 }
 

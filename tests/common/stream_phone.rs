@@ -186,14 +186,7 @@ impl StreamPhone {
     }
 
     pub async fn wait_for_speech_then_silence(&self, from: usize, quiet: Duration, within: Duration) -> Option<usize> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(end) = speech_end(&self.state.lock().unwrap().received, from, quiet) {
-                return Some(end);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        super::voice::poll(within, || speech_end(&self.state.lock().unwrap().received, from, quiet)).await
     }
 
     /// Waits until voxgate plays audio (from sample `from` on).

@@ -80,3 +80,46 @@ pub async fn balance(server: &TestServer, key: &str) -> u64 {
     assert_eq!(status, 200, "{body}");
     body["data"]["credits"].as_u64().expect("credits")
 }
+
+fn words(s: &str) -> Vec<String> {
+    s.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Share of `expected`'s words found in `heard`.
+pub fn recall(expected: &str, heard: &str) -> f64 {
+    let heard = words(heard);
+    let exp = words(expected);
+    exp.iter().filter(|w| heard.contains(w)).count() as f64 / exp.len().max(1) as f64
+}
+
+/// Whether `heard` has any words at all.
+pub fn has_words(heard: &str) -> bool {
+    !words(heard).is_empty()
+}
+
+/// What Whisper (the installed model) hears in 16 kHz `pcm`.
+pub async fn transcribe(pcm: Vec<f32>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let paths = voxgate_agents::ModelPaths::new(std::path::Path::new(&super::models_dir()));
+        let asr = voxgate_agents::asr::Asr::load(&paths.whisper, 2).expect("whisper model");
+        asr.transcribe(&pcm, "en").expect("transcribe")
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `check` until it yields (every 50 ms, for at most `within`).
+pub async fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use webrtc::api::interceptor_registry::register_default_interceptors;
@@ -127,14 +127,7 @@ impl WebClient {
     }
 
     pub async fn wait_for_speech_then_silence(&self, from: usize, quiet: Duration, within: Duration) -> Option<usize> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(end) = speech_end(&self.state.lock().unwrap().received, from, quiet) {
-                return Some(end);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        super::voice::poll(within, || speech_end(&self.state.lock().unwrap().received, from, quiet)).await
     }
 
     pub async fn close(&self) {
