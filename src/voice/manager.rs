@@ -201,9 +201,6 @@ impl CallManager {
     /// runs (the INVITE leaves from it at once).
     pub async fn place(&self, call: Outbound) -> Result<Placed> {
         let inner = &self.inner;
-        if !inner.accepting.load(Ordering::Acquire) {
-            return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
-        }
         let leg = self.outbound_leg(call.trunk.as_deref(), &call.to)?;
         let new = NewCall {
             account: call.account,
@@ -278,6 +275,9 @@ impl CallManager {
     /// (credits, quota, idempotency) and starts its task.
     async fn admit_and_run(&self, agent: &Agent, account: AccountId, new: NewCall<'_>, leg: Leg) -> Result<Admission> {
         let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
+        }
         let engines = if inner.config.echo {
             None
         } else {
