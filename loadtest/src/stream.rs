@@ -6,16 +6,14 @@
 //! when the stream is open, and what voxgate plays is timed as it arrives
 //! at the socket.
 
-use std::time::Instant;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use voxgate_media::streams::protocol::{Frame, Provider};
-use voxgate_media::streams::{caller, Socket, StreamEnd, StreamEvent};
-use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
+use voxgate_media::streams::{caller, Socket};
+use voxgate_sip::Call;
 
 /// Opens `url` as `provider` and returns the call as the script plays it.
 pub async fn connect(url: &str, provider: Provider, call_id: &str) -> anyhow::Result<Call> {
@@ -60,31 +58,6 @@ pub async fn connect(url: &str, provider: Provider, call_id: &str) -> anyhow::Re
         }
     });
     let (media, life) = caller::start(provider, Socket { incoming, outgoing }, format!("lt-{call_id}"));
-    let (events_tx, events_rx) = mpsc::channel(8);
-    let (hangup_tx, hangup_rx) = mpsc::channel(1);
-    // The provider answers when its stream starts: now.
-    let _ = events_tx.send(CallEvent::Answered { at: Instant::now() }).await;
-    tokio::spawn(follow(life, events_tx, hangup_rx, media.control.clone()));
-    Ok(Call::new(call_id.to_owned(), events_rx, media, hangup_tx))
-}
-
-async fn follow(
-    mut life: mpsc::Receiver<StreamEvent>,
-    events: mpsc::Sender<CallEvent>,
-    mut hangup: mpsc::Receiver<()>,
-    control: voxgate_media::session::MediaControl,
-) {
-    let reason = loop {
-        tokio::select! {
-            ev = life.recv() => match ev {
-                Some(StreamEvent::Ended(StreamEnd::Closed)) => break EndReason::LocalHangup,
-                Some(StreamEvent::Ended(StreamEnd::Stopped)) => break EndReason::RemoteHangup,
-                Some(StreamEvent::Ended(_)) | None => break EndReason::StreamError,
-                Some(StreamEvent::Started) => {}
-            },
-            Some(()) = hangup.recv() => control.close().await,
-        }
-    };
-    let outcome = Outcome { status: CallStatus::Completed, reason, sip_code: None, sip_reason: None };
-    let _ = events.send(CallEvent::Ended(outcome)).await;
+    // Answered when the provider's stream starts, as voxgate sees it.
+    Ok(voxgate_sip::stream_call(call_id.to_owned(), media, life, || {}))
 }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
@@ -22,9 +22,9 @@ use hmac::Mac;
 use tokio::sync::mpsc;
 use voxgate_media::session::MediaHandle;
 use voxgate_media::streams::protocol::Provider;
-use voxgate_media::streams::{self, Attach, StreamConfig, StreamEnd, StreamEvent};
+use voxgate_media::streams::{self, Attach, StreamConfig, StreamEvent};
 use voxgate_media::webrtc::{self, Offer, WebRtcConfig};
-use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
+use voxgate_sip::Call;
 
 use crate::domain::CallId;
 use crate::jobs::storage::Storage;
@@ -236,63 +236,8 @@ fn over() -> Error {
 /// leg: answered when the media starts, over when it stops. Hang-up closes
 /// the media.
 pub fn answer(streams: &Streams, id: CallId, media: MediaHandle, life: mpsc::Receiver<StreamEvent>) -> Call {
-    let (events_tx, events_rx) = mpsc::channel(8);
-    let (hangup_tx, hangup_rx) = mpsc::channel(1);
-    let control = media.control.clone();
     let streams = streams.clone();
-    tokio::spawn(async move {
-        let outcome = follow(life, &events_tx, hangup_rx, &control).await;
-        streams.close(id);
-        let _ = events_tx.send(CallEvent::Ended(outcome)).await;
-    });
-    Call::new(String::new(), events_rx, media, hangup_tx)
-}
-
-/// Reports the stream's start as the answer, and its end as the outcome.
-async fn follow(
-    mut life: mpsc::Receiver<StreamEvent>,
-    events: &mpsc::Sender<CallEvent>,
-    mut hangup: mpsc::Receiver<()>,
-    control: &voxgate_media::session::MediaControl,
-) -> Outcome {
-    let mut answered = false;
-    let mut hung_up = false;
-    loop {
-        tokio::select! {
-            ev = life.recv() => match ev {
-                Some(StreamEvent::Started) => {
-                    answered = true;
-                    let _ = events.send(CallEvent::Answered { at: Instant::now() }).await;
-                }
-                Some(StreamEvent::Ended(end)) => return stream_outcome(&end, answered, hung_up),
-                None => return stream_outcome(&StreamEnd::Closed, answered, true),
-            },
-            Some(()) = hangup.recv(), if !hung_up => {
-                hung_up = true;
-                control.close().await;
-            }
-        }
-    }
-}
-
-/// How a call whose stream ended this way ends.
-pub fn stream_outcome(end: &StreamEnd, answered: bool, hung_up: bool) -> Outcome {
-    let (status, reason) = match end {
-        _ if hung_up && answered => (CallStatus::Completed, EndReason::LocalHangup),
-        _ if hung_up => (CallStatus::Canceled, EndReason::Canceled),
-        StreamEnd::Stopped | StreamEnd::Closed if answered => (CallStatus::Completed, EndReason::RemoteHangup),
-        StreamEnd::Stopped | StreamEnd::Closed => (CallStatus::Failed, EndReason::NotConnected),
-        StreamEnd::Timeout => (CallStatus::Completed, EndReason::MediaTimeout),
-        StreamEnd::NotConnected => (CallStatus::Failed, EndReason::NotConnected),
-        StreamEnd::Error(_) | StreamEnd::Failed(_) if answered => (CallStatus::Completed, EndReason::StreamError),
-        StreamEnd::Error(_) | StreamEnd::Failed(_) => (CallStatus::Failed, EndReason::StreamError),
-    };
-    let detail = match end {
-        StreamEnd::Error(e) => Some(e.reason.clone()),
-        StreamEnd::Failed(reason) => Some(reason.clone()),
-        _ => None,
-    };
-    Outcome { status, reason, sip_code: None, sip_reason: detail }
+    voxgate_sip::stream_call(String::new(), media, life, move || streams.close(id))
 }
 
 #[cfg(test)]
@@ -337,16 +282,4 @@ mod tests {
         assert!(matches!(s.connect(Provider::Twilio, token_of(&other), 900), Err(Error::NotFound(_))));
     }
 
-    #[test]
-    fn outcomes_follow_who_ended_the_stream() {
-        let o = stream_outcome(&StreamEnd::Stopped, true, false);
-        assert_eq!((o.status, o.reason), (CallStatus::Completed, EndReason::RemoteHangup));
-        let o = stream_outcome(&StreamEnd::Closed, true, true);
-        assert_eq!((o.status, o.reason), (CallStatus::Completed, EndReason::LocalHangup));
-        let o = stream_outcome(&StreamEnd::NotConnected, false, false);
-        assert_eq!((o.status, o.reason), (CallStatus::Failed, EndReason::NotConnected));
-        let e = voxgate_media::streams::protocol::ProtocolError::new(1007, "bad");
-        let o = stream_outcome(&StreamEnd::Error(e), true, false);
-        assert_eq!((o.status, o.reason, o.sip_reason.as_deref()), (CallStatus::Completed, EndReason::StreamError, Some("bad")));
-    }
 }

@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 use voxgate_media::session::MediaControl;
 use voxgate_media::streams::protocol::Provider;
 use voxgate_media::streams::{StreamEnd, StreamEvent};
-use voxgate_sip::{Call, CallEvent, CallStatus, EndReason, Outcome};
+use voxgate_sip::{stream_outcome, Call, CallEvent, CallStatus, EndReason, Outcome};
 
-use super::streams::{stream_outcome, ProviderStatus, StreamKind, Streams};
+use super::streams::{ProviderStatus, StreamKind, Streams};
 use crate::clock::now_ms;
 use crate::domain::CallId;
 

@@ -138,7 +138,7 @@ pub fn start(provider: Provider, socket: Socket, stream_id: String) -> (MediaHan
     let (stats_tx, stats_rx) = watch::channel(SessionStats::default());
     let (life_tx, life_rx) = mpsc::channel(4);
     let task = tokio::spawn(async move {
-        let end = play(provider, socket, &stream_id, control_rx, incoming_tx, events_tx, &stats_tx).await;
+        let end = play(provider, socket, &stream_id, control_rx, incoming_tx, events_tx, &stats_tx, &life_tx).await;
         let _ = life_tx.send(StreamEvent::Ended(end)).await;
     });
     (MediaHandle::new(MediaControl::new(control_tx, stats_rx, None), incoming_rx, events_rx, task), life_rx)
@@ -152,6 +152,7 @@ async fn play(
     incoming: mpsc::Sender<AudioFrame>,
     events: mpsc::Sender<MediaEvent>,
     stats_tx: &watch::Sender<SessionStats>,
+    life: &mpsc::Sender<StreamEvent>,
 ) -> StreamEnd {
     let Socket { incoming: mut from_server, outgoing: to_server } = socket;
     let encoding = provider.opening_encoding();
@@ -164,6 +165,7 @@ async fn play(
             return StreamEnd::Stopped;
         }
     }
+    let _ = life.send(StreamEvent::Started).await;
     let mut stats = SessionStats::default();
     let mut speech: VecDeque<i16> = VecDeque::new();
     let mut heard: VecDeque<i16> = VecDeque::new();
@@ -274,6 +276,7 @@ mod tests {
             }
             // The caller hangs up the provider's way; both sides see the end.
             caller.control.close().await;
+            assert_eq!(caller_life.recv().await, Some(StreamEvent::Started), "{provider}");
             assert_eq!(caller_life.recv().await, Some(StreamEvent::Ended(StreamEnd::Closed)), "{provider}");
             assert_eq!(server_life.recv().await, Some(StreamEvent::Ended(StreamEnd::Stopped)), "{provider}");
         }
