@@ -273,6 +273,23 @@ async fn a_twilio_trunk_places_the_call_by_rest_follows_signed_callbacks_and_han
         .await
         .unwrap();
     expect_error(forged, 403, "FORBIDDEN").await;
+    let callback = |path: String| server.http.post(server.url(&path));
+    let unsigned = callback(format!("/carriers/twilio/{id}/status")).form(&[("CallStatus", "completed")]).send().await.unwrap();
+    expect_error(unsigned, 403, "FORBIDDEN").await;
+    let unknown_status = callback(format!("/carriers/twilio/{id}/status"))
+        .header("X-Twilio-Signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .form(&[("CallStatus", "exploded")])
+        .send()
+        .await
+        .unwrap();
+    expect_error(unknown_status, 400, "BAD_REQUEST").await;
+    let other_call = callback("/carriers/twilio/00000000-0000-4000-8000-000000000000/status".into())
+        .header("X-Twilio-Signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .form(&[("CallStatus", "completed")])
+        .send()
+        .await
+        .unwrap();
+    expect_error(other_call, 404, "NOT_FOUND").await;
     assert!(twilio.callback_answers().iter().all(|c| *c == 204), "{:?}", twilio.callback_answers());
 
     let (status, _) = json(server.post(&format!("/api/voice-agent/calls/{id}/hangup"), &key, json!({})).await).await;

@@ -80,6 +80,8 @@ async fn a_webrtc_call_greets_answers_and_is_billed_and_bad_offers_are_refused()
     // An offer that is SDP but not a usable one: refused, and the call ends unbilled.
     let broken = server.http.post(&url).header("content-type", "application/sdp").body("v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\n").send().await.unwrap();
     expect_error(broken, 400, "BAD_REQUEST").await;
+    let not_json = server.http.post(server.url(&format!("/api/voice-agent/agents/{agent}/web-call"))).bearer_auth(&key).body("{oops").send().await.unwrap();
+    expect_error(not_json, 400, "BAD_REQUEST").await;
     let missing = server.post("/api/voice-agent/agents/00000000-0000-4000-8000-000000000000/web-call", &key, json!({})).await;
     expect_error(missing, 404, "NOT_FOUND").await;
     assert_eq!(balance(&server, &key).await, 1000 - minutes * 10, "refused offers cost nothing");
