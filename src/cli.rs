@@ -1,15 +1,16 @@
 //! The command line: `serve`, `migrate`, and the operator commands for
-//! accounts, keys and credits (which print a new key exactly once).
+//! organisations, keys and credits (which print a new key exactly once).
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::keys;
+use crate::auth::keys::{self, NewKey};
+use crate::auth::KeyPolicy;
 use crate::billing::{self, IdempotencyKey};
 use crate::config::Config;
 use crate::db::Db;
-use crate::domain::{AccountId, Credits, Plan, Scopes};
+use crate::domain::{Credits, OrgId, Plan, Scopes};
 
 #[derive(Debug, Parser)]
 #[command(name = "voxgate", version, about = "AI voice agents on the phone")]
@@ -31,10 +32,11 @@ pub enum Command {
     },
     /// Bring the database schema up to date and exit.
     Migrate,
-    /// Manage accounts.
-    Accounts {
+    /// Manage organisations (they own credits, keys, agents, calls and jobs).
+    #[command(alias = "accounts")]
+    Orgs {
         #[command(subcommand)]
-        command: AccountsCommand,
+        command: OrgsCommand,
     },
     /// Manage API keys.
     Keys {
@@ -49,8 +51,8 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum AccountsCommand {
-    /// Create an account and print its id.
+pub enum OrgsCommand {
+    /// Create an organisation and print its id.
     Create {
         #[arg(long, default_value = "default")]
         name: String,
@@ -61,21 +63,35 @@ pub enum AccountsCommand {
         #[arg(long, default_value_t = 0)]
         credits: u64,
     },
-    /// List accounts.
+    /// List organisations.
     List,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create an API key and print it (shown once).
+    /// Create an API key of an organisation and print it (shown once; its
+    /// id, the app id of the token exchange, goes to stderr).
     Create {
-        #[arg(long)]
-        account: String,
+        /// The organisation's id.
+        #[arg(long, alias = "account")]
+        org: String,
         #[arg(long, default_value = "default")]
         name: String,
         /// Comma-separated scopes: *, agents, calls, generate, jobs, keys, settings, usage.
         #[arg(long, default_value = "*")]
         scopes: String,
+        /// The member of the organisation who holds the key.
+        #[arg(long)]
+        member: Option<String>,
+        /// Client networks the key is accepted from (CIDR or address; repeat or comma-separate).
+        #[arg(long = "ip", value_delimiter = ',')]
+        ips: Vec<String>,
+        /// Models the key may use (repeat or comma-separate); default: all.
+        #[arg(long = "models", value_delimiter = ',')]
+        models: Vec<String>,
+        /// Credits the key may spend per UTC day.
+        #[arg(long)]
+        daily_cap: Option<u64>,
     },
 }
 
@@ -104,35 +120,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("database is up to date");
             Ok(())
         }
-        Command::Accounts { command } => {
+        Command::Orgs { command } => {
             let db = Db::open(&config.database_url, 2).await?;
             match command {
-                AccountsCommand::Create { name, plan, credits } => {
+                OrgsCommand::Create { name, plan, credits } => {
                     let plan: Plan = plan.parse()?;
-                    let account = crate::accounts::create(&db, &name, plan, Credits::new(credits)).await?;
-                    println!("{}", account.id);
-                    eprintln!("created account '{}' on the {} plan with {} credits", account.name, account.plan, account.credits);
+                    let org = crate::orgs::create(&db, &name, plan, Credits::new(credits)).await?;
+                    println!("{}", org.id);
+                    eprintln!("created organisation '{}' on the {} plan with {} credits", org.name, org.plan, org.credits);
                 }
-                AccountsCommand::List => {
-                    for a in crate::accounts::list(&db).await? {
+                OrgsCommand::List => {
+                    for a in crate::orgs::list(&db).await? {
                         println!("{}\t{}\t{}\t{}", a.id, a.plan, a.credits, a.name);
                     }
                 }
             }
             Ok(())
         }
-        Command::Keys { command: KeysCommand::Create { account, name, scopes } } => {
+        Command::Keys { command: KeysCommand::Create { org, name, scopes, member, ips, models, daily_cap } } => {
             let db = Db::open(&config.database_url, 2).await?;
-            let account: AccountId = account.parse()?;
-            let scopes = Scopes::parse_list(&scopes)?;
-            let (info, secret) = keys::create(&db, account, &name, &scopes).await?;
+            let org: OrgId = org.parse()?;
+            let policy = KeyPolicy {
+                allowed_models: (!models.is_empty()).then_some(models),
+                ip_allowlist: if ips.is_empty() {
+                    None
+                } else {
+                    Some(ips.iter().map(|s| KeyPolicy::parse_network(s)).collect::<crate::Result<_>>()?)
+                },
+                daily_credit_cap: daily_cap.map(Credits::new),
+            };
+            let new = NewKey { name, scopes: Scopes::parse_list(&scopes)?, member, policy };
+            let (info, secret) = keys::create(&db, org, new).await?;
             println!("{}", secret.expose());
             eprintln!("created key {} ({}) with scopes [{}]; it is shown only once", info.id, info.prefix, info.scopes.to_db());
             Ok(())
         }
         Command::Credits { command: CreditsCommand::Grant { account, amount, idempotency_key } } => {
             let db = Db::open(&config.database_url, 2).await?;
-            let account: AccountId = account.parse()?;
+            let account: OrgId = account.parse()?;
             let key = idempotency_key.unwrap_or_else(|| format!("cli-grant:{}", uuid::Uuid::new_v4()));
             let balance = billing::grant(&db, account, Credits::new(amount), &IdempotencyKey::parse(&key)?).await?;
             println!("{balance}");

@@ -56,6 +56,29 @@ pub struct Config {
     /// CPaaS accounts that place outbound calls over media streams
     /// (`[[carriers]]`, kind `twilio`); their names are trunk names.
     pub carriers: Vec<CarrierConfig>,
+    /// Load balancers in front of this node (CIDRs): the client address of
+    /// a request that comes through one is taken from `X-Forwarded-For`
+    /// (for keys' IP allowlists). Empty: the socket's peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Several processes on one database (`[cluster]`).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: how the processes sharing a database watch each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often this node records that it is alive.
+    pub heartbeat_secs: u64,
+    /// A node silent this long is dead: a survivor closes its calls
+    /// (`failed`, `node-lost`) and requeues its jobs.
+    pub dead_after_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { heartbeat_secs: 5, dead_after_secs: 15 }
+    }
 }
 
 /// `[calls]`: the call manager's limits and billing clock.
@@ -195,6 +218,8 @@ impl Default for Config {
             storage: StorageConfig::default(),
             public_url: None,
             carriers: Vec::new(),
+            trusted_proxies: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -239,6 +264,16 @@ impl Config {
             );
         }
         anyhow::ensure!(self.db_max_connections > 0, "db_max_connections must be at least 1");
+        let c = &self.cluster;
+        anyhow::ensure!(c.heartbeat_secs > 0, "cluster.heartbeat_secs must be at least 1");
+        anyhow::ensure!(
+            c.dead_after_secs >= 2 * c.heartbeat_secs,
+            "cluster.dead_after_secs must be at least twice cluster.heartbeat_secs"
+        );
+        anyhow::ensure!(
+            !self.node_id.is_empty() && self.node_id.len() <= 64 && self.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "node_id must be 1-64 characters of letters, digits, '-', '_' or '.'"
+        );
         anyhow::ensure!(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024");
         anyhow::ensure!(self.request_timeout_secs > 0, "request_timeout_secs must be at least 1");
         let calls = &self.calls;

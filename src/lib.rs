@@ -6,12 +6,12 @@
 //! (`voxgate-media`) and the speech pipeline (`voxgate-agents`) live in their
 //! own crates and know nothing of HTTP.
 
-pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod billing;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod net;
+pub mod orgs;
 pub mod server;
 pub mod settings;
 pub mod state;

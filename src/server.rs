@@ -73,7 +73,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         webhooks: webhooks.clone(),
         metrics: metrics.clone(),
     };
+    crate::cluster::join(&db, &config.node_id, &config.cluster).await?;
     let (calls, writer_task) = CallManager::start(db.clone(), config.calls.clone(), config.node_id.clone(), deps).await?;
+    let cluster_task =
+        crate::cluster::spawn(db.clone(), config.node_id.clone(), config.cluster.clone(), calls.clone(), shutdown.clone());
     let jobs = Jobs::new(
         db.clone(),
         webhooks.clone(),
@@ -105,14 +108,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("voxgate SIP on udp://{}", sip.local_addr());
     // A hint only: the server is announced and serving, so a database that
     // goes away now is reported by /ready, not by exiting.
-    if crate::accounts::list(&db).await.is_ok_and(|a| a.is_empty()) {
+    if crate::orgs::list(&db).await.is_ok_and(|a| a.is_empty()) {
         println!(
-            "No accounts yet. Create one and its first key with:\n  voxgate accounts create --name \"My company\" --plan enterprise --credits 10000\n  voxgate keys create --account <account id>"
+            "No organisations yet. Create one and its first key with:\n  voxgate orgs create --name \"My company\" --plan enterprise --credits 10000\n  voxgate keys create --org <org id>"
         );
     }
     let _ = std::io::stdout().flush();
 
     let grace = Duration::from_secs(state.config.calls.shutdown_grace_secs);
+    let state_node_id = state.config.node_id.clone();
     let app = crate::api::router(state);
     // HTTP keeps serving (status, hang-up) while calls finish.
     let signal = {
@@ -134,8 +138,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = limiter_task.await;
         let _ = webhook_task.await;
         let _ = job_task.await;
+        let _ = cluster_task.await;
     })
     .await;
+    crate::cluster::leave(&db, &state_node_id).await;
     db.pool.close().await;
     tracing::info!("voxgate stopped");
     Ok(())

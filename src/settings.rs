@@ -6,7 +6,7 @@ use rand::Rng;
 use sqlx::Row;
 
 use crate::db::Db;
-use crate::domain::AccountId;
+use crate::domain::OrgId;
 use crate::net::ssrf::SsrfGuard;
 use crate::{Error, Result};
 
@@ -29,7 +29,7 @@ pub struct WebhookSettings {
     pub secret_set: bool,
 }
 
-pub async fn get(db: &Db, account: AccountId) -> Result<WebhookSettings> {
+pub async fn get(db: &Db, account: OrgId) -> Result<WebhookSettings> {
     let row = sqlx::query("SELECT webhook_url, webhook_secret FROM accounts WHERE id = $1")
         .bind(account.to_string())
         .fetch_optional(&db.pool)
@@ -46,7 +46,7 @@ pub async fn get(db: &Db, account: AccountId) -> Result<WebhookSettings> {
 pub async fn set_webhook(
     db: &Db,
     guard: &SsrfGuard,
-    account: AccountId,
+    account: OrgId,
     raw_url: &str,
     rotate_secret: bool,
 ) -> Result<(String, Option<WebhookSecret>)> {

@@ -8,16 +8,11 @@ mod common;
 use std::time::Duration;
 
 use common::far_end::FarEnd;
-use common::sipp::{scenario, Sipp};
+use common::sipp::uas_with_far_end as sipp_agent;
 use common::voice::{balance, create_agent, ended, get_call, has_words, place_call, recall, transcribe, trunk_config, wait_call};
 use common::{expect_error, json, TestServer};
 use serde_json::json;
 
-
-
-fn sipp_agent(scenario_file: &str, far: &FarEnd) -> Sipp {
-    Sipp::uas(scenario(scenario_file).to_str().unwrap(), &["-key", "sink_port", &far.port.to_string()])
-}
 
 async fn outbound(server: &TestServer, key: &str, body: serde_json::Value) -> reqwest::Response {
     server.post("/api/voice-agent/calls/outbound", key, body).await

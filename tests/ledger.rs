@@ -11,14 +11,14 @@ use voxgate::db::Db;
 use voxgate::domain::{Credits, Plan};
 use voxgate::Error;
 
-async fn setup(balance: u64) -> (TestDb, Db, voxgate::domain::AccountId) {
+async fn setup(balance: u64) -> (TestDb, Db, voxgate::domain::OrgId) {
     let tdb = TestDb::new().await;
     let db = Db::open(&tdb.url, 16).await.expect("open db");
-    let account = voxgate::accounts::create(&db, "Ledger Co", Plan::Enterprise, Credits::new(balance)).await.unwrap();
+    let account = voxgate::orgs::create(&db, "Ledger Co", Plan::Enterprise, Credits::new(balance)).await.unwrap();
     (tdb, db, account.id)
 }
 
-async fn ledger_sum(db: &Db, account: voxgate::domain::AccountId) -> i64 {
+async fn ledger_sum(db: &Db, account: voxgate::domain::OrgId) -> i64 {
     sqlx::query_scalar::<_, i64>("SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM ledger WHERE account_id = $1")
         .bind(account.to_string())
         .fetch_one(&db.pool)
@@ -34,7 +34,7 @@ async fn concurrent_debits_never_overdraw_and_the_sum_is_exact() {
             let db = db.clone();
             tokio::spawn(async move {
                 let key = IdempotencyKey::parse(&format!("job-{i}")).unwrap();
-                billing::debit(&db, account, Credits::new(7), Reason::Generation("image"), Some("test"), &key).await
+                billing::debit(&db, account, Credits::new(7), Reason::Generation("image"), Some("test"), &key, None).await
             })
         })
         .collect();
@@ -64,7 +64,7 @@ async fn replayed_debits_and_refunds_apply_once() {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (db, key) = (db.clone(), key.clone());
-            tokio::spawn(async move { billing::debit(&db, account, Credits::new(30), Reason::CallMinute, None, &key).await })
+            tokio::spawn(async move { billing::debit(&db, account, Credits::new(30), Reason::CallMinute, None, &key, None).await })
         })
         .collect();
     let mut applied = 0;
@@ -77,7 +77,7 @@ async fn replayed_debits_and_refunds_apply_once() {
     assert_eq!(billing::ledger::balance(&db, account).await.unwrap().get(), 70);
 
     // The same key for another amount is a client error, not a second debit.
-    let err = billing::debit(&db, account, Credits::new(5), Reason::CallMinute, None, &key).await.unwrap_err();
+    let err = billing::debit(&db, account, Credits::new(5), Reason::CallMinute, None, &key, None).await.unwrap_err();
     assert!(matches!(err, Error::BadRequest(_)), "{err}");
 
     let refunds: Vec<_> = (0..50)
@@ -110,14 +110,14 @@ async fn a_refused_debit_changes_nothing_and_usage_nets_out_refunds() {
     let k1 = IdempotencyKey::parse("img-1").unwrap();
     let k2 = IdempotencyKey::parse("img-2").unwrap();
     let k3 = IdempotencyKey::parse("video-1").unwrap();
-    billing::debit(&db, account, Credits::new(4), Reason::Generation("image"), None, &k1).await.unwrap();
-    billing::debit(&db, account, Credits::new(4), Reason::Generation("image"), None, &k2).await.unwrap();
-    let err = billing::debit(&db, account, Credits::new(250), Reason::Generation("video"), None, &k3).await.unwrap_err();
+    billing::debit(&db, account, Credits::new(4), Reason::Generation("image"), None, &k1, None).await.unwrap();
+    billing::debit(&db, account, Credits::new(4), Reason::Generation("image"), None, &k2, None).await.unwrap();
+    let err = billing::debit(&db, account, Credits::new(250), Reason::Generation("video"), None, &k3, None).await.unwrap_err();
     assert!(matches!(err, Error::PaymentRequired { needed: 250, balance: 2 }), "{err}");
     billing::refund(&db, account, &k2).await.unwrap();
     // The refused key was not consumed: it works once money is there.
     billing::grant(&db, account, Credits::new(300), &IdempotencyKey::parse("topup").unwrap()).await.unwrap();
-    billing::debit(&db, account, Credits::new(250), Reason::Generation("video"), None, &k3).await.unwrap();
+    billing::debit(&db, account, Credits::new(250), Reason::Generation("video"), None, &k3, None).await.unwrap();
 
     let (used, _) = billing::usage::used_now(&db, account).await.unwrap();
     assert_eq!((used.images, used.videos, used.credits_spent), (1, 1, 254));
@@ -135,9 +135,9 @@ async fn a_refused_debit_changes_nothing_and_usage_nets_out_refunds() {
 #[tokio::test]
 async fn debits_and_grants_for_an_unknown_account_are_not_found() {
     let (_tdb, db, _) = setup(10).await;
-    let ghost = voxgate::domain::AccountId::new();
+    let ghost = voxgate::domain::OrgId::new();
     let key = IdempotencyKey::parse("k").unwrap();
-    let err = billing::debit(&db, ghost, Credits::new(1), Reason::CallMinute, None, &key).await.unwrap_err();
+    let err = billing::debit(&db, ghost, Credits::new(1), Reason::CallMinute, None, &key, None).await.unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     let err = billing::grant(&db, ghost, Credits::new(1), &key).await.unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");

@@ -25,7 +25,8 @@ pub async fn create_agent(State(state): State<AppState>, Auth(auth): Auth, ApiJs
     auth.require(Scope::Agents)?;
     let engines = state.engines.get().await?;
     let fields = body.validate(&engines)?;
-    Ok(created(agents::create(&state.db, auth.account_id, fields).await?))
+    auth.require_agent_models(&fields.llm_model, &fields.tts_model)?;
+    Ok(created(agents::create(&state.db, auth.org, fields).await?))
 }
 
 /// List the account's voice agents.
@@ -33,7 +34,7 @@ pub async fn create_agent(State(state): State<AppState>, Auth(auth): Auth, ApiJs
     responses((status = 200, body = Data<Vec<Agent>>), (status = 403, body = ErrorBody)))]
 pub async fn list_agents(State(state): State<AppState>, Auth(auth): Auth) -> Result<Response> {
     auth.require(Scope::Agents)?;
-    Ok(ok(agents::list(&state.db, auth.account_id).await?))
+    Ok(ok(agents::list(&state.db, auth.org).await?))
 }
 
 /// One voice agent.
@@ -41,7 +42,7 @@ pub async fn list_agents(State(state): State<AppState>, Auth(auth): Auth) -> Res
     responses((status = 200, body = Data<Agent>), (status = 404, body = ErrorBody)))]
 pub async fn get_agent(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Agents)?;
-    Ok(ok(agents::get(&state.db, auth.account_id, agent_id(&id)?).await?))
+    Ok(ok(agents::get(&state.db, auth.org, agent_id(&id)?).await?))
 }
 
 /// Change some fields of a voice agent (the same bounds as on creation).
@@ -55,10 +56,11 @@ pub async fn update_agent(
 ) -> Result<Response> {
     auth.require(Scope::Agents)?;
     let id = agent_id(&id)?;
-    let current = agents::get(&state.db, auth.account_id, id).await?;
+    let current = agents::get(&state.db, auth.org, id).await?;
     let engines = state.engines.get().await?;
     let fields = patch.apply(current).validate(&engines)?;
-    Ok(ok(agents::update(&state.db, auth.account_id, id, fields).await?))
+    auth.require_agent_models(&fields.llm_model, &fields.tts_model)?;
+    Ok(ok(agents::update(&state.db, auth.org, id, fields).await?))
 }
 
 /// Delete a voice agent (its past calls remain).
@@ -66,6 +68,6 @@ pub async fn update_agent(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete_agent(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Agents)?;
-    agents::delete(&state.db, auth.account_id, agent_id(&id)?).await?;
+    agents::delete(&state.db, auth.org, agent_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

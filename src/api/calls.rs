@@ -75,11 +75,13 @@ pub async fn place_call(
         }
     }
     check_metadata(body.metadata.as_ref())?;
-    let agent = agent_of(&state, auth.account_id, &body.agent_id).await?;
+    let agent = agent_of(&state, auth.org, &body.agent_id).await?;
+    auth.require_agent_models(&agent.llm_model, &agent.tts_model)?;
     let placed = state
         .calls
         .place(Outbound {
-            account: auth.account_id,
+            account: auth.org,
+            spender: Some(auth.spender()),
             agent,
             to,
             trunk: body.trunk,
@@ -101,7 +103,7 @@ pub async fn place_call(
             Ok(response)
         }
         Placed::Replayed { id } => {
-            let record = calls::get(&state.db, auth.account_id, id).await?;
+            let record = calls::get(&state.db, auth.org, id).await?;
             Ok(ok(OutboundResponse { call_id: record.id, status: record.status }))
         }
     }
@@ -130,7 +132,7 @@ fn check_metadata(metadata: Option<&serde_json::Value>) -> Result<()> {
     Ok(())
 }
 
-async fn agent_of(state: &AppState, account: crate::domain::AccountId, raw: &str) -> Result<agents::Agent> {
+async fn agent_of(state: &AppState, account: crate::domain::OrgId, raw: &str) -> Result<agents::Agent> {
     let agent_id: AgentId = raw.parse().map_err(|_| Error::bad_request(format!("agentId '{raw}' is not a UUID")))?;
     agents::get(&state.db, account, agent_id).await
 }
@@ -186,13 +188,22 @@ pub async fn place_stream_call(
     let to = body.to.as_deref().map(|t| PhoneNumber::parse("to", t)).transpose()?;
     let from = body.from.as_deref().map(|f| PhoneNumber::parse("from", f)).transpose()?;
     check_metadata(body.metadata.as_ref())?;
-    let agent = agent_of(&state, auth.account_id, &body.agent_id).await?;
-    let call =
-        StreamCall { account: auth.account_id, agent, kind: StreamKind::Provider(provider), to, from, metadata: body.metadata, idempotency_key };
-    stream_response(&state, auth.account_id, state.calls.place_stream(call).await?).await
+    let agent = agent_of(&state, auth.org, &body.agent_id).await?;
+    auth.require_agent_models(&agent.llm_model, &agent.tts_model)?;
+    let call = StreamCall {
+        account: auth.org,
+        spender: Some(auth.spender()),
+        agent,
+        kind: StreamKind::Provider(provider),
+        to,
+        from,
+        metadata: body.metadata,
+        idempotency_key,
+    };
+    stream_response(&state, auth.org, state.calls.place_stream(call).await?).await
 }
 
-async fn stream_response(state: &AppState, account: crate::domain::AccountId, placed: (Placed, Option<StreamPlaced>)) -> Result<Response> {
+async fn stream_response(state: &AppState, account: crate::domain::OrgId, placed: (Placed, Option<StreamPlaced>)) -> Result<Response> {
     match placed {
         (Placed::New { id, .. }, Some(placed)) => {
             let data = StreamResponse {
@@ -284,7 +295,7 @@ pub async fn list_calls(
 ) -> Result<Response> {
     auth.require(Scope::Calls)?;
     let Query(query) = query.map_err(|e| Error::bad_request(format!("invalid query: {}", e.body_text())))?;
-    let (page, next) = calls::list(&state.db, auth.account_id, &query.filter()?).await?;
+    let (page, next) = calls::list(&state.db, auth.org, &query.filter()?).await?;
     Ok(Json(CallPage { data: page, next_cursor: next.map(|c| c.encode()) }).into_response())
 }
 
@@ -293,7 +304,7 @@ pub async fn list_calls(
     responses((status = 200, body = Data<CallRecord>), (status = 404, body = ErrorBody)))]
 pub async fn get_call(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Calls)?;
-    Ok(ok(calls::get(&state.db, auth.account_id, call_id(&id)?).await?))
+    Ok(ok(calls::get(&state.db, auth.org, call_id(&id)?).await?))
 }
 
 /// Hang up a call: CANCEL while it rings, BYE once answered. A call that
@@ -303,14 +314,14 @@ pub async fn get_call(State(state): State<AppState>, Auth(auth): Auth, Path(id):
 pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Calls)?;
     let id = call_id(&id)?;
-    let record = calls::get(&state.db, auth.account_id, id).await?;
+    let record = calls::get(&state.db, auth.org, id).await?;
     if record.ended_at.is_some() {
         return Ok(ok(record));
     }
     if !state.calls.hangup(id).await {
         // It may have ended a moment ago, its record not yet written.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let now = calls::get(&state.db, auth.account_id, id).await?;
+        let now = calls::get(&state.db, auth.org, id).await?;
         if now.ended_at.is_some() {
             return Ok(ok(now));
         }
@@ -320,12 +331,12 @@ pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(i
     // answer shows the outcome in the common case.
     for _ in 0..20 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let now = calls::get(&state.db, auth.account_id, id).await?;
+        let now = calls::get(&state.db, auth.org, id).await?;
         if now.ended_at.is_some() {
             return Ok(ok(now));
         }
     }
-    Ok(ok(calls::get(&state.db, auth.account_id, id).await?))
+    Ok(ok(calls::get(&state.db, auth.org, id).await?))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -359,7 +370,17 @@ pub async fn web_call(
     let metadata = body.metadata;
     check_metadata(metadata.as_ref())?;
     let agent_id: AgentId = id.parse().map_err(|_| Error::not_found("agent"))?;
-    let agent = agents::get(&state.db, auth.account_id, agent_id).await?;
-    let call = StreamCall { account: auth.account_id, agent, kind: StreamKind::WebRtc, to: None, from: None, metadata, idempotency_key: None };
-    stream_response(&state, auth.account_id, state.calls.place_stream(call).await?).await
+    let agent = agents::get(&state.db, auth.org, agent_id).await?;
+    auth.require_agent_models(&agent.llm_model, &agent.tts_model)?;
+    let call = StreamCall {
+        account: auth.org,
+        spender: Some(auth.spender()),
+        agent,
+        kind: StreamKind::WebRtc,
+        to: None,
+        from: None,
+        metadata,
+        idempotency_key: None,
+    };
+    stream_response(&state, auth.org, state.calls.place_stream(call).await?).await
 }

@@ -68,8 +68,9 @@ pub(super) async fn available(state: &AppState, new: &NewJob) -> Result<()> {
 pub(super) async fn submit_job(state: &AppState, auth: &AuthContext, new: NewJob, source: Source) -> Result<Job> {
     let feature = if new.kind == JobKind::VoiceClone { "voice cloning".to_string() } else { format!("model '{}'", new.model) };
     auth.require_plan(new.min_plan, &feature)?;
+    auth.require_model(&new.model)?;
     available(state, &new).await?;
-    let job = queue::submit(&state.db, auth.account_id, &new, source, state.config.jobs.max_attempts).await?;
+    let job = queue::submit(&state.db, auth.org, auth.spender(), &new, source, state.config.jobs.max_attempts).await?;
     state.jobs.notify();
     tracing::info!(job_id = %job.id, kind = %job.kind, model = %job.model, credits = job.cost.get(), "job queued");
     Ok(job)

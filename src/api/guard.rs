@@ -1,21 +1,58 @@
-//! The API guard: authenticates the key, applies the per-key rate limit of
-//! the request's class, and stamps the `X-RateLimit-*` headers on whatever
-//! the handler answers. Handlers behind it read the caller with `Auth`.
+//! The API guard: authenticates the key (or an access token issued for
+//! one), checks the key's client networks, applies the per-key rate limit
+//! of the request's class, and stamps the `X-RateLimit-*` headers on
+//! whatever the handler answers. Handlers behind it read the caller with
+//! `Auth`.
 
-use axum::extract::{Request, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::{keys, presented_key};
+use crate::auth::{keys, presented_key, tokens, AuthContext};
+use crate::clock::now_ms;
 use crate::limits::RateClass;
+use crate::net::client_ip;
 use crate::state::AppState;
-use crate::Error;
+use crate::{Error, Result};
 
-pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let ctx = match presented_key(request.headers()) {
-        Ok(key) => keys::authenticate(&state.db, key).await,
-        Err(e) => Err(e),
+/// Who is calling, from the request's credential and address.
+pub async fn authenticate(state: &AppState, headers: &HeaderMap, peer: Option<IpAddr>) -> Result<AuthContext> {
+    let presented = presented_key(headers)?;
+    let ctx = if tokens::is_token(presented) {
+        let claims = tokens::verify(&state.jobs.storage, presented, now_ms() / 1000)?;
+        let mut ctx = keys::authenticate_token_key(&state.db, claims.kid).await?;
+        if ctx.org != claims.org || !ctx.scopes.covers(&claims.scopes) {
+            return Err(Error::Unauthorized("Invalid access token"));
+        }
+        ctx.scopes = claims.scopes;
+        ctx.token_expires = Some(claims.exp);
+        ctx
+    } else {
+        keys::authenticate(&state.db, presented).await?
     };
+    check_client(state, &ctx, peer, headers)?;
+    Ok(ctx)
+}
+
+/// 403 unless the key is accepted from the request's client address
+/// (found behind the configured load balancers).
+pub fn check_client(state: &AppState, ctx: &AuthContext, peer: Option<IpAddr>, headers: &HeaderMap) -> Result<()> {
+    if ctx.policy.ip_allowlist.is_none() {
+        return Ok(());
+    }
+    let peer =
+        peer.ok_or_else(|| Error::Forbidden("the client's address is unknown, so the key's ipAllowlist cannot be checked".into()))?;
+    ctx.policy.require_ip(client_ip(peer, headers, &state.config.trusted_proxies))
+}
+
+pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let (parts, body) = request.into_parts();
+    let ctx = authenticate(&state, &parts.headers, peer).await;
+    let mut request = Request::from_parts(parts, body);
     let ctx = match ctx {
         Ok(ctx) => ctx,
         Err(e) => return e.into_response(),
@@ -28,7 +65,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         return response;
     }
     state.key_usage.mark(ctx.key_id, ctx.last_used_at);
-    tracing::Span::current().record("account_id", tracing::field::display(ctx.account_id));
+    tracing::Span::current().record("org_id", tracing::field::display(ctx.org));
     request.extensions_mut().insert(ctx);
     let mut response = next.run(request).await;
     // A handler that answers for a quota of its own (the hourly call

@@ -116,7 +116,7 @@ pub async fn list_jobs(
     auth.require(Scope::Jobs)?;
     let Query(q) = query.map_err(|e| Error::bad_request(format!("invalid query: {}", e.body_text())))?;
     if let Some(id) = &q.id {
-        return Ok(ok(JobView::new(queue::get(&state.db, auth.account_id, id).await?, &state.jobs.storage)));
+        return Ok(ok(JobView::new(queue::get(&state.db, auth.org, id).await?, &state.jobs.storage)));
     }
     let filter = JobFilter {
         status: q.status.as_deref().map(str::parse).transpose()?,
@@ -124,7 +124,7 @@ pub async fn list_jobs(
         limit: page_limit(q.limit, 20)?,
         cursor: q.cursor.as_deref().map(Cursor::decode).transpose()?,
     };
-    let (jobs, next) = queue::list(&state.db, auth.account_id, &filter).await?;
+    let (jobs, next) = queue::list(&state.db, auth.org, &filter).await?;
     let data = jobs.into_iter().map(|j| JobView::new(j, &state.jobs.storage)).collect();
     Ok(Json(JobPage { data, next_cursor: next.map(|c| c.encode()) }).into_response())
 }
@@ -134,5 +134,5 @@ pub async fn list_jobs(
     responses((status = 200, body = Data<JobView>), (status = 404, body = ErrorBody)))]
 pub async fn get_job(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Jobs)?;
-    Ok(ok(JobView::new(queue::get(&state.db, auth.account_id, &id).await?, &state.jobs.storage)))
+    Ok(ok(JobView::new(queue::get(&state.db, auth.org, &id).await?, &state.jobs.storage)))
 }

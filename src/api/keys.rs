@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::json::{created, ok, ApiJson, Data};
-use crate::auth::keys::{self, KeyInfo, KeySecret};
-use crate::auth::Auth;
+use crate::auth::keys::{self, KeyInfo, KeySecret, NewKey};
+use crate::auth::{Auth, KeyPolicy};
 use crate::domain::{KeyId, Plan, Scope, Scopes};
 use crate::error::ErrorBody;
 use crate::state::AppState;
@@ -25,6 +25,17 @@ pub struct CreateKeyRequest {
     /// Scopes for the new key (default: the caller's own). A key can only
     /// grant scopes it holds.
     pub scopes: Option<Scopes>,
+    /// The member of the organisation who will hold the key.
+    pub member: Option<String>,
+    /// Models the key may use (default: the caller's list, or all). Like
+    /// the other limits, it must be within the caller's own.
+    pub allowed_models: Option<Vec<String>>,
+    /// Client networks (CIDRs) the key is accepted from.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub ip_allowlist: Option<Vec<ipnet::IpNet>>,
+    /// Credits the key may spend per UTC day.
+    #[schema(value_type = Option<u64>)]
+    pub daily_credit_cap: Option<crate::domain::Credits>,
 }
 
 /// A new key: the only time its secret is shown.
@@ -37,6 +48,9 @@ pub struct CreatedKey {
     pub name: String,
     pub prefix: String,
     pub scopes: Scopes,
+    pub member: Option<String>,
+    #[serde(flatten)]
+    pub policy: KeyPolicy,
     pub created_at: String,
     /// For a rotation: the id of the key this one replaces.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,6 +64,8 @@ fn created_key(info: KeyInfo, secret: KeySecret, replaces: Option<String>) -> Cr
         name: info.name,
         prefix: info.prefix,
         scopes: info.scopes,
+        member: info.member,
+        policy: info.policy,
         created_at: info.created_at,
         replaces,
     }
@@ -65,7 +81,7 @@ fn key_id(raw: &str) -> Result<KeyId> {
 pub async fn list_keys(State(state): State<AppState>, Auth(auth): Auth) -> Result<Response> {
     auth.require(Scope::Keys)?;
     auth.require_plan(Plan::Enterprise, FEATURE)?;
-    Ok(ok(keys::list(&state.db, auth.account_id).await?))
+    Ok(ok(keys::list(&state.db, auth.org).await?))
 }
 
 /// Create an API key. The secret is in this response only.
@@ -86,7 +102,14 @@ pub async fn create_key(
             scopes.to_db()
         )));
     }
-    let (info, secret) = keys::create(&state.db, auth.account_id, &body.name, &scopes).await?;
+    let wanted = KeyPolicy {
+        allowed_models: body.allowed_models,
+        ip_allowlist: body.ip_allowlist,
+        daily_credit_cap: body.daily_credit_cap,
+    };
+    let policy = auth.policy.narrow(wanted.validate()?)?;
+    let new = NewKey { name: body.name, scopes, member: body.member, policy };
+    let (info, secret) = keys::create(&state.db, auth.org, new).await?;
     tracing::info!(key_id = %info.id, prefix = %info.prefix, "API key created");
     Ok(created(created_key(info, secret, None)))
 }
@@ -97,7 +120,7 @@ pub async fn create_key(
 pub async fn get_key(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Keys)?;
     auth.require_plan(Plan::Enterprise, FEATURE)?;
-    Ok(ok(keys::get(&state.db, auth.account_id, key_id(&id)?).await?))
+    Ok(ok(keys::get(&state.db, auth.org, key_id(&id)?).await?))
 }
 
 /// Revoke an API key. It stops working at once; revoking twice is harmless.
@@ -106,7 +129,7 @@ pub async fn get_key(State(state): State<AppState>, Auth(auth): Auth, Path(id): 
 pub async fn revoke_key(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Keys)?;
     auth.require_plan(Plan::Enterprise, FEATURE)?;
-    let info = keys::revoke(&state.db, auth.account_id, key_id(&id)?).await?;
+    let info = keys::revoke(&state.db, auth.org, key_id(&id)?).await?;
     tracing::info!(key_id = %info.id, "API key revoked");
     Ok(ok(info))
 }
@@ -119,7 +142,7 @@ pub async fn rotate_key(State(state): State<AppState>, Auth(auth): Auth, Path(id
     auth.require(Scope::Keys)?;
     auth.require_plan(Plan::Enterprise, FEATURE)?;
     let old = key_id(&id)?;
-    let (info, secret) = keys::rotate(&state.db, auth.account_id, old).await?;
+    let (info, secret) = keys::rotate(&state.db, auth.org, old).await?;
     tracing::info!(old_key_id = %old, key_id = %info.id, "API key rotated");
     Ok(created(created_key(info, secret, Some(old.to_string()))))
 }

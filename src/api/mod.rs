@@ -2,6 +2,7 @@
 //! generated from the same route list (so every route is documented).
 
 mod agents;
+mod auth;
 mod calls;
 mod dashboard;
 mod files;
@@ -80,6 +81,7 @@ fn guarded_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::get_key, keys::revoke_key))
         .routes(routes!(keys::rotate_key))
         .routes(routes!(usage::get_usage))
+        .routes(routes!(auth::get_org))
         .routes(routes!(settings::get_settings, settings::set_settings))
         .routes(routes!(agents::list_agents, agents::create_agent))
         .routes(routes!(agents::get_agent, agents::update_agent, agents::delete_agent))
@@ -112,6 +114,7 @@ fn public_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(system::ready))
         .routes(routes!(system::metrics))
         .routes(routes!(system::openapi))
+        .routes(routes!(auth::exchange))
 }
 
 /// The whole application, ready to serve.
@@ -167,7 +170,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// One span per request; the key never appears (only its account, added by
+/// One span per request; the key never appears (only its organisation, added by
 /// the guard), and neither does the query string nor a media stream's token.
 fn request_span(request: &Request) -> tracing::Span {
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -176,7 +179,7 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %request.method(),
         path = %loggable_path(request.uri().path()),
         request_id = %request_id,
-        account_id = tracing::field::Empty,
+        org_id = tracing::field::Empty,
     )
 }
 

@@ -202,6 +202,7 @@ fn finish_reason(length: bool) -> &'static str {
 /// A chat completion, streamed (`stream: true`, server-sent events) or not.
 pub async fn chat_completions(State(state): State<AppState>, Auth(auth): Auth, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response> {
     auth.require(Scope::Generate)?;
+    auth.require_model(&req.model)?;
     let msgs = messages(&req)?;
     let opts = generation(&req)?;
     if req.model == LOCAL_LLM {
@@ -386,6 +387,7 @@ const EMBED_BATCH: usize = 32;
 /// at 256 tokens as sentence-transformers does).
 pub async fn embeddings(State(state): State<AppState>, Auth(auth): Auth, ApiJson(req): ApiJson<EmbeddingsRequest>) -> Result<Response> {
     auth.require(Scope::Generate)?;
+    auth.require_model(&req.model)?;
     let wanted = req.model.rsplit('/').next().unwrap_or_default().to_ascii_lowercase();
     if wanted != EMBEDDING_MODEL {
         return Err(Error::Unavailable(format!("embedding model '{}' is not available; this gateway serves {EMBEDDING_MODEL}", req.model)));
@@ -548,7 +550,7 @@ pub async fn videos(State(state): State<AppState>, Auth(auth): Auth, ApiJson(req
 /// Poll a task (any job of the account).
 pub async fn get_task(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
     auth.require(Scope::Jobs)?;
-    let job = queue::get(&state.db, auth.account_id, &id).await?;
+    let job = queue::get(&state.db, auth.org, &id).await?;
     let mut v = task(&job);
     v["progress"] = json!(job.progress);
     let urls = state.jobs.storage.signed_urls(&job.outputs, unix_now());

@@ -38,7 +38,7 @@ pub struct SettingsResponse {
     responses((status = 200, body = Data<SettingsResponse>), (status = 401, body = ErrorBody)))]
 pub async fn get_settings(State(state): State<AppState>, Auth(auth): Auth) -> Result<Response> {
     auth.require(Scope::Settings)?;
-    let s = settings::get(&state.db, auth.account_id).await?;
+    let s = settings::get(&state.db, auth.org).await?;
     Ok(ok(SettingsResponse { webhook_url: s.url, webhook_secret: None, webhook_secret_set: s.secret_set }))
 }
 
@@ -52,7 +52,7 @@ pub async fn set_settings(
 ) -> Result<Response> {
     auth.require(Scope::Settings)?;
     let (url, secret) =
-        settings::set_webhook(&state.db, &state.ssrf, auth.account_id, &body.webhook_url, body.rotate_secret).await?;
+        settings::set_webhook(&state.db, &state.ssrf, auth.org, &body.webhook_url, body.rotate_secret).await?;
     Ok(ok(SettingsResponse {
         webhook_url: Some(url),
         webhook_secret: secret.map(|s| s.expose().to_owned()),

@@ -28,7 +28,7 @@ pub struct Usage {
     responses((status = 200, body = Data<Usage>), (status = 401, body = ErrorBody)))]
 pub async fn get_usage(State(state): State<AppState>, Auth(auth): Auth) -> Result<Response> {
     auth.require(Scope::Usage)?;
-    let account = crate::accounts::get(&state.db, auth.account_id).await?;
-    let (used, billing_cycle) = usage::used_now(&state.db, auth.account_id).await?;
+    let account = crate::orgs::get(&state.db, auth.org).await?;
+    let (used, billing_cycle) = usage::used_now(&state.db, auth.org).await?;
     Ok(ok(Usage { credits: account.credits, used, plan: account.plan, billing_cycle }))
 }

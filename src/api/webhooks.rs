@@ -42,6 +42,6 @@ pub async fn list_deliveries(
     let Query(q) = query.map_err(|e| Error::bad_request(format!("invalid query: {}", e.body_text())))?;
     let limit = page_limit(q.limit, 20)?;
     let cursor = q.cursor.as_deref().map(Cursor::decode).transpose()?;
-    let (data, next) = deliveries::list(&state.db, auth.account_id, limit, cursor.as_ref()).await?;
+    let (data, next) = deliveries::list(&state.db, auth.org, limit, cursor.as_ref()).await?;
     Ok(Json(DeliveryPage { data, next_cursor: next.map(|c| c.encode()) }).into_response())
 }

@@ -1,22 +1,33 @@
-//! Who is calling: the authenticated key, its account and scopes. The API
-//! guard middleware puts an [`AuthContext`] into the request; handlers take it
-//! with the [`Auth`] extractor and state the scope they need.
+//! Who is calling: the authenticated key (presented itself, or through an
+//! access token issued for it), its organisation, scopes and limits. The
+//! API guard middleware puts an [`AuthContext`] into the request; handlers
+//! take it with the [`Auth`] extractor and state the scope they need.
+//!
+//! The organisation is an [`OrgId`] that only this context carries: every
+//! storage function that reads or changes an organisation's objects takes
+//! one, so a handler cannot reach objects without naming whose they are.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 
-use crate::domain::{AccountId, KeyId, Plan, Scope, Scopes};
+use super::policy::KeyPolicy;
+use crate::domain::{KeyId, OrgId, Plan, Scope, Scopes};
 use crate::Error;
 
 #[derive(Debug, Clone)]
 pub struct AuthContext {
     pub key_id: KeyId,
-    pub account_id: AccountId,
+    /// The organisation the key belongs to: whose objects this request sees.
+    pub org: OrgId,
     pub plan: Plan,
     pub scopes: Scopes,
+    /// The key's own limits (models, client networks, daily credits).
+    pub policy: KeyPolicy,
     /// When the key was last recorded as used (ms), to throttle that write.
     pub last_used_at: Option<i64>,
+    /// Set when the caller presented an access token: its expiry (Unix s).
+    pub token_expires: Option<i64>,
 }
 
 impl AuthContext {
@@ -27,6 +38,22 @@ impl AuthContext {
         } else {
             Err(Error::Forbidden(format!("API key missing required scope: {scope}")))
         }
+    }
+
+    /// 403 unless the key may use `model`.
+    pub fn require_model(&self, model: &str) -> crate::Result<()> {
+        self.policy.require_model(model)
+    }
+
+    /// 403 unless the key may use both models of an agent.
+    pub fn require_agent_models(&self, llm_model: &str, tts_model: &str) -> crate::Result<()> {
+        self.policy.require_model(llm_model)?;
+        self.policy.require_model(tts_model)
+    }
+
+    /// The key a debit is made with, with its daily cap if it has one.
+    pub fn spender(&self) -> crate::billing::Spender {
+        crate::billing::Spender { key: self.key_id, capped: self.policy.daily_credit_cap.is_some() }
     }
 
     /// 403 unless the account's plan is at least `plan`.

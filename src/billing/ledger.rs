@@ -14,7 +14,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::clock::now_ms;
 use crate::db::{is_foreign_key_violation, Db};
-use crate::domain::{AccountId, Credits};
+use crate::domain::{Credits, KeyId, OrgId};
 use crate::{Error, Result};
 
 /// Why a balance changed. Stored as text (`as_db`).
@@ -40,6 +40,17 @@ impl Reason {
         }
     }
 }
+
+/// The API key a debit is made with. Its debits (net of their refunds) in
+/// the current UTC day may not exceed its daily cap, when it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spender {
+    pub key: KeyId,
+    /// The key has a daily credit cap (checked in the debit's transaction).
+    pub capped: bool,
+}
+
+const DAY_MS: i64 = 86_400_000;
 
 /// A client- or system-chosen key that makes a ledger write happen once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,22 +101,23 @@ pub enum Refund {
     NoSuchDebit,
 }
 
-/// Takes `amount` from the account, or fails with `PaymentRequired` and
-/// changes nothing.
+/// Takes `amount` from the account, or fails with `PaymentRequired` (or
+/// 403 over the spender's daily cap) and changes nothing.
 pub async fn debit(
     db: &Db,
-    account: AccountId,
+    account: OrgId,
     amount: Credits,
     reason: Reason,
     reference: Option<&str>,
     key: &IdempotencyKey,
+    spender: Option<Spender>,
 ) -> Result<Debit> {
     if amount == Credits::ZERO {
         return Err(Error::bad_request("a debit must be at least 1 credit"));
     }
     let n = amount.to_db()?;
     let mut tx = db.pool.begin().await?;
-    match debit_in(&mut tx, account, amount, reason, reference, key).await? {
+    match debit_in(&mut tx, account, amount, reason, reference, key, spender).await? {
         DebitIn::Applied => {
             tx.commit().await?;
             Ok(Debit { amount, applied: true })
@@ -119,6 +131,10 @@ pub async fn debit(
             let balance = balance(db, account).await?;
             Err(Error::PaymentRequired { needed: amount.get(), balance: balance.get() })
         }
+        over @ DebitIn::OverCap { .. } => {
+            tx.rollback().await?;
+            Err(over.cap_error(amount))
+        }
     }
 }
 
@@ -130,22 +146,38 @@ pub enum DebitIn {
     Replayed,
     /// The balance is below the amount; the caller must roll back.
     Short,
+    /// The spender's daily cap would be passed; the caller must roll back.
+    OverCap { cap: u64, spent: u64 },
+}
+
+impl DebitIn {
+    /// The 403 of [`DebitIn::OverCap`].
+    pub fn cap_error(self, amount: Credits) -> Error {
+        match self {
+            DebitIn::OverCap { cap, spent } => Error::Forbidden(format!(
+                "this API key's daily credit cap of {cap} credits would be passed: {spent} spent today (UTC), {amount} more needed"
+            )),
+            other => Error::Internal(anyhow::anyhow!("{other:?} is not a cap refusal")),
+        }
+    }
 }
 
 /// [`debit`] inside the caller's transaction (which must be rolled back
 /// unless this returns `Applied`).
 pub async fn debit_in(
     conn: &mut AnyConnection,
-    account: AccountId,
+    account: OrgId,
     amount: Credits,
     reason: Reason,
     reference: Option<&str>,
     key: &IdempotencyKey,
+    spender: Option<Spender>,
 ) -> Result<DebitIn> {
     let n = amount.to_db()?;
+    let now = now_ms();
     let inserted = sqlx::query(
-        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (account_id, idempotency_key) DO NOTHING",
+        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, created_at, key_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (account_id, idempotency_key) DO NOTHING",
     )
     .bind(uuid::Uuid::new_v4().to_string())
     .bind(account.to_string())
@@ -153,13 +185,30 @@ pub async fn debit_in(
     .bind(reason.as_db())
     .bind(reference)
     .bind(key.as_str())
-    .bind(now_ms())
+    .bind(now)
+    .bind(spender.map(|s| s.key.to_string()))
     .execute(&mut *conn)
     .await
     .map_err(|e| if is_foreign_key_violation(&e) { Error::not_found("account") } else { e.into() })?
     .rows_affected();
     if inserted == 0 {
         return Ok(DebitIn::Replayed);
+    }
+    if let Some(spender) = spender.filter(|s| s.capped) {
+        // The write to the key's row makes the capped debits of one key
+        // count one at a time; the sum then includes this debit.
+        let cap: Option<Option<i64>> =
+            sqlx::query_scalar("UPDATE api_keys SET cap_lock = cap_lock + 1 WHERE id = $1 RETURNING daily_credit_cap")
+                .bind(spender.key.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(cap) = cap.flatten() {
+            // The sum counts this debit already.
+            let spent = spent_today(conn, spender.key, now).await?;
+            if spent > cap {
+                return Ok(DebitIn::OverCap { cap: cap.max(0) as u64, spent: (spent - n).max(0) as u64 });
+            }
+        }
     }
     let updated = sqlx::query(
         "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 RETURNING credits",
@@ -172,7 +221,7 @@ pub async fn debit_in(
 }
 
 /// Adds `amount` to the account, once per key.
-pub async fn grant(db: &Db, account: AccountId, amount: Credits, key: &IdempotencyKey) -> Result<Credits> {
+pub async fn grant(db: &Db, account: OrgId, amount: Credits, key: &IdempotencyKey) -> Result<Credits> {
     if amount == Credits::ZERO {
         return Err(Error::bad_request("a grant must be at least 1 credit"));
     }
@@ -213,7 +262,7 @@ pub async fn grant(db: &Db, account: AccountId, amount: Credits, key: &Idempoten
 }
 
 /// Returns the credits of the debit made with `debit_key`, once.
-pub async fn refund(db: &Db, account: AccountId, debit_key: &IdempotencyKey) -> Result<Refund> {
+pub async fn refund(db: &Db, account: OrgId, debit_key: &IdempotencyKey) -> Result<Refund> {
     let mut tx = db.pool.begin().await?;
     if let Some(n) = refund_in(&mut tx, account, debit_key).await? {
         tx.commit().await?;
@@ -234,10 +283,10 @@ pub async fn refund(db: &Db, account: AccountId, debit_key: &IdempotencyKey) -> 
 
 /// [`refund`] inside the caller's transaction: the amount returned now, or
 /// `None` when there is no such debit or it was refunded before.
-pub async fn refund_in(conn: &mut AnyConnection, account: AccountId, debit_key: &IdempotencyKey) -> Result<Option<Credits>> {
+pub async fn refund_in(conn: &mut AnyConnection, account: OrgId, debit_key: &IdempotencyKey) -> Result<Option<Credits>> {
     let row = sqlx::query(
-        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, refund_of, created_at) \
-         SELECT $1, account_id, -delta, $2, reference, $3, idempotency_key, $4 FROM ledger \
+        "INSERT INTO ledger (id, account_id, delta, reason, reference, idempotency_key, refund_of, created_at, key_id) \
+         SELECT $1, account_id, -delta, $2, reference, $3, idempotency_key, $4, key_id FROM ledger \
          WHERE account_id = $5 AND idempotency_key = $6 AND delta < 0 \
          ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING delta",
     )
@@ -259,8 +308,37 @@ pub async fn refund_in(conn: &mut AnyConnection, account: AccountId, debit_key: 
     Ok(Some(Credits::from_db(n)?))
 }
 
+/// What key `key` may still spend today (UTC) under its daily cap; `None`
+/// when it has no cap.
+pub async fn cap_headroom(db: &Db, key: KeyId) -> Result<Option<u64>> {
+    let mut conn = db.pool.acquire().await?;
+    cap_headroom_in(&mut conn, key).await
+}
+
+/// [`cap_headroom`] on the caller's connection (inside its transaction).
+pub async fn cap_headroom_in(conn: &mut AnyConnection, key: KeyId) -> Result<Option<u64>> {
+    let cap: Option<Option<i64>> = sqlx::query_scalar("SELECT daily_credit_cap FROM api_keys WHERE id = $1")
+        .bind(key.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(cap) = cap.flatten() else { return Ok(None) };
+    let spent = spent_today(conn, key, now_ms()).await?;
+    Ok(Some((cap - spent).max(0) as u64))
+}
+
+/// Credits `key` spent since the start of the UTC day of `now`, net of refunds.
+async fn spent_today(conn: &mut AnyConnection, key: KeyId, now: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(-delta), 0) AS BIGINT) FROM ledger WHERE key_id = $1 AND created_at >= $2",
+    )
+    .bind(key.to_string())
+    .bind(now - now.rem_euclid(DAY_MS))
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
 /// The account's current balance.
-pub async fn balance(db: &Db, account: AccountId) -> Result<Credits> {
+pub async fn balance(db: &Db, account: OrgId) -> Result<Credits> {
     let v: Option<i64> = sqlx::query_scalar("SELECT credits FROM accounts WHERE id = $1")
         .bind(account.to_string())
         .fetch_optional(&db.pool)
@@ -270,7 +348,7 @@ pub async fn balance(db: &Db, account: AccountId) -> Result<Credits> {
 
 /// The amount recorded under `key`, which must equal `expected_delta`: one
 /// key names one operation, and reusing it for another amount is a client bug.
-async fn replayed(db: &Db, account: AccountId, key: &IdempotencyKey, expected_delta: i64) -> Result<Credits> {
+async fn replayed(db: &Db, account: OrgId, key: &IdempotencyKey, expected_delta: i64) -> Result<Credits> {
     let delta: Option<i64> =
         sqlx::query_scalar("SELECT delta FROM ledger WHERE account_id = $1 AND idempotency_key = $2")
             .bind(account.to_string())

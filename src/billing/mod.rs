@@ -4,4 +4,4 @@
 pub mod ledger;
 pub mod usage;
 
-pub use ledger::{debit, grant, refund, Debit, IdempotencyKey, Reason, Refund};
+pub use ledger::{debit, grant, refund, Debit, IdempotencyKey, Reason, Refund, Spender};

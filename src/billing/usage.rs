@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use crate::clock::{month_bounds, now_ms, rfc3339};
 use crate::db::Db;
-use crate::domain::AccountId;
+use crate::domain::OrgId;
 use crate::Result;
 
 /// Counts of billed operations in the cycle, by kind.
@@ -61,7 +61,7 @@ pub struct BillingCycle {
 }
 
 /// What the account used in the cycle holding `at_ms`.
-pub async fn used_in_cycle(db: &Db, account: AccountId, at_ms: i64) -> Result<(UsedCounts, BillingCycle)> {
+pub async fn used_in_cycle(db: &Db, account: OrgId, at_ms: i64) -> Result<(UsedCounts, BillingCycle)> {
     let (start, end) = month_bounds(at_ms);
     let rows = sqlx::query(
         "SELECT l.reason, COUNT(*), CAST(COALESCE(SUM(-l.delta), 0) AS BIGINT) FROM ledger l \
@@ -88,6 +88,6 @@ pub async fn used_in_cycle(db: &Db, account: AccountId, at_ms: i64) -> Result<(U
 }
 
 /// Shorthand for the current cycle.
-pub async fn used_now(db: &Db, account: AccountId) -> Result<(UsedCounts, BillingCycle)> {
+pub async fn used_now(db: &Db, account: OrgId) -> Result<(UsedCounts, BillingCycle)> {
     used_in_cycle(db, account, now_ms()).await
 }

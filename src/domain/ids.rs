@@ -40,7 +40,7 @@ macro_rules! uuid_id {
     };
 }
 
-uuid_id!(AccountId, "account");
+uuid_id!(OrgId, "organisation");
 uuid_id!(KeyId, "API key");
 uuid_id!(AgentId, "agent");
 uuid_id!(CallId, "call");

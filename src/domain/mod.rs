@@ -10,7 +10,7 @@ mod scope;
 
 pub use credits::Credits;
 pub use cursor::{page, Cursor};
-pub use ids::{AccountId, AgentId, CallId, KeyId};
+pub use ids::{OrgId, AgentId, CallId, KeyId};
 pub use phone::PhoneNumber;
 pub use plan::Plan;
 pub use scope::{Scope, Scopes};

@@ -19,10 +19,10 @@ use sqlx::Row;
 use super::channels::Submitted;
 use super::spec::NewJob;
 use super::{JobKind, JobStatus, FAILED_MESSAGE};
-use crate::billing::ledger::{self, DebitIn, IdempotencyKey, Reason};
+use crate::billing::ledger::{self, DebitIn, IdempotencyKey, Reason, Spender};
 use crate::clock::{now_ms, rfc3339};
 use crate::db::{Backend, Db};
-use crate::domain::{page, AccountId, Credits, Cursor};
+use crate::domain::{page, OrgId, Credits, Cursor};
 use crate::webhooks::{self, Webhooks};
 use crate::{Error, Result};
 
@@ -117,15 +117,26 @@ pub fn debit_key(job_id: &str) -> Result<IdempotencyKey> {
     IdempotencyKey::parse(&format!("job:{job_id}"))
 }
 
-/// Charges the job's cost and queues it, or fails with 402 and changes
-/// nothing.
-pub async fn submit(db: &Db, account: AccountId, new: &NewJob, source: Source, max_attempts: u32) -> Result<Job> {
+/// Charges the job's cost (to `spender`'s daily cap too) and queues it, or
+/// fails with 402 (403 over the cap) and changes nothing.
+pub async fn submit(
+    db: &Db,
+    account: OrgId,
+    spender: Spender,
+    new: &NewJob,
+    source: Source,
+    max_attempts: u32,
+) -> Result<Job> {
     let id = uuid::Uuid::new_v4().to_string();
     let key = debit_key(&id)?;
     let now = now_ms();
     let mut tx = db.pool.begin().await?;
-    match ledger::debit_in(&mut tx, account, new.cost, Reason::Generation(new.kind.as_str()), Some(&id), &key).await? {
+    match ledger::debit_in(&mut tx, account, new.cost, Reason::Generation(new.kind.as_str()), Some(&id), &key, Some(spender)).await? {
         DebitIn::Applied => {}
+        over @ DebitIn::OverCap { .. } => {
+            tx.rollback().await?;
+            return Err(over.cap_error(new.cost));
+        }
         DebitIn::Short => {
             tx.rollback().await?;
             let balance = ledger::balance(db, account).await?;
@@ -157,7 +168,7 @@ pub async fn submit(db: &Db, account: AccountId, new: &NewJob, source: Source, m
 }
 
 /// One of the account's jobs.
-pub async fn get(db: &Db, account: AccountId, id: &str) -> Result<Job> {
+pub async fn get(db: &Db, account: OrgId, id: &str) -> Result<Job> {
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(Error::not_found("job"));
     }
@@ -179,7 +190,7 @@ pub struct JobFilter {
 }
 
 /// A page of the account's jobs, newest first, and the cursor of the next.
-pub async fn list(db: &Db, account: AccountId, f: &JobFilter) -> Result<(Vec<Job>, Option<Cursor>)> {
+pub async fn list(db: &Db, account: OrgId, f: &JobFilter) -> Result<(Vec<Job>, Option<Cursor>)> {
     let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE account_id = $1");
     let mut n = 1;
     for (present, column) in [(f.status.is_some(), "status"), (f.kind.is_some(), "kind")] {
@@ -274,6 +285,22 @@ pub async fn requeue(db: &Db, id: &str, node: &str, delay_ms: i64, spend_attempt
     Ok(n == 1)
 }
 
+/// Puts back in the queue every job leased by `node`, which died: they run
+/// again at once elsewhere (the lost run counts as an attempt, so a job
+/// that kills its workers does not loop forever). Returns how many.
+pub async fn requeue_node(db: &Db, node: &str) -> Result<u64> {
+    let now = now_ms();
+    Ok(sqlx::query(
+        "UPDATE jobs SET status = 'queued', run_after = $1, locked_by = NULL, locked_until = NULL \
+         WHERE status = 'processing' AND locked_by = $2",
+    )
+    .bind(now)
+    .bind(node)
+    .execute(&db.pool)
+    .await?
+    .rows_affected())
+}
+
 /// What a finished job produced.
 #[derive(Debug, Clone)]
 pub struct Finished {
@@ -322,7 +349,7 @@ pub async fn complete(db: &Db, hooks: &Webhooks, job: &Job, node: &str, done: Fi
 
 /// Queues the webhook of a job's end in the transaction that ends it, and
 /// commits.
-async fn announce(mut tx: sqlx::Transaction<'_, sqlx::Any>, hooks: &Webhooks, account: AccountId, event: &str, data: Value) -> Result<()> {
+async fn announce(mut tx: sqlx::Transaction<'_, sqlx::Any>, hooks: &Webhooks, account: OrgId, event: &str, data: Value) -> Result<()> {
     let queued = webhooks::enqueue_in(&mut tx, account, event, data).await?;
     tx.commit().await?;
     if queued {
@@ -352,7 +379,7 @@ pub async fn fail(db: &Db, hooks: &Webhooks, job: &Job, node: &str) -> Result<bo
         tx.rollback().await?;
         return Ok(false);
     }
-    let account: AccountId = job.account_id.parse()?;
+    let account: OrgId = job.account_id.parse()?;
     let refunded = ledger::refund_in(&mut tx, account, &debit_key(&job.id)?).await?.unwrap_or(Credits::ZERO);
     sqlx::query("UPDATE jobs SET credits_refunded = $1 WHERE id = $2")
         .bind(refunded.to_db()?)

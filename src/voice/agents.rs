@@ -11,7 +11,7 @@ use voxgate_agents::{AgentConfig, Engines};
 
 use crate::clock::{now_ms, rfc3339};
 use crate::db::Db;
-use crate::domain::{AccountId, AgentId};
+use crate::domain::{OrgId, AgentId};
 use crate::{Error, Result};
 
 const NAME_MAX: usize = 100;
@@ -202,7 +202,7 @@ fn bind_fields<'q>(q: AnyQuery<'q>, f: &'q AgentFields) -> Result<AnyQuery<'q>> 
         .bind(phrases))
 }
 
-pub async fn create(db: &Db, account: AccountId, f: AgentFields) -> Result<Agent> {
+pub async fn create(db: &Db, account: OrgId, f: AgentFields) -> Result<Agent> {
     let id = AgentId::new();
     let now = now_ms();
     bind_fields(sqlx::query(
@@ -220,7 +220,7 @@ pub async fn create(db: &Db, account: AccountId, f: AgentFields) -> Result<Agent
 
 /// The account's agent; another account's agent is "not found" too, so ids
 /// reveal nothing across accounts.
-pub async fn get(db: &Db, account: AccountId, id: AgentId) -> Result<Agent> {
+pub async fn get(db: &Db, account: OrgId, id: AgentId) -> Result<Agent> {
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM agents WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"
     ))
@@ -232,7 +232,7 @@ pub async fn get(db: &Db, account: AccountId, id: AgentId) -> Result<Agent> {
     from_row(&row)
 }
 
-pub async fn list(db: &Db, account: AccountId) -> Result<Vec<Agent>> {
+pub async fn list(db: &Db, account: OrgId) -> Result<Vec<Agent>> {
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM agents WHERE account_id = $1 AND deleted_at IS NULL ORDER BY created_at, id"
     ))
@@ -242,7 +242,7 @@ pub async fn list(db: &Db, account: AccountId) -> Result<Vec<Agent>> {
     rows.iter().map(from_row).collect()
 }
 
-pub async fn update(db: &Db, account: AccountId, id: AgentId, f: AgentFields) -> Result<Agent> {
+pub async fn update(db: &Db, account: OrgId, id: AgentId, f: AgentFields) -> Result<Agent> {
     let update = bind_fields(sqlx::query(
         "UPDATE agents SET name = $1, system_prompt = $2, greeting = $3, tts_model = $4, llm_model = $5, voice = $6, \
          language = $7, max_duration_secs = $8, end_call_phrases = $9, updated_at = $10 \
@@ -253,7 +253,7 @@ pub async fn update(db: &Db, account: AccountId, id: AgentId, f: AgentFields) ->
 }
 
 /// Deletes the agent for new calls; its past calls keep pointing at it.
-pub async fn delete(db: &Db, account: AccountId, id: AgentId) -> Result<()> {
+pub async fn delete(db: &Db, account: OrgId, id: AgentId) -> Result<()> {
     let delete = sqlx::query("UPDATE agents SET deleted_at = $1 WHERE id = $2 AND account_id = $3 AND deleted_at IS NULL");
     change_live_agent(db, delete, account, id).await?;
     Ok(())
@@ -261,7 +261,7 @@ pub async fn delete(db: &Db, account: AccountId, id: AgentId) -> Result<()> {
 
 /// Runs a change whose last parameters are (now, agent id, account id);
 /// 404 when no live agent of the account matched.
-async fn change_live_agent(db: &Db, q: AnyQuery<'_>, account: AccountId, id: AgentId) -> Result<()> {
+async fn change_live_agent(db: &Db, q: AnyQuery<'_>, account: OrgId, id: AgentId) -> Result<()> {
     let changed = q.bind(now_ms()).bind(id.to_string()).bind(account.to_string()).execute(&db.pool).await?.rows_affected();
     if changed == 0 {
         return Err(Error::not_found("agent"));

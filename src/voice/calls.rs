@@ -13,10 +13,11 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use utoipa::ToSchema;
 
-use crate::billing::ledger::Reason;
+use crate::billing::ledger::{self, Reason};
+use crate::billing::Spender;
 use crate::clock::{now_ms, rfc3339};
 use crate::db::{is_unique_violation, Db};
-use crate::domain::{AccountId, AgentId, CallId};
+use crate::domain::{OrgId, AgentId, CallId};
 pub use crate::domain::Cursor;
 use crate::domain::page;
 use crate::{Error, Result};
@@ -25,7 +26,7 @@ const HOUR_MS: i64 = 3_600_000;
 
 /// A call about to be admitted.
 pub struct NewCall<'a> {
-    pub account: AccountId,
+    pub account: OrgId,
     pub agent: AgentId,
     /// `outbound` (counted in the hourly quota) or `inbound`.
     pub direction: &'static str,
@@ -38,6 +39,8 @@ pub struct NewCall<'a> {
     pub metadata: Option<&'a serde_json::Value>,
     pub idempotency_key: Option<&'a str>,
     pub node_id: &'a str,
+    /// The key placing the call (its daily cap must cover the first minute).
+    pub spender: Option<Spender>,
 }
 
 /// The hourly quota after an admission, for the `X-RateLimit-*` headers.
@@ -86,6 +89,14 @@ pub async fn admit(db: &Db, new: NewCall<'_>, hourly_limit: u32, min_credits: u6
         tx.rollback().await?;
         return Err(Error::PaymentRequired { needed: min_credits, balance: credits.max(0) as u64 });
     }
+    if let Some(key) = new.spender.filter(|s| s.capped).map(|s| s.key) {
+        if let Some(left) = ledger::cap_headroom_in(&mut tx, key).await?.filter(|left| *left < min_credits) {
+            tx.rollback().await?;
+            return Err(Error::Forbidden(format!(
+                "this API key's daily credit cap leaves {left} credits today (UTC); a call needs {min_credits} for its first minute"
+            )));
+        }
+    }
     let window: Vec<i64> = sqlx::query_scalar(
         "SELECT created_at FROM calls WHERE account_id = $1 AND direction = 'outbound' AND created_at > $2 \
          ORDER BY created_at",
@@ -107,7 +118,7 @@ pub async fn admit(db: &Db, new: NewCall<'_>, hourly_limit: u32, min_credits: u6
     let metadata = new.metadata.map(|m| m.to_string());
     let inserted = sqlx::query(
         "INSERT INTO calls (id, account_id, agent_id, direction, carrier, to_number, from_number, trunk, status, metadata, \
-         node_id, idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)",
+         node_id, idempotency_key, created_at, key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, $13)",
     )
     .bind(id.to_string())
     .bind(new.account.to_string())
@@ -122,6 +133,7 @@ pub async fn admit(db: &Db, new: NewCall<'_>, hourly_limit: u32, min_credits: u6
     .bind(new.node_id)
     .bind(new.idempotency_key)
     .bind(now)
+    .bind(new.spender.map(|s| s.key.to_string()))
     .execute(&mut *tx)
     .await;
     if let Err(e) = inserted {
@@ -265,7 +277,7 @@ fn from_row(row: &AnyRow) -> Result<CallRecord> {
 }
 
 /// The account's call (another account's call is "not found").
-pub async fn get(db: &Db, account: AccountId, id: CallId) -> Result<CallRecord> {
+pub async fn get(db: &Db, account: OrgId, id: CallId) -> Result<CallRecord> {
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM calls WHERE id = $1 AND account_id = $2"))
         .bind(id.to_string())
         .bind(account.to_string())
@@ -289,7 +301,7 @@ pub struct CallFilter {
 }
 
 /// A page of the account's calls, newest first, and the cursor of the next.
-pub async fn list(db: &Db, account: AccountId, f: &CallFilter) -> Result<(Vec<CallRecord>, Option<Cursor>)> {
+pub async fn list(db: &Db, account: OrgId, f: &CallFilter) -> Result<(Vec<CallRecord>, Option<Cursor>)> {
     let mut sql = format!("SELECT {COLUMNS} FROM calls WHERE account_id = $1");
     let mut n = 1;
     for (present, column) in [
@@ -403,18 +415,20 @@ pub async fn sync_billing(db: &Db, id: CallId) -> Result<()> {
     Ok(())
 }
 
-/// Calls of `node_id` that never ended: the process died with them. Each is
-/// closed as failed (`node-lost`) with the minutes already debited and no
-/// more; returns them with their accounts (for the `call.ended` webhooks).
-pub async fn close_lost(db: &Db, node_id: &str) -> Result<Vec<(CallId, AccountId)>> {
-    let rows = sqlx::query("SELECT id, account_id FROM calls WHERE node_id = $1 AND ended_at IS NULL")
+/// Calls of `node_id` created before `before` (ms) that never ended: the
+/// process died with them. Each is closed as failed (`node-lost`) with the
+/// minutes already debited and no more; returns those this call closed
+/// with their organisations (for the `call.ended` webhooks, sent once).
+pub async fn close_lost(db: &Db, node_id: &str, before: i64) -> Result<Vec<(CallId, OrgId)>> {
+    let rows = sqlx::query("SELECT id, account_id FROM calls WHERE node_id = $1 AND ended_at IS NULL AND created_at < $2")
         .bind(node_id)
+        .bind(before)
         .fetch_all(&db.pool)
         .await?;
     let mut closed = Vec::new();
     for row in rows {
         let id: CallId = row.try_get::<String, _>("id")?.parse()?;
-        let account: AccountId = row.try_get::<String, _>("account_id")?.parse()?;
+        let account: OrgId = row.try_get::<String, _>("account_id")?.parse()?;
         let settlement = Settlement {
             status: "failed".into(),
             reason: "node-lost".into(),

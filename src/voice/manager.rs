@@ -38,7 +38,8 @@ use crate::billing::ledger::{self, IdempotencyKey, Reason};
 use crate::clock::now_ms;
 use crate::config::CallsConfig;
 use crate::db::Db;
-use crate::domain::{AccountId, CallId, Credits, PhoneNumber};
+use crate::billing::Spender;
+use crate::domain::{CallId, Credits, OrgId, PhoneNumber};
 use crate::metrics::Metrics;
 use crate::webhooks::Webhooks;
 use crate::{Error, Result};
@@ -54,7 +55,9 @@ const DRAIN_BEFORE_BYE: Duration = Duration::from_millis(300);
 
 /// An outbound call to place, validated.
 pub struct Outbound {
-    pub account: AccountId,
+    pub account: OrgId,
+    /// The key placing it: its minutes count against that key's daily cap.
+    pub spender: Option<Spender>,
     pub agent: Agent,
     pub to: PhoneNumber,
     pub trunk: Option<String>,
@@ -65,7 +68,8 @@ pub struct Outbound {
 /// A call a provider's media stream (or a browser over WebRTC) brings in:
 /// the account's agent takes whatever connects to the URL.
 pub struct StreamCall {
-    pub account: AccountId,
+    pub account: OrgId,
+    pub spender: Option<Spender>,
     pub agent: Agent,
     pub kind: StreamKind,
     /// The number the caller reached, and the caller's, when known.
@@ -108,6 +112,8 @@ enum Ending {
     AgentEnded,
     MaxDuration,
     InsufficientCredits,
+    /// The key that placed the call reached its daily credit cap.
+    CreditCap,
     BillingUnavailable,
     Shutdown,
 }
@@ -119,6 +125,7 @@ impl Ending {
             Ending::AgentEnded => "agent-hangup",
             Ending::MaxDuration => "max-duration",
             Ending::InsufficientCredits => "insufficient-credits",
+            Ending::CreditCap => "credit-cap",
             Ending::BillingUnavailable => "billing-unavailable",
             Ending::Shutdown => "shutdown",
         }
@@ -167,7 +174,7 @@ impl CallManager {
     pub async fn start(db: Db, config: CallsConfig, node_id: String, deps: Dependencies) -> Result<(CallManager, JoinHandle<()>)> {
         let Dependencies { trunks, carriers, streams, sip, engines, webhooks, metrics } = deps;
         let (writer, writer_task) = writer::start(db.clone(), webhooks);
-        for (id, account) in calls::close_lost(&db, &node_id).await? {
+        for (id, account) in calls::close_lost(&db, &node_id, now_ms()).await? {
             tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
             writer.ended_elsewhere(id, account);
         }
@@ -216,6 +223,7 @@ impl CallManager {
             metadata: call.metadata.as_ref(),
             idempotency_key: call.idempotency_key.as_deref(),
             node_id: &inner.node_id,
+            spender: call.spender,
         };
         match self.admit_and_run(&call.agent, call.account, new, leg).await? {
             Admission::Replayed { id } => Ok(Placed::Replayed { id }),
@@ -238,6 +246,7 @@ impl CallManager {
             metadata: call.metadata.as_ref(),
             idempotency_key: call.idempotency_key.as_deref(),
             node_id: &inner.node_id,
+            spender: call.spender,
         };
         match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.kind)).await? {
             Admission::Replayed { id } => Ok((Placed::Replayed { id }, None)),
@@ -273,7 +282,7 @@ impl CallManager {
 
     /// Checks the agent's engines and this node's capacity, admits the call
     /// (credits, quota, idempotency) and starts its task.
-    async fn admit_and_run(&self, agent: &Agent, account: AccountId, new: NewCall<'_>, leg: Leg) -> Result<Admission> {
+    async fn admit_and_run(&self, agent: &Agent, account: OrgId, new: NewCall<'_>, leg: Leg) -> Result<Admission> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
@@ -291,6 +300,7 @@ impl CallManager {
         let slot = inner.slots.clone().try_acquire_owned().map_err(|_| {
             Error::Unavailable(format!("this node is at its limit of {} concurrent calls", inner.config.max_concurrent))
         })?;
+        let spender = new.spender;
         let admission = calls::admit(&inner.db, new, inner.config.hourly_limit, inner.config.credits_per_minute).await?;
         let Admission::Placed { id, .. } = &admission else { return Ok(admission) };
         let id = *id;
@@ -307,6 +317,7 @@ impl CallManager {
             inner: inner.clone(),
             id,
             account,
+            spender,
             leg,
             commands: commands_rx,
             // A stream's URL is given out when this returns: the call must
@@ -318,7 +329,7 @@ impl CallManager {
             slot,
         };
         let session = engines.map(|(engines, agent_config)| Session::start(engines, agent_config));
-        let span = tracing::info_span!("call", call_id = %id, account_id = %account);
+        let span = tracing::info_span!("call", call_id = %id, org_id = %account);
         inner.tracker.spawn(run.run(session).instrument(span));
         Ok(admission)
     }
@@ -338,6 +349,26 @@ impl CallManager {
         }
     }
 
+    /// Closes the calls another node (found dead) created up to `before`
+    /// (ms) and never ended; returns how many this call closed.
+    pub async fn close_node(&self, node: &str, before: i64) -> Result<usize> {
+        let closed = calls::close_lost(&self.inner.db, node, before).await?;
+        for (id, account) in &closed {
+            tracing::warn!(call_id = %id, node_id = node, "call closed as node-lost: its node died");
+            self.inner.writer.ended_elsewhere(*id, *account);
+        }
+        Ok(closed.len())
+    }
+
+    /// Hangs up every call of this process (it was declared dead, and its
+    /// calls were settled by another node).
+    pub async fn hang_up_all(&self) {
+        let senders: Vec<_> = self.inner.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default();
+        for tx in senders {
+            let _ = tx.send(Ending::Shutdown).await;
+        }
+    }
+
     /// Stops taking calls, lets the running ones finish for up to `grace`,
     /// hangs up the rest, and waits until every call is settled.
     pub async fn shutdown(&self, grace: Duration) {
@@ -349,11 +380,8 @@ impl CallManager {
             tracing::info!(calls = running, grace_secs = grace.as_secs(), "waiting for calls in progress to finish");
         }
         if tokio::time::timeout(grace, inner.tracker.wait()).await.is_err() {
-            let senders: Vec<_> = inner.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default();
-            tracing::warn!(calls = senders.len(), "grace period over, hanging up the calls still in progress");
-            for tx in senders {
-                let _ = tx.send(Ending::Shutdown).await;
-            }
+            tracing::warn!(calls = self.active(), "grace period over, hanging up the calls still in progress");
+            self.hang_up_all().await;
             if tokio::time::timeout(Duration::from_secs(10), inner.tracker.wait()).await.is_err() {
                 tracing::error!("calls did not end after hang-up; they will be closed as node-lost at next start");
             }
@@ -366,7 +394,8 @@ impl CallManager {
 struct CallRun {
     inner: Arc<Inner>,
     id: CallId,
-    account: AccountId,
+    account: OrgId,
+    spender: Option<Spender>,
     leg: Leg,
     commands: mpsc::Receiver<Ending>,
     /// The media leg of a stream call, opened at admission.
@@ -389,6 +418,8 @@ struct Billing {
 enum BillingResult {
     Debited,
     Refused,
+    /// The placing key's daily cap does not cover the next minute.
+    CapReached,
     BalanceOk,
     BalanceLow,
     Unavailable,
@@ -586,8 +617,12 @@ impl CallRun {
                             tracing::info!(minute = b.paid, "call minute debited");
                         }
                         BillingResult::BalanceOk => b.checked = true,
-                        BillingResult::BalanceLow | BillingResult::Refused | BillingResult::Unavailable => {
-                            let why = if matches!(result, BillingResult::Unavailable) { Ending::BillingUnavailable } else { Ending::InsufficientCredits };
+                        BillingResult::BalanceLow | BillingResult::Refused | BillingResult::CapReached | BillingResult::Unavailable => {
+                            let why = match result {
+                                BillingResult::Unavailable => Ending::BillingUnavailable,
+                                BillingResult::CapReached => Ending::CreditCap,
+                                _ => Ending::InsufficientCredits,
+                            };
                             tracing::info!(reason = why.as_str(), minutes = b.paid, "closing the call");
                             ending.get_or_insert(why);
                             if b.paid == 0 {
@@ -670,13 +705,13 @@ impl CallRun {
 
     /// Debits minute `n` in a task of its own (the audio loop goes on).
     fn debit(&self, n: u32) -> JoinHandle<BillingResult> {
-        let (db, account, id) = (self.inner.db.clone(), self.account, self.id);
+        let (db, account, id, spender) = (self.inner.db.clone(), self.account, self.id, self.spender);
         let amount = Credits::new(self.inner.config.credits_per_minute);
         tokio::spawn(async move {
             let Ok(key) = IdempotencyKey::parse(&format!("call:{id}:minute:{n}")) else { return BillingResult::Unavailable };
             let reference = id.to_string();
             for attempt in 0..3 {
-                match ledger::debit(&db, account, amount, Reason::CallMinute, Some(&reference), &key).await {
+                match ledger::debit(&db, account, amount, Reason::CallMinute, Some(&reference), &key, spender).await {
                     Ok(_) => {
                         if let Err(e) = calls::sync_billing(&db, id).await {
                             tracing::warn!(error = %e, "call row not updated with its minutes (the ledger has them)");
@@ -684,6 +719,7 @@ impl CallRun {
                         return BillingResult::Debited;
                     }
                     Err(Error::PaymentRequired { .. }) => return BillingResult::Refused,
+                    Err(Error::Forbidden(_)) => return BillingResult::CapReached,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt, "minute debit failed");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -695,9 +731,14 @@ impl CallRun {
     }
 
     fn balance_check(&self) -> JoinHandle<BillingResult> {
-        let (db, account) = (self.inner.db.clone(), self.account);
+        let (db, account, spender) = (self.inner.db.clone(), self.account, self.spender);
         let needed = self.inner.config.credits_per_minute;
         tokio::spawn(async move {
+            if let Some(key) = spender.filter(|s| s.capped).map(|s| s.key) {
+                if matches!(ledger::cap_headroom(&db, key).await, Ok(Some(left)) if left < needed) {
+                    return BillingResult::CapReached;
+                }
+            }
             match ledger::balance(&db, account).await {
                 Ok(b) if b.get() >= needed => BillingResult::BalanceOk,
                 Ok(_) => BillingResult::BalanceLow,

@@ -10,13 +10,13 @@ use tokio::task::JoinHandle;
 
 use super::calls::{self, CallUpdate};
 use crate::db::Db;
-use crate::domain::{AccountId, CallId};
+use crate::domain::{OrgId, CallId};
 use crate::webhooks::Webhooks;
 
 enum Message {
-    Update(CallId, AccountId, CallUpdate),
+    Update(CallId, OrgId, CallUpdate),
     /// A call that another path already settled: only its webhook is due.
-    EndedElsewhere(CallId, AccountId),
+    EndedElsewhere(CallId, OrgId),
 }
 
 #[derive(Clone)]
@@ -33,13 +33,13 @@ pub fn start(db: Db, webhooks: Webhooks) -> (CallWriter, JoinHandle<()>) {
 }
 
 impl CallWriter {
-    pub fn send(&self, id: CallId, account: AccountId, update: CallUpdate) {
+    pub fn send(&self, id: CallId, account: OrgId, update: CallUpdate) {
         if self.tx.send(Message::Update(id, account, update)).is_err() {
             tracing::error!(call_id = %id, "call writer is gone; update lost");
         }
     }
 
-    pub fn ended_elsewhere(&self, id: CallId, account: AccountId) {
+    pub fn ended_elsewhere(&self, id: CallId, account: OrgId) {
         let _ = self.tx.send(Message::EndedElsewhere(id, account));
     }
 
@@ -93,7 +93,7 @@ async fn apply_with_retry(db: &Db, id: CallId, update: &CallUpdate) -> bool {
 }
 
 /// Queues `event` with the call as it now stands.
-async fn notify(db: &Db, webhooks: &Webhooks, id: CallId, account: AccountId, event: &str) {
+async fn notify(db: &Db, webhooks: &Webhooks, id: CallId, account: OrgId, event: &str) {
     let result = async {
         let record = calls::get(db, account, id).await?;
         let data = serde_json::to_value(&record).map_err(|e| crate::Error::Internal(e.into()))?;

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use crate::clock::rfc3339;
 use crate::db::Db;
-use crate::domain::{page, AccountId, Cursor};
+use crate::domain::{page, OrgId, Cursor};
 use crate::Result;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -43,7 +43,7 @@ pub struct Attempt {
 
 /// A page of the account's deliveries, newest first, with their attempts
 /// (read in one query for the whole page).
-pub async fn list(db: &Db, account: AccountId, limit: u32, cursor: Option<&Cursor>) -> Result<(Vec<Delivery>, Option<Cursor>)> {
+pub async fn list(db: &Db, account: OrgId, limit: u32, cursor: Option<&Cursor>) -> Result<(Vec<Delivery>, Option<Cursor>)> {
     let sql = format!(
         "SELECT id, event, payload, status, attempts, next_attempt_at, created_at, delivered_at FROM webhook_deliveries \
          WHERE account_id = $1{}",

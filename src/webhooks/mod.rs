@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::clock::{now_ms, rfc3339};
 use crate::db::Db;
-use crate::domain::AccountId;
+use crate::domain::OrgId;
 use crate::Result;
 
 /// The queue of deliveries, and a bell that wakes the sender when one is added.
@@ -35,7 +35,7 @@ impl Webhooks {
     }
 
     /// Queues `event` for the account's webhook URL; nothing when it has none.
-    pub async fn enqueue(&self, account: AccountId, event: &str, data: Value) -> Result<()> {
+    pub async fn enqueue(&self, account: OrgId, event: &str, data: Value) -> Result<()> {
         let mut conn = self.db.pool.acquire().await?;
         if enqueue_in(&mut conn, account, event, data).await? {
             self.notify();
@@ -56,7 +56,7 @@ impl Webhooks {
 /// Queues `event` inside the caller's transaction, so the event exists if
 /// and only if the change it reports does. True when the account has a
 /// webhook URL (call [`Webhooks::notify`] after the commit).
-pub async fn enqueue_in(conn: &mut AnyConnection, account: AccountId, event: &str, data: Value) -> Result<bool> {
+pub async fn enqueue_in(conn: &mut AnyConnection, account: OrgId, event: &str, data: Value) -> Result<bool> {
     let now = now_ms();
     let payload = json!({ "event": event, "timestamp": rfc3339(now), "data": data }).to_string();
     let queued = sqlx::query(

@@ -130,6 +130,10 @@ impl TestServer {
             ("VOXGATE_AGENTS__MODELS_DIR".to_owned(), models_dir()),
             ("VOXGATE_CALLS__PRELOAD_MODELS".to_owned(), "false".to_owned()),
             ("VOXGATE_LOG__FILTER".to_owned(), "warn".to_owned()),
+            // A killed server relaunched on its database waits two
+            // heartbeats to be sure its previous process is gone.
+            ("VOXGATE_CLUSTER__HEARTBEAT_SECS".to_owned(), "1".to_owned()),
+            ("VOXGATE_CLUSTER__DEAD_AFTER_SECS".to_owned(), "3".to_owned()),
             ("VOXGATE_CONFIG".to_owned(), db.dir().join("voxgate.toml").display().to_string()),
         ];
         env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -173,6 +177,20 @@ impl TestServer {
         self.child = Some(child);
     }
 
+    /// Another process (node `node_id`) on this server's database, config and
+    /// output storage, as a second node behind a load balancer would run.
+    pub fn peer(&self, node_id: &str, extra_env: &[(&str, &str)]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = TestDb { url: self.db.url.clone(), dir, pg_name: None };
+        let mut env = self.env.clone();
+        env.push(("VOXGATE_NODE_ID".into(), node_id.into()));
+        env.push(("VOXGATE_STORAGE__ROOT".into(), self.db.dir().join("data/outputs").display().to_string()));
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut server = TestServer { base: String::new(), sip: String::new(), http: reqwest::Client::new(), db, child: None, env };
+        server.launch();
+        server
+    }
+
     /// SIGKILL: the process dies at once, as in a crash.
     pub fn kill(&mut self) {
         kill(&mut self.child);
@@ -196,13 +214,13 @@ impl TestServer {
 
     /// Creates an account with the CLI and a `*` key for it; returns (account id, key).
     pub fn account(&self, plan: &str, credits: u64) -> (String, String) {
-        let id = self.cli(&["accounts", "create", "--name", "Test Co", "--plan", plan, "--credits", &credits.to_string()]);
-        let key = self.cli(&["keys", "create", "--account", &id]);
+        let id = self.cli(&["orgs", "create", "--name", "Test Co", "--plan", plan, "--credits", &credits.to_string()]);
+        let key = self.cli(&["keys", "create", "--org", &id]);
         (id, key)
     }
 
     pub fn key_with_scopes(&self, account: &str, scopes: &str) -> String {
-        self.cli(&["keys", "create", "--account", account, "--scopes", scopes])
+        self.cli(&["keys", "create", "--org", account, "--scopes", scopes])
     }
 
     pub async fn get(&self, path: &str, key: &str) -> reqwest::Response {

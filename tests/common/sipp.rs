@@ -124,3 +124,9 @@ pub fn config_for(sipp: &Sipp) -> SipConfig {
         ..SipConfig::default()
     }
 }
+
+/// A SIPp UAS running `scenario_file` whose media goes to `far` (the
+/// scenarios read the port as `[sink_port]`).
+pub fn uas_with_far_end(scenario_file: &str, far: &super::far_end::FarEnd) -> Sipp {
+    Sipp::uas(scenario(scenario_file).to_str().unwrap(), &["-key", "sink_port", &far.port.to_string()])
+}
