@@ -215,6 +215,21 @@ async fn keys_are_limited_to_their_models_networks_and_daily_credits() {
     // The organisation's other keys are not held by that key's cap.
     let (status, _) = json(server.post("/api/generate/image", &admin, json!({"prompt": "a", "model": "flux-2-dev"})).await).await;
     assert_eq!(status, 200);
+    // Nor can the capped key start a call whose first minute (10) it cannot pay.
+    let agent = create_agent(&server, &admin, "Hello!").await;
+    let msg = expect_error(server.post("/api/voice-agent/calls/stream", &capped, json!({"agentId": agent, "provider": "twilio"})).await, 403, "FORBIDDEN").await;
+    assert!(msg.contains("leaves 5 credits"), "{msg}");
+    // A key limited to image models cannot make or call an agent with speech models.
+    let msg = expect_error(
+        server.post("/api/voice-agent/agents", &flux_only, json!({"name": "A", "systemPrompt": "Be brief.", "ttsModel": "piper", "llmModel": "smollm2-135m"})).await,
+        403,
+        "FORBIDDEN",
+    )
+    .await;
+    assert!(msg.contains("smollm2-135m"), "{msg}");
+    expect_error(server.post("/api/voice-agent/calls/stream", &flux_only, json!({"agentId": agent, "provider": "twilio"})).await, 403, "FORBIDDEN").await;
+    let (_, calls) = json(server.get("/api/voice-agent/calls", &admin).await).await;
+    assert_eq!(calls["data"], json!([]), "refused calls leave nothing behind");
 
     // A key hands out only what it has; what it leaves out is inherited.
     let (status, made) = json(server.post("/api/keys", &capped, json!({"name": "child", "member": "ana@example.com"})).await).await;
