@@ -59,7 +59,7 @@ impl Error {
             Error::Conflict(_) => "CONFLICT",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::Unavailable(_) => "SERVICE_UNAVAILABLE",
-            Error::Database(e) if is_pool_exhausted(e) => "SERVICE_UNAVAILABLE",
+            Error::Database(e) if is_overloaded(e) => "SERVICE_UNAVAILABLE",
             Error::Database(_) | Error::Internal(_) => "INTERNAL_ERROR",
         }
     }
@@ -75,7 +75,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Database(e) if is_pool_exhausted(e) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Database(e) if is_overloaded(e) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -83,7 +83,7 @@ impl Error {
     /// The message a client sees: internal failures get a generic text.
     fn public_message(&self) -> String {
         match self {
-            Error::Database(e) if is_pool_exhausted(e) => {
+            Error::Database(e) if is_overloaded(e) => {
                 "Service temporarily unavailable, retry with backoff".into()
             }
             Error::Database(_) | Error::Internal(_) => "Internal server error".into(),
@@ -92,8 +92,25 @@ impl Error {
     }
 }
 
-fn is_pool_exhausted(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+/// The database is overloaded, not broken: no connection was free in time,
+/// SQLite's write lock stayed busy past the busy timeout, or PostgreSQL
+/// gave up on a lock, a connection slot, a statement timeout, a deadlock or
+/// a serialization conflict. The client should retry: 503, not 500.
+fn is_overloaded(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(d) => {
+            if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their extended codes.
+                matches!(d.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff), Some(5 | 6))
+            } else if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                matches!(d.code().as_deref(), Some("55P03" | "53300" | "57014" | "40001" | "40P01"))
+            } else {
+                false
+            }
+        }
+        _ => false,
+    }
 }
 
 /// The contract's error body.
@@ -126,6 +143,22 @@ impl IntoResponse for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_database_busy_past_its_timeout_is_503_not_500() {
+        use sqlx::{Connection, Executor};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/busy.db?mode=rwc", dir.path().display());
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        holder.execute("CREATE TABLE t (x INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);").await.unwrap();
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        other.execute("PRAGMA busy_timeout = 0").await.unwrap();
+        let err = Error::from(other.execute("INSERT INTO t VALUES (2)").await.unwrap_err());
+        assert_eq!((err.status(), err.code()), (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"), "{err}");
+        // A real failure (a broken statement) stays a 500.
+        let broken = Error::from(other.execute("INSERT INTO nowhere VALUES (1)").await.unwrap_err());
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 
     #[test]
     fn internal_details_are_not_exposed() {

@@ -49,6 +49,8 @@ async fn openapi_lists_every_route() {
         "DELETE /api/keys/{id}",
         "POST /api/keys/{id}/rotate",
         "GET /api/usage",
+        "GET /api/org",
+        "POST /api/auth/token",
         "GET /api/settings",
         "POST /api/settings",
         "GET /health",

@@ -67,14 +67,7 @@ pub async fn exchange(
     }
     let ctx = keys::verify_pair(&state.db, &req.app_id, &req.user_key).await?;
     check_client(&state, &ctx, peer.map(|Extension(c)| c.0.ip()), &headers)?;
-    let scopes = req.scopes.unwrap_or_else(|| ctx.scopes.clone());
-    if !ctx.scopes.covers(&scopes) {
-        return Err(Error::Forbidden(format!(
-            "a key with scopes [{}] cannot issue a token with scopes [{}]",
-            ctx.scopes.to_db(),
-            scopes.to_db()
-        )));
-    }
+    let scopes = ctx.scopes.grant(req.scopes, "issue a token")?;
     let now = now_ms() / 1000;
     let claims = Claims { kid: ctx.key_id, org: ctx.org, scopes, iat: now, exp: now + ttl as i64 };
     let access_token = tokens::issue(&state.jobs.storage, &claims)?;

@@ -94,14 +94,7 @@ pub async fn create_key(
 ) -> Result<Response> {
     auth.require(Scope::Keys)?;
     auth.require_plan(Plan::Enterprise, FEATURE)?;
-    let scopes = body.scopes.unwrap_or_else(|| auth.scopes.clone());
-    if !auth.scopes.covers(&scopes) {
-        return Err(Error::Forbidden(format!(
-            "a key with scopes [{}] cannot create a key with scopes [{}]",
-            auth.scopes.to_db(),
-            scopes.to_db()
-        )));
-    }
+    let scopes = auth.scopes.grant(body.scopes, "create a key")?;
     let wanted = KeyPolicy {
         allowed_models: body.allowed_models,
         ip_allowlist: body.ip_allowlist,

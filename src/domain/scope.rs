@@ -89,6 +89,21 @@ impl Scopes {
         other.0.iter().all(|s| if *s == Scope::All { self.0.contains(&Scope::All) } else { self.allows(*s) })
     }
 
+    /// The scopes a holder of `self` hands out for `wanted` (`what`:
+    /// "create a key", "issue a token"): its own when none are asked for;
+    /// 403 when asked for more than it holds.
+    pub fn grant(&self, wanted: Option<Scopes>, what: &str) -> crate::Result<Scopes> {
+        let wanted = wanted.unwrap_or_else(|| self.clone());
+        if !self.covers(&wanted) {
+            return Err(crate::Error::Forbidden(format!(
+                "a key with scopes [{}] cannot {what} with scopes [{}]",
+                self.to_db(),
+                wanted.to_db()
+            )));
+        }
+        Ok(wanted)
+    }
+
     /// Storage form: space-separated names.
     pub fn to_db(&self) -> String {
         self.0.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
