@@ -52,7 +52,7 @@ pub struct AccessToken {
 }
 
 /// Exchange an app id and user key for a short-lived access token.
-#[utoipa::path(post, path = "/api/auth/token", tag = "auth", request_body = TokenRequest,
+#[utoipa::path(post, path = "/api/auth/token", tag = "auth", request_body = TokenRequest, security(()),
     responses((status = 200, body = Data<AccessToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)))]
 pub async fn exchange(
