@@ -79,14 +79,29 @@ pub async fn leave(db: &Db, node_id: &str) {
     }
 }
 
-/// Heartbeats and watches the other nodes until `shutdown`.
+/// How often a node looks for hang-ups of its calls asked through another.
+const HANGUP_POLL: Duration = Duration::from_millis(250);
+
+/// Heartbeats, watches the other nodes, and takes the hang-ups other nodes
+/// were asked for, until `shutdown`.
 pub fn spawn(db: Db, node_id: String, config: ClusterConfig, calls: CallManager, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(config.heartbeat_secs));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangups = tokio::time::interval(HANGUP_POLL);
+        hangups.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = hangups.tick() => {
+                    // Only a node running calls has any to look for.
+                    if calls.active() > 0 {
+                        if let Err(e) = calls.take_remote_hangups().await {
+                            tracing::warn!(error = %e, "could not look for hang-up requests");
+                        }
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             match beat(&db, &node_id).await {

@@ -201,3 +201,30 @@ async fn a_killed_node_with_a_call_up_and_jobs_leased_is_settled_by_the_survivor
     assert_eq!(ids, expected);
     drop(sipp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_hung_up_through_a_node_that_does_not_run_it() {
+    let far = FarEnd::start().await;
+    let mut sipp = uas_with_far_end("uas_agent.xml", &far);
+    let a = TestServer::start_configured(&trunk_config(sipp.addr.port(), "[calls]\necho = true\n\n"), &MANY).await;
+    let b = a.peer("node-2", &[]);
+    let (_, key) = a.account("enterprise", 1_000);
+    let agent = create_agent(&a, &key, "Hello!").await;
+    let (status, body) = json(a.post("/api/voice-agent/calls/outbound", &key, json!({"agentId": agent, "phoneNumber": "+14155550123"})).await).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["data"]["callId"].as_str().unwrap().to_owned();
+    wait_call(&a, &key, &id, Duration::from_secs(20), |c| c["status"] == "in-progress").await;
+
+    // Node B does not run the call; it passes the hang-up on.
+    let (status, call) = json(b.post(&format!("/api/voice-agent/calls/{id}/hangup"), &key, json!({})).await).await;
+    assert_eq!(status, 200, "{call}");
+    let call = wait_call(&b, &key, &id, Duration::from_secs(10), |c| c["status"] == "completed").await;
+    assert_eq!(call["endReason"], "local-hangup", "{call:#}");
+    assert_eq!(call["billedMinutes"], 1);
+    // The far end got the BYE and finished its scenario.
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp did not see the call end");
+    // Asking again answers with the ended call.
+    let (status, again) = json(a.post(&format!("/api/voice-agent/calls/{id}/hangup"), &key, json!({})).await).await;
+    assert_eq!((status, &again["data"]["status"]), (200, &json!("completed")));
+    assert_eq!(balance(&b, &key).await, 990);
+}

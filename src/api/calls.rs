@@ -308,7 +308,9 @@ pub async fn get_call(State(state): State<AppState>, Auth(auth): Auth, Path(id):
 }
 
 /// Hang up a call: CANCEL while it rings, BYE once answered. A call that
-/// already ended is returned as it is.
+/// already ended is returned as it is. Any node takes the request: one that
+/// does not run the call passes it to the one that does (through the
+/// database) and answers with the call as it then stands.
 #[utoipa::path(post, path = "/api/voice-agent/calls/{id}/hangup", tag = "voice-agent",
     responses((status = 200, body = Data<CallRecord>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(id): Path<String>) -> Result<Response> {
@@ -318,18 +320,19 @@ pub async fn hangup_call(State(state): State<AppState>, Auth(auth): Auth, Path(i
     if record.ended_at.is_some() {
         return Ok(ok(record));
     }
-    if !state.calls.hangup(id).await {
-        // It may have ended a moment ago, its record not yet written.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let now = calls::get(&state.db, auth.org, id).await?;
-        if now.ended_at.is_some() {
-            return Ok(ok(now));
+    let waits = if state.calls.hangup(id).await {
+        20
+    } else {
+        // Another node runs it (or it ended a moment ago).
+        if !calls::request_hangup(&state.db, auth.org, id).await? {
+            return Ok(ok(calls::get(&state.db, auth.org, id).await?));
         }
-        return Err(Error::Unavailable("the call is not running on this node; retry on the node that placed it".into()));
-    }
+        tracing::info!(call_id = %id, "hang-up passed to the node running the call");
+        60
+    };
     // The hang-up is under way; give the dialog a moment to end so the
     // answer shows the outcome in the common case.
-    for _ in 0..20 {
+    for _ in 0..waits {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let now = calls::get(&state.db, auth.org, id).await?;
         if now.ended_at.is_some() {

@@ -415,6 +415,32 @@ pub async fn sync_billing(db: &Db, id: CallId) -> Result<()> {
     Ok(())
 }
 
+/// Asks the node running call `id` of `org` to hang it up; false when the
+/// call has ended (or is not the organisation's).
+pub async fn request_hangup(db: &Db, org: OrgId, id: CallId) -> Result<bool> {
+    let n = sqlx::query(
+        "UPDATE calls SET hangup_requested_at = $1 WHERE id = $2 AND account_id = $3 AND ended_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(id.to_string())
+    .bind(org.to_string())
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// The calls of `node_id` still running whose hang-up another node asked for.
+pub async fn hangups_requested(db: &Db, node_id: &str) -> Result<Vec<CallId>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM calls WHERE node_id = $1 AND ended_at IS NULL AND hangup_requested_at IS NOT NULL",
+    )
+    .bind(node_id)
+    .fetch_all(&db.pool)
+    .await?;
+    ids.iter().map(|id| id.parse()).collect()
+}
+
 /// Calls of `node_id` created before `before` (ms) that never ended: the
 /// process died with them. Each is closed as failed (`node-lost`) with the
 /// minutes already debited and no more; returns those this call closed

@@ -349,6 +349,22 @@ impl CallManager {
         }
     }
 
+    /// Hangs up the calls of this node whose hang-up was asked of another
+    /// node (through the database); returns how many were asked.
+    pub async fn take_remote_hangups(&self) -> Result<usize> {
+        let ids = calls::hangups_requested(&self.inner.db, &self.inner.node_id).await?;
+        for id in &ids {
+            let tx = self.inner.active.lock().ok().and_then(|a| a.get(id).cloned());
+            // A full queue already holds an ending; the call is on its way out.
+            if let Some(tx) = tx {
+                if tx.try_send(Ending::Api).is_ok() {
+                    tracing::info!(call_id = %id, "hang-up asked through another node");
+                }
+            }
+        }
+        Ok(ids.len())
+    }
+
     /// Closes the calls another node (found dead) created up to `before`
     /// (ms) and never ended; returns how many this call closed.
     pub async fn close_node(&self, node: &str, before: i64) -> Result<usize> {
