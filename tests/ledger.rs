@@ -1,5 +1,6 @@
 //! The credits ledger under concurrency, on the configured backend: the sum
-//! is exact, nothing is spent twice, replays and refunds happen once.
+//! is exact, nothing is spent twice, replays and refunds happen once, and a
+//! key's daily cap holds.
 
 mod common;
 
@@ -142,4 +143,56 @@ async fn debits_and_grants_for_an_unknown_account_are_not_found() {
     let err = billing::grant(&db, ghost, Credits::new(1), &key).await.unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert!(matches!(billing::ledger::balance(&db, ghost).await, Err(Error::NotFound(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_debits_of_a_capped_key_never_pass_its_daily_cap_and_refunds_free_it() {
+    use voxgate::auth::keys::{self, NewKey};
+    use voxgate::auth::KeyPolicy;
+    use voxgate::billing::Spender;
+    use voxgate::domain::{KeyId, Scopes};
+
+    let (_tdb, db, account) = setup(10_000).await;
+    let policy = KeyPolicy { daily_credit_cap: Some(Credits::new(50)), ..Default::default() };
+    let new = NewKey { name: "capped".into(), scopes: Scopes::all(), member: None, policy };
+    let (info, _secret) = keys::create(&db, account, new).await.unwrap();
+    let spender = Spender { key: info.id.parse::<KeyId>().unwrap(), capped: true };
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let key = IdempotencyKey::parse(&format!("capped-{i}")).unwrap();
+                billing::debit(&db, account, Credits::new(10), Reason::Generation("image"), None, &key, Some(spender)).await
+            })
+        })
+        .collect();
+    let (mut ok, mut over) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(d) => ok += usize::from(d.applied),
+            Err(Error::Forbidden(msg)) => {
+                assert!(msg.contains("daily credit cap of 50"), "{msg}");
+                over += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((ok, over), (5, 35), "exactly the cap is spent, however the debits interleave");
+    assert_eq!(billing::ledger::balance(&db, account).await.unwrap().get(), 10_000 - 50);
+    assert_eq!(billing::ledger::cap_headroom(&db, spender.key).await.unwrap(), Some(0));
+    // A refund gives the key its credits back for the day.
+    let applied: String = sqlx::query_scalar("SELECT idempotency_key FROM ledger WHERE key_id = $1 AND delta < 0 LIMIT 1")
+        .bind(spender.key.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let refunded = match billing::refund(&db, account, &IdempotencyKey::parse(&applied).unwrap()).await.unwrap() {
+        Refund::Refunded(n) => n.get(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(refunded, 10);
+    assert_eq!(billing::ledger::cap_headroom(&db, spender.key).await.unwrap(), Some(10));
+    // Another key of the organisation is not held by this one's cap.
+    let key = IdempotencyKey::parse("uncapped").unwrap();
+    billing::debit(&db, account, Credits::new(100), Reason::Generation("image"), None, &key, None).await.unwrap();
 }
