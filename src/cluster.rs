@@ -50,14 +50,20 @@ pub async fn join(db: &Db, node_id: &str, config: &ClusterConfig) -> anyhow::Res
             );
         }
     }
-    let now = now_ms();
+    register(db, node_id).await?;
+    Ok(())
+}
+
+/// Records `node_id` as running from now, clearing a stop or a mark of
+/// death left on its row.
+async fn register(db: &Db, node_id: &str) -> crate::Result<()> {
     sqlx::query(
         "INSERT INTO nodes (id, started_at, heartbeat_at) VALUES ($1, $2, $2) \
          ON CONFLICT (id) DO UPDATE SET started_at = $2, heartbeat_at = $2, stopped_at = NULL, reaped_at = NULL, \
          reaped_by = NULL, settled_at = NULL",
     )
     .bind(node_id)
-    .bind(now)
+    .bind(now_ms())
     .execute(&db.pool)
     .await?;
     Ok(())
@@ -111,7 +117,7 @@ pub fn spawn(db: Db, node_id: String, config: ClusterConfig, calls: CallManager,
                     // survivors closed this node's calls already.
                     tracing::error!("this node was declared dead by another; hanging up its calls and rejoining");
                     calls.hang_up_all().await;
-                    if let Err(e) = rejoin(&db, &node_id).await {
+                    if let Err(e) = register(&db, &node_id).await {
                         tracing::error!(error = %e, "could not rejoin");
                     }
                 }
@@ -135,14 +141,6 @@ async fn beat(db: &Db, node_id: &str) -> crate::Result<bool> {
     Ok(n == 1)
 }
 
-async fn rejoin(db: &Db, node_id: &str) -> crate::Result<()> {
-    sqlx::query("UPDATE nodes SET heartbeat_at = $1, started_at = $1, reaped_at = NULL, reaped_by = NULL, settled_at = NULL WHERE id = $2")
-        .bind(now_ms())
-        .bind(node_id)
-        .execute(&db.pool)
-        .await?;
-    Ok(())
-}
 
 /// Marks every node silent too long as dead, then settles the dead nodes
 /// not settled yet (also those whose reaper died half-way).

@@ -131,9 +131,9 @@ pub async fn debit(
             let balance = balance(db, account).await?;
             Err(Error::PaymentRequired { needed: amount.get(), balance: balance.get() })
         }
-        over @ DebitIn::OverCap { .. } => {
+        DebitIn::OverCap { cap, spent } => {
             tx.rollback().await?;
-            Err(over.cap_error(amount))
+            Err(over_cap(cap, spent, amount))
         }
     }
 }
@@ -150,16 +150,11 @@ pub enum DebitIn {
     OverCap { cap: u64, spent: u64 },
 }
 
-impl DebitIn {
-    /// The 403 of [`DebitIn::OverCap`].
-    pub fn cap_error(self, amount: Credits) -> Error {
-        match self {
-            DebitIn::OverCap { cap, spent } => Error::Forbidden(format!(
-                "this API key's daily credit cap of {cap} credits would be passed: {spent} spent today (UTC), {amount} more needed"
-            )),
-            other => Error::Internal(anyhow::anyhow!("{other:?} is not a cap refusal")),
-        }
-    }
+/// The 403 of [`DebitIn::OverCap`] for a debit of `amount`.
+pub fn over_cap(cap: u64, spent: u64, amount: Credits) -> Error {
+    Error::Forbidden(format!(
+        "this API key's daily credit cap of {cap} credits would be passed: {spent} spent today (UTC), {amount} more needed"
+    ))
 }
 
 /// [`debit`] inside the caller's transaction (which must be rolled back

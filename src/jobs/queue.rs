@@ -133,9 +133,9 @@ pub async fn submit(
     let mut tx = db.pool.begin().await?;
     match ledger::debit_in(&mut tx, account, new.cost, Reason::Generation(new.kind.as_str()), Some(&id), &key, Some(spender)).await? {
         DebitIn::Applied => {}
-        over @ DebitIn::OverCap { .. } => {
+        DebitIn::OverCap { cap, spent } => {
             tx.rollback().await?;
-            return Err(over.cap_error(new.cost));
+            return Err(ledger::over_cap(cap, spent, new.cost));
         }
         DebitIn::Short => {
             tx.rollback().await?;

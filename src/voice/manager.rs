@@ -169,15 +169,11 @@ struct Inner {
 }
 
 impl CallManager {
-    /// Starts the manager and its writer; first closes the calls this node
+    /// Starts the manager and its writer; then closes the calls this node
     /// left open when it last died (`failed`, `node-lost`).
     pub async fn start(db: Db, config: CallsConfig, node_id: String, deps: Dependencies) -> Result<(CallManager, JoinHandle<()>)> {
         let Dependencies { trunks, carriers, streams, sip, engines, webhooks, metrics } = deps;
         let (writer, writer_task) = writer::start(db.clone(), webhooks);
-        for (id, account) in calls::close_lost(&db, &node_id, now_ms()).await? {
-            tracing::warn!(call_id = %id, "call closed as node-lost: this node stopped while it was in progress");
-            writer.ended_elsewhere(id, account);
-        }
         let slots = Arc::new(Semaphore::new(config.max_concurrent));
         let inner = Inner {
             db,
@@ -196,7 +192,10 @@ impl CallManager {
             accepting: AtomicBool::new(true),
             tracker: TaskTracker::new(),
         };
-        Ok((CallManager { inner: Arc::new(inner) }, writer_task))
+        let manager = CallManager { inner: Arc::new(inner) };
+        let node_id = manager.inner.node_id.clone();
+        manager.close_node(&node_id, now_ms()).await?;
+        Ok((manager, writer_task))
     }
 
     /// Calls running in this process.
@@ -342,11 +341,15 @@ impl CallManager {
     /// Hangs up a call this process runs (CANCEL before answer, BYE after).
     /// False when it is not running here.
     pub async fn hangup(&self, id: CallId) -> bool {
-        let tx = self.inner.active.lock().ok().and_then(|a| a.get(&id).cloned());
-        match tx {
+        match self.commands(id) {
             Some(tx) => tx.send(Ending::Api).await.is_ok(),
             None => false,
         }
+    }
+
+    /// The command queue of a call running here.
+    fn commands(&self, id: CallId) -> Option<mpsc::Sender<Ending>> {
+        self.inner.active.lock().ok().and_then(|a| a.get(&id).cloned())
     }
 
     /// Hangs up the calls of this node whose hang-up was asked of another
@@ -354,9 +357,8 @@ impl CallManager {
     pub async fn take_remote_hangups(&self) -> Result<usize> {
         let ids = calls::hangups_requested(&self.inner.db, &self.inner.node_id).await?;
         for id in &ids {
-            let tx = self.inner.active.lock().ok().and_then(|a| a.get(id).cloned());
             // A full queue already holds an ending; the call is on its way out.
-            if let Some(tx) = tx {
+            if let Some(tx) = self.commands(*id) {
                 if tx.try_send(Ending::Api).is_ok() {
                     tracing::info!(call_id = %id, "hang-up asked through another node");
                 }
@@ -365,12 +367,13 @@ impl CallManager {
         Ok(ids.len())
     }
 
-    /// Closes the calls another node (found dead) created up to `before`
-    /// (ms) and never ended; returns how many this call closed.
+    /// Closes the calls `node` (another found dead, or this one at start,
+    /// after it died) created before `before` (ms) and never ended; returns
+    /// how many this call closed.
     pub async fn close_node(&self, node: &str, before: i64) -> Result<usize> {
         let closed = calls::close_lost(&self.inner.db, node, before).await?;
         for (id, account) in &closed {
-            tracing::warn!(call_id = %id, node_id = node, "call closed as node-lost: its node died");
+            tracing::warn!(call_id = %id, node_id = node, "call closed as node-lost: its node stopped while it was in progress");
             self.inner.writer.ended_elsewhere(*id, *account);
         }
         Ok(closed.len())
