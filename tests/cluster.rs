@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::far_end::FarEnd;
 use common::sipp::uas_with_far_end;
-use common::upstream::{channel, FakeUpstream};
+use common::upstream::{channel, FakeUpstream, TRUST_LOOPBACK};
 use common::voice::{balance, create_agent, trunk_config, wait_call};
 use common::webhook_sink::WebhookSink;
-use common::{json, TestServer};
+use common::{json, wait_job, TestServer};
 use serde_json::{json, Value};
 
 /// Dead after 6 s of silence (the default is 15): short for the test,
@@ -25,7 +25,6 @@ const MANY: [(&str, &str); 4] = [
     ("VOXGATE_RATE_LIMITS__READS__REQUESTS", "10000"),
     ("VOXGATE_RATE_LIMITS__WRITES__REQUESTS", "10000"),
 ];
-const TRUST_LOOPBACK: &str = "[ssrf]\nallow_networks = [\"127.0.0.1/32\"]\nallow_http_in_allowed_networks = true\n\n";
 
 /// Sends every request at once, alternating between the nodes; returns
 /// the count of each status.
@@ -96,17 +95,6 @@ async fn the_call_quota_and_credits_hold_exactly_across_two_processes() {
     assert_eq!(usage["data"]["credits"], 0, "{usage}");
 }
 
-async fn wait_job(node: &TestServer, key: &str, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (_, body) = json(node.get(&format!("/api/jobs?id={id}"), key).await).await;
-        let job = body["data"].clone();
-        if job["status"] == "completed" || job["status"] == "failed" || Instant::now() > deadline {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_with_a_call_up_and_jobs_leased_is_settled_by_the_survivor_once() {

@@ -5,22 +5,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::voice::balance;
-use common::{expect_error, json, TestServer};
+use common::{expect_error, json, wait_job, TestServer};
 use serde_json::{json, Value};
 
-async fn wait_job(server: &TestServer, key: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, body) = json(server.get(&format!("/api/jobs/{id}"), key).await).await;
-        if body["data"]["status"] == "completed" || body["data"]["status"] == "failed" || Instant::now() > deadline {
-            return body["data"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Seconds of 16-bit mono audio in a WAV, after checking its header.
 fn wav_seconds(bytes: &[u8]) -> f64 {
@@ -44,7 +34,7 @@ async fn voice_jobs_are_spoken_by_the_local_engines() {
     expect_error(server.post("/api/generate/voice", &key, json!({"text": "Bonjour", "language": "fr"})).await, 400, "BAD_REQUEST").await;
     assert_eq!(balance(&server, &key).await, 1000 - 160);
 
-    let piper = wait_job(&server, &key, queued["data"]["jobId"].as_str().unwrap()).await;
+    let piper = wait_job(&server, &key, queued["data"]["jobId"].as_str().unwrap(), Duration::from_secs(120)).await;
     assert_eq!(piper["status"], "completed", "{piper:#}");
     assert_eq!((piper["outputType"].clone(), piper["metadata"]["model"].clone()), (json!("audio/wav"), json!("piper")));
     let audio = server.http.get(piper["outputUrl"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
@@ -55,7 +45,7 @@ async fn voice_jobs_are_spoken_by_the_local_engines() {
     let loud = audio[44..].chunks_exact(2).filter(|s| i16::from_le_bytes([s[0], s[1]]).unsigned_abs() > 1000).count();
     assert!(loud > 1000, "{loud} loud samples");
 
-    let espeak = wait_job(&server, &key, slow["data"]["jobId"].as_str().unwrap()).await;
+    let espeak = wait_job(&server, &key, slow["data"]["jobId"].as_str().unwrap(), Duration::from_secs(120)).await;
     assert_eq!(espeak["status"], "completed", "{espeak:#}");
     assert_eq!(espeak["metadata"]["language"], "de");
     let half_speed = espeak["metadata"]["durationSeconds"].as_f64().unwrap();

@@ -9,16 +9,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::upstream::{channel, FakeUpstream, MP4, PNG};
+use common::upstream::{channel, FakeUpstream, MP4, PNG, TRUST_LOOPBACK};
 use common::voice::balance;
 use common::webhook_sink::WebhookSink;
-use common::{expect_error, json, TestServer};
+use common::{expect_error, json, wait_job, TestServer};
 use serde_json::{json, Value};
 
-/// Loopback is trusted (the fake provider's media URLs and the webhook
-/// receiver live there) and the generation quota is lifted so tests can
-/// queue many jobs and poll them.
-const TRUST_LOOPBACK: &str = "[ssrf]\nallow_networks = [\"127.0.0.1/32\"]\nallow_http_in_allowed_networks = true\n\n";
+/// The generation quota is lifted so tests can queue many jobs and poll them.
 const MANY: [(&str, &str); 2] = [("VOXGATE_RATE_LIMITS__GENERATION__REQUESTS", "1000"), ("VOXGATE_RATE_LIMITS__READS__REQUESTS", "10000")];
 
 async fn server_with(upstream: &FakeUpstream, extra: &str) -> TestServer {
@@ -34,18 +31,6 @@ async fn server_with(upstream: &FakeUpstream, extra: &str) -> TestServer {
     TestServer::start_configured(&config, &MANY).await
 }
 
-async fn wait_job(server: &TestServer, key: &str, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = json(server.get(&format!("/api/jobs?id={id}"), key).await).await;
-        assert_eq!(status, 200, "{body}");
-        let job = body["data"].clone();
-        if job["status"] == "completed" || job["status"] == "failed" || Instant::now() > deadline {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn submit(server: &TestServer, key: &str, route: &str, body: Value) -> Value {
     let (status, reply) = json(server.post(&format!("/api/generate/{route}"), key, body).await).await;

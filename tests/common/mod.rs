@@ -287,6 +287,20 @@ pub async fn json(resp: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// Polls a job until it completes or fails (or `within` passes); returns it.
+pub async fn wait_job(server: &TestServer, key: &str, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = json(server.get(&format!("/api/jobs?id={id}"), key).await).await;
+        assert_eq!(status, 200, "{body}");
+        let job = body["data"].clone();
+        if job["status"] == "completed" || job["status"] == "failed" || Instant::now() > deadline {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asserts the contract's error shape and returns the message.
 pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
     let (got, body) = json(resp).await;

@@ -26,6 +26,9 @@ pub const PNG: &[u8] = &[
 /// Stands in for an MP4 (only its bytes are compared).
 pub const MP4: &[u8] = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isomfake-video";
 pub const KEY: &str = "sk-upstream-test";
+/// `[ssrf]` that trusts loopback, where the fake provider's media URLs and
+/// the webhook receivers live.
+pub const TRUST_LOOPBACK: &str = "[ssrf]\nallow_networks = [\"127.0.0.1/32\"]\nallow_http_in_allowed_networks = true\n\n";
 
 #[derive(Default)]
 pub struct Upstream {
