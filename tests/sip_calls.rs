@@ -202,6 +202,80 @@ async fn digest_challenge_is_answered_once_and_the_call_connects() {
     cancel.cancel();
 }
 
+/// The `key="value"` (or bare `key=value`) parameters of a Digest header.
+fn digest_params(header: &str) -> std::collections::HashMap<String, String> {
+    let body = header.trim().strip_prefix("Digest").expect("a Digest header").trim();
+    let mut params = std::collections::HashMap::new();
+    let mut rest = body;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = &rest[eq + 1..];
+        let (value, tail) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"').expect("closing quote");
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => after.split_at(after.find(',').unwrap_or(after.len())),
+        };
+        params.insert(key, value.trim().to_string());
+        rest = tail;
+    }
+    params
+}
+
+/// RFC 7616 §3.4.1 response with qop=auth, SHA-256, computed here
+/// independently of rsipstack.
+fn sha256_digest_response(p: &std::collections::HashMap<String, String>, method: &str, password: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = |s: String| hex::encode(Sha256::digest(s.as_bytes()));
+    let ha1 = h(format!("{}:{}:{password}", p["username"], p["realm"]));
+    let ha2 = h(format!("{method}:{}", p["uri"]));
+    h(format!("{ha1}:{}:{}:{}:{}:{ha2}", p["nonce"], p["nc"], p["cnonce"], p["qop"]))
+}
+
+#[test]
+fn the_tests_sha256_digest_matches_rfc_7616s_example() {
+    // RFC 7616 §3.9.1, the SHA-256 response for Mufasa.
+    let p = digest_params(
+        r#"Digest username="Mufasa", realm="http-auth@example.org", uri="/dir/index.html", algorithm=SHA-256,
+        nonce="7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v", nc=00000001, cnonce="f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ", qop=auth"#,
+    );
+    assert_eq!(
+        sha256_digest_response(&p, "GET", "Circle of Life"),
+        "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1"
+    );
+}
+
+#[tokio::test]
+async fn sha256_digest_challenge_is_answered_with_a_correct_sha256_response() {
+    let log = std::env::temp_dir().join(format!("sipp-sha256-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_arg = log.display().to_string();
+    let mut sipp = Sipp::uas(scenario("uas_digest_sha256.xml").to_str().unwrap(), &["-trace_logs", "-log_file", &log_arg]);
+    let (mut call, cancel) = call_with_credentials(&sipp, "secret").await;
+    loop {
+        match next_event(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended(o) => panic!("call ended before answer: {o:?}"),
+            _ => {}
+        }
+    }
+    call.hangup().await;
+    assert_eq!(call.ended().await.unwrap().status, CallStatus::Completed);
+    assert!(sipp.wait(Duration::from_secs(10)), "SIPp saw the authorized INVITE and the BYE");
+    cancel.cancel();
+
+    let logged = std::fs::read_to_string(&log).expect("SIPp logged the Authorization header");
+    let header = logged.lines().find_map(|l| l.split_once("AUTH ").map(|(_, h)| h.to_string())).expect("an AUTH line");
+    let p = digest_params(&header);
+    assert_eq!(p["algorithm"].to_ascii_uppercase(), "SHA-256", "{header}");
+    assert_eq!((p["username"].as_str(), p["realm"].as_str(), p["qop"].as_str()), ("alice", "voxgate.test", "auth"));
+    assert_eq!(p["nonce"], "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v");
+    assert_eq!(p["response"].len(), 64, "a SHA-256 response is 64 hex digits: {header}");
+    assert_eq!(p["response"], sha256_digest_response(&p, "INVITE", "secret"), "{header}");
+    assert_ne!(p["response"], sha256_digest_response(&p, "INVITE", "wrong"));
+}
+
 #[tokio::test]
 async fn wrong_digest_password_fails_the_call_with_the_servers_code() {
     let mut sipp = Sipp::uas(scenario("uas_digest.xml").to_str().unwrap(), &[]);

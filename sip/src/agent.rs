@@ -126,6 +126,7 @@ impl SipAgent {
             .with_cancel_token(cancel.child_token())
             .with_transport_layer(transport_layer)
             .with_user_agent(USER_AGENT)
+            .with_inspector(Box::new(crate::digest::DigestAlgorithms))
             .build();
         let incoming = endpoint.incoming_transactions()?;
         let dialog_layer = Arc::new(DialogLayer::new(endpoint.inner.clone()));

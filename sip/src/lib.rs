@@ -1,7 +1,7 @@
 //! voxgate-sip: the SIP user agent, on `rsipstack`.
 //!
 //! Owns outbound calls (UAC) to configured trunks and inbound calls (UAS):
-//! digest authentication (through rsipstack), dialogs, CANCEL and BYE,
+//! digest authentication (through rsipstack, MD5 and SHA-256), dialogs, CANCEL and BYE,
 //! re-INVITE answers, SDP offer/answer (with `voxgate-media`), ring and
 //! media timeouts, and the mapping from SIP outcomes to a [`CallStatus`].
 //! Each call's media is a `voxgate_media::session` the caller of this crate
@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod config;
+mod digest;
 pub mod error;
 pub mod status;
 pub mod stream_leg;
