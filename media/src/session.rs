@@ -146,11 +146,18 @@ pub struct SessionConfig {
     /// (the far end is behind NAT).
     pub latch_any_source: bool,
     pub jitter: JitterConfig,
+    /// Opus encoder complexity, when Opus is negotiated.
+    pub opus_complexity: OpusComplexity,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { media_timeout: Duration::from_secs(30), latch_any_source: true, jitter: JitterConfig::default() }
+        SessionConfig {
+            media_timeout: Duration::from_secs(30),
+            latch_any_source: true,
+            jitter: JitterConfig::default(),
+            opus_complexity: OpusComplexity::default(),
+        }
     }
 }
 
@@ -245,11 +252,37 @@ pub fn start(
     Ok(MediaHandle::new(MediaControl::new(control_tx, stats_rx, Some(local)), incoming_rx, events_rx, task))
 }
 
-/// Opus encoder complexity (0-10). Measured here (`codec_cost` example):
-/// encode + decode per 20 ms frame costs 310 µs at 10, 204 µs at 5, 154 µs
-/// at 3 and 92 µs at 1; 3 keeps wideband speech quality at about twice the
-/// streams per core of the default.
-pub const OPUS_COMPLEXITY: i32 = 3;
+/// Opus encoder complexity, 0 to 10 (libopus' default is 10).
+///
+/// Measured on speech (`scripts/bench-opus`, docs/BENCHMARKS.md): encode +
+/// decode per 20 ms frame costs ~270 µs at 10 (PESQ-WB 4.25), ~130 µs at 3
+/// (3.5) and ~80-95 µs at 1 (3.38, as good as G.711's 3.33 over the same
+/// path). The default, 1, is the cheapest setting that keeps a caller's
+/// audio at least as good as the telephone network's, at 200+ streams per
+/// core; raise it where quality matters more than density.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpusComplexity(u8);
+
+impl OpusComplexity {
+    pub const MAX: u8 = 10;
+
+    pub fn new(level: u8) -> Result<Self, MediaError> {
+        if level > Self::MAX {
+            return Err(MediaError::Codec(format!("opus complexity must be 0 to {}, not {level}", Self::MAX)));
+        }
+        Ok(OpusComplexity(level))
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for OpusComplexity {
+    fn default() -> Self {
+        OpusComplexity(1)
+    }
+}
 
 /// The negotiated codec's state. G.711 is coded at 8 kHz and resampled to
 /// and from the pipeline's 16 kHz; Opus is coded at 16 kHz directly (its
@@ -269,7 +302,7 @@ pub(crate) struct Codecs {
 }
 
 impl Codecs {
-    pub(crate) fn new(codec: Codec) -> Result<Self, MediaError> {
+    pub(crate) fn new(codec: Codec, opus_complexity: OpusComplexity) -> Result<Self, MediaError> {
         let opus_err = |e: opus::Error| MediaError::Codec(format!("opus: {e}"));
         let (state, pcm_rate) = match codec {
             Codec::Pcmu => (CodecState::G711(Law::Ulaw), 8000),
@@ -279,7 +312,7 @@ impl Codecs {
                 // Wideband speech: 24 kb/s, in-band FEC for a lossy network.
                 encoder.set_bitrate(opus::Bitrate::Bits(24_000)).map_err(opus_err)?;
                 encoder.set_inband_fec(true).map_err(opus_err)?;
-                encoder.set_complexity(OPUS_COMPLEXITY).map_err(opus_err)?;
+                encoder.set_complexity(i32::from(opus_complexity.get())).map_err(opus_err)?;
                 let decoder = opus::Decoder::new(PIPELINE_RATE, opus::Channels::Mono).map_err(opus_err)?;
                 (CodecState::Opus { encoder: Box::new(encoder), decoder: Box::new(decoder) }, PIPELINE_RATE)
             }
@@ -371,7 +404,7 @@ impl Leg {
         events: mpsc::Sender<MediaEvent>,
         stats_tx: watch::Sender<SessionStats>,
     ) -> Result<Self, MediaError> {
-        let codecs = remote.as_ref().map(|r| Codecs::new(r.codec)).transpose()?;
+        let codecs = remote.as_ref().map(|r| Codecs::new(r.codec, config.opus_complexity)).transpose()?;
         let clock_rate = remote.as_ref().map_or(8000, |r| r.codec.clock_rate());
         Ok(Leg {
             rtp,
@@ -452,7 +485,7 @@ impl Leg {
             Control::Remote(remote) => {
                 let codec_changed = self.remote.as_ref().is_none_or(|r| r.codec != remote.codec);
                 if codec_changed {
-                    match Codecs::new(remote.codec) {
+                    match Codecs::new(remote.codec, self.config.opus_complexity) {
                         Ok(c) => {
                             self.jitter = JitterBuffer::new(JitterConfig { clock_rate: remote.codec.clock_rate(), ..self.config.jitter });
                             self.pcm_in.clear();
@@ -712,6 +745,26 @@ fn ntp_now() -> u64 {
 mod tests {
     use super::*;
     use crate::sdp::TELEPHONE_EVENT_PT;
+
+    #[test]
+    fn opus_complexity_is_0_to_10_and_every_level_codes_speech_band_audio() {
+        assert!(OpusComplexity::new(11).is_err());
+        for level in [0, 1, 5, 10] {
+            let mut codecs = Codecs::new(Codec::Opus, OpusComplexity::new(level).unwrap()).unwrap();
+            let tone: Vec<i16> = (0..320 * 25).map(|n| (8000.0 * (2.0 * std::f32::consts::PI * 440.0 * n as f32 / 16_000.0).sin()) as i16).collect();
+            let mut decoded = Vec::new();
+            for frame in tone.chunks(320) {
+                let mut packet = Vec::new();
+                codecs.encode(frame, &mut packet);
+                assert!(!packet.is_empty(), "complexity {level} encodes");
+                codecs.decode(&packet, 320, &mut decoded);
+            }
+            // Past the codec's start-up, the tone comes back at about its level.
+            let tail = &decoded[decoded.len() / 2..];
+            let rms = (tail.iter().map(|s| f64::from(*s).powi(2)).sum::<f64>() / tail.len() as f64).sqrt();
+            assert!((4000.0..7000.0).contains(&rms), "complexity {level}: rms {rms}");
+        }
+    }
 
     fn remote_for(addr: SocketAddr) -> RemoteMedia {
         remote_with(addr, Codec::Pcmu)

@@ -37,7 +37,7 @@ use crate::error::MediaError;
 use crate::jitter::{JitterBuffer, JitterConfig, Playout};
 use crate::resample::frame_len;
 use crate::sdp::Codec;
-use crate::session::{AudioFrame, Codecs, Control, MediaControl, MediaEvent, MediaHandle, SessionStats, PIPELINE_RATE};
+use crate::session::{AudioFrame, Codecs, Control, MediaControl, MediaEvent, MediaHandle, OpusComplexity, SessionStats, PIPELINE_RATE};
 use crate::streams::{StreamEnd, StreamEvent};
 
 const TICK: Duration = Duration::from_millis(20);
@@ -52,11 +52,17 @@ pub struct WebRtcConfig {
     pub media_timeout: Duration,
     /// Offer loopback candidates only (tests, and a browser on this host).
     pub loopback_only: bool,
+    pub opus_complexity: OpusComplexity,
 }
 
 impl Default for WebRtcConfig {
     fn default() -> Self {
-        WebRtcConfig { connect_timeout: Duration::from_secs(60), media_timeout: Duration::from_secs(30), loopback_only: false }
+        WebRtcConfig {
+            connect_timeout: Duration::from_secs(60),
+            media_timeout: Duration::from_secs(30),
+            loopback_only: false,
+            opus_complexity: OpusComplexity::default(),
+        }
     }
 }
 
@@ -238,7 +244,7 @@ impl Leg {
         peer: &Peer,
         mut outgoing: VecDeque<i16>,
     ) -> StreamEnd {
-        let mut codecs = match Codecs::new(Codec::Opus) {
+        let mut codecs = match Codecs::new(Codec::Opus, self.config.opus_complexity) {
             Ok(c) => c,
             Err(e) => return StreamEnd::Failed(e.to_string()),
         };

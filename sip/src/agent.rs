@@ -106,6 +106,8 @@ struct Inner {
     local: SocketAddr,
     media_ip: IpAddr,
     ports: PortRange,
+    /// Every leg's media settings.
+    media: SessionConfig,
     routes: Mutex<HashMap<String, mpsc::UnboundedSender<DialogState>>>,
     state_sender: DialogStateSender,
     cancel: CancellationToken,
@@ -117,6 +119,11 @@ impl SipAgent {
     /// Binds SIP on `config.bind` and starts the agent's tasks, which stop
     /// when `cancel` is cancelled. Inbound calls arrive on the receiver.
     pub async fn start(config: SipConfig, cancel: CancellationToken) -> Result<(SipAgent, mpsc::Receiver<InboundCall>), SipError> {
+        let media = SessionConfig {
+            media_timeout: Duration::from_secs(config.media_timeout_secs),
+            opus_complexity: voxgate_media::session::OpusComplexity::new(config.opus_complexity)?,
+            ..SessionConfig::default()
+        };
         let transport_layer = TransportLayer::new(cancel.child_token());
         let external = config.external_ip.map(|ip| SocketAddr::new(ip, config.bind.port()));
         let udp = UdpConnection::create_connection(config.bind, external, Some(cancel.child_token())).await?;
@@ -134,6 +141,7 @@ impl SipAgent {
         let media_ip = config.external_ip.unwrap_or(config.bind.ip());
         let inner = Arc::new(Inner {
             ports: PortRange::new(config.bind.ip(), config.rtp_port_min, config.rtp_port_max),
+            media,
             config,
             dialog_layer,
             local,
@@ -259,8 +267,7 @@ impl Inner {
             session_version: 1,
             direction: Direction::SendRecv,
         };
-        let config = SessionConfig { media_timeout: Duration::from_secs(self.config.media_timeout_secs), ..SessionConfig::default() };
-        let media = session::start(sockets, remote, config)?;
+        let media = session::start(sockets, remote, self.media.clone())?;
         Ok((media, local_media))
     }
 }

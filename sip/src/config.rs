@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
+use voxgate_media::session::OpusComplexity;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +25,9 @@ pub struct SipConfig {
     pub inbound_numbers: Vec<String>,
     /// Inbound calls ring (180) this long before they are answered.
     pub inbound_ring_ms: u64,
+    /// Opus encoder complexity, 0-10, for legs that negotiate Opus (and
+    /// WebRTC calls): 1 by default (see `voxgate_media::session::OpusComplexity`).
+    pub opus_complexity: u8,
     pub trunks: Vec<Trunk>,
 }
 
@@ -38,6 +42,7 @@ impl Default for SipConfig {
             media_timeout_secs: 30,
             inbound_numbers: Vec::new(),
             inbound_ring_ms: 0,
+            opus_complexity: OpusComplexity::default().get(),
             trunks: Vec::new(),
         }
     }
