@@ -40,6 +40,10 @@ const PARTIAL_MIN_MS: usize = 800;
 const TAIL_SAMPLES: usize = 16 * 200;
 /// Trailing audio given to a partial decode after the last voiced frame.
 const PARTIAL_TAIL_SAMPLES: usize = 16 * 100;
+/// A pause this long gets a partial at once, whatever the 400 ms step: it
+/// lets the turn end early on a finished sentence, and it is the final
+/// transcript if the caller does not go on.
+const PAUSE_PARTIAL_MS: u32 = 100;
 /// A frame this loud (about -36 dBFS) over the agent pauses it before the
 /// VAD has decided; the pause lifts after this many frames without speech.
 const ONSET_RMS: f32 = 500.0;
@@ -109,7 +113,8 @@ pub struct TurnMetrics {
     pub turn: u32,
     /// End of speech (last voiced frame received) to end of turn decided.
     pub endpoint_ms: u32,
-    /// Final transcription (0 when the last partial already covered it).
+    /// Final transcription (0 when the last partial already covered it; the
+    /// wait for it when it was still being decoded).
     pub asr_ms: u32,
     pub llm_first_token_ms: u32,
     /// Synthesis of the first piece of the reply.
@@ -225,7 +230,10 @@ struct Utterance {
     started_ms: u64,
     /// Started while the agent was speaking (or about to).
     over_agent: bool,
+    /// Samples when the last partial was started.
     partial_len: usize,
+    /// Voiced samples the last partial started covers.
+    partial_covered: usize,
 }
 
 struct Reply {
@@ -449,6 +457,7 @@ impl Core {
                     started_ms: self.now_ms().saturating_sub(FRAME_MS as u64),
                     over_agent,
                     partial_len: 0,
+                    partial_covered: 0,
                 };
                 u.pcm.extend_from_slice(&pcm);
                 u.voiced_end = u.pcm.len();
@@ -507,7 +516,13 @@ impl Core {
 
     fn maybe_partial(&mut self) {
         let Some(u) = self.utterance.as_mut() else { return };
-        if self.partial_busy || u.pcm.len() < u.partial_len + PARTIAL_EVERY_MS as usize * 16 || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
+        // Only speech the last partial did not hear is worth a decode: the
+        // same words again during a pause would only hold up the pool the
+        // reply is about to need.
+        let new_speech = u.partial_covered < u.voiced_end;
+        let step = u.pcm.len() >= u.partial_len + PARTIAL_EVERY_MS as usize * 16;
+        let paused = u.silence_ms >= PAUSE_PARTIAL_MS;
+        if self.partial_busy || !new_speech || !(step || paused) || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
             return;
         }
         // Up to 100 ms past the last voiced frame when it has arrived: a
@@ -524,6 +539,7 @@ impl Core {
         if self.engines.pool.try_run(job).is_some() {
             self.partial_busy = true;
             u.partial_len = u.pcm.len();
+            u.partial_covered = covered;
         }
     }
 
@@ -534,6 +550,13 @@ impl Core {
                 self.on_final(u, decided, p.text, p.confidence, 0).await;
                 return;
             }
+        }
+        // A partial of all the speech is already being decoded: it will be
+        // the final transcript (decoding the same words again would cost as
+        // long once more).
+        if self.partial_busy && u.partial_covered >= u.voiced_end {
+            self.finishing = Some((u, decided));
+            return;
         }
         let audio = to_f32(&u.pcm[..(u.voiced_end + TAIL_SAMPLES).min(u.pcm.len())]);
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
@@ -709,6 +732,14 @@ impl Core {
         match w {
             Work::Partial { utterance, covered, text, confidence } => {
                 self.partial_busy = false;
+                if let Some((u, decided)) = self.finishing.take() {
+                    if u.id == utterance && covered >= u.voiced_end {
+                        let waited = ms_between(decided, Instant::now());
+                        self.on_final(u, decided, text, confidence, waited).await;
+                        return true;
+                    }
+                    self.finishing = Some((u, decided));
+                }
                 let current = self.utterance.as_ref().map(|u| u.id) == Some(utterance);
                 if current && !text.is_empty() {
                     let start_ms = self.utterance.as_ref().map_or(0, |u| u.started_ms);
