@@ -309,7 +309,10 @@ impl Codecs {
             Codec::Pcma => (CodecState::G711(Law::Alaw), 8000),
             Codec::Opus => {
                 let mut encoder = opus::Encoder::new(PIPELINE_RATE, opus::Channels::Mono, opus::Application::Voip).map_err(opus_err)?;
-                // Wideband speech: 24 kb/s, in-band FEC for a lossy network.
+                // Wideband speech at 24 kb/s. In-band FEC is allowed, but
+                // libopus codes it only once an expected loss is set
+                // (`set_packet_loss_perc`), which nothing sets yet, and our
+                // decoder does not read it: no FEC is sent today.
                 encoder.set_bitrate(opus::Bitrate::Bits(24_000)).map_err(opus_err)?;
                 encoder.set_inband_fec(true).map_err(opus_err)?;
                 encoder.set_complexity(i32::from(opus_complexity.get())).map_err(opus_err)?;
