@@ -25,7 +25,6 @@ use crate::voice::manager::{CallManager, Dependencies};
 use crate::voice::streams::Streams;
 use crate::webhooks::Webhooks;
 use voxgate_media::streams::StreamConfig;
-use voxgate_media::session::OpusComplexity;
 use voxgate_media::webrtc::WebRtcConfig;
 use voxgate_sip::SipAgent;
 
@@ -63,7 +62,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         connect_timeout: stream_config.connect_timeout,
         media_timeout: stream_config.media_timeout,
         loopback_only: config.calls.webrtc_loopback_only,
-        opus_complexity: OpusComplexity::new(config.sip.opus_complexity).context("sip.opus_complexity")?,
+        opus_complexity: config.sip.opus_complexity,
     };
     let streams = Streams::new(storage.clone(), config.public_url.as_deref().unwrap_or(&local_base), stream_config, webrtc_config);
     let deps = Dependencies {

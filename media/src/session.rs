@@ -260,7 +260,9 @@ pub fn start(
 /// path). The default, 1, is the cheapest setting that keeps a caller's
 /// audio at least as good as the telephone network's, at 200+ streams per
 /// core; raise it where quality matters more than density.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Read from configuration as a number, checked there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "u8", into = "u8")]
 pub struct OpusComplexity(u8);
 
 impl OpusComplexity {
@@ -281,6 +283,20 @@ impl OpusComplexity {
 impl Default for OpusComplexity {
     fn default() -> Self {
         OpusComplexity(1)
+    }
+}
+
+impl TryFrom<u8> for OpusComplexity {
+    type Error = MediaError;
+
+    fn try_from(level: u8) -> Result<Self, MediaError> {
+        OpusComplexity::new(level)
+    }
+}
+
+impl From<OpusComplexity> for u8 {
+    fn from(c: OpusComplexity) -> u8 {
+        c.0
     }
 }
 

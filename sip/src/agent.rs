@@ -121,7 +121,7 @@ impl SipAgent {
     pub async fn start(config: SipConfig, cancel: CancellationToken) -> Result<(SipAgent, mpsc::Receiver<InboundCall>), SipError> {
         let media = SessionConfig {
             media_timeout: Duration::from_secs(config.media_timeout_secs),
-            opus_complexity: voxgate_media::session::OpusComplexity::new(config.opus_complexity)?,
+            opus_complexity: config.opus_complexity,
             ..SessionConfig::default()
         };
         let transport_layer = TransportLayer::new(cancel.child_token());

@@ -26,8 +26,9 @@ pub struct SipConfig {
     /// Inbound calls ring (180) this long before they are answered.
     pub inbound_ring_ms: u64,
     /// Opus encoder complexity, 0-10, for legs that negotiate Opus (and
-    /// WebRTC calls): 1 by default (see `voxgate_media::session::OpusComplexity`).
-    pub opus_complexity: u8,
+    /// WebRTC calls): 1 by default (see `voxgate_media::session::OpusComplexity`);
+    /// a value out of range is refused when the configuration is read.
+    pub opus_complexity: OpusComplexity,
     pub trunks: Vec<Trunk>,
 }
 
@@ -42,7 +43,7 @@ impl Default for SipConfig {
             media_timeout_secs: 30,
             inbound_numbers: Vec::new(),
             inbound_ring_ms: 0,
-            opus_complexity: OpusComplexity::default().get(),
+            opus_complexity: OpusComplexity::default(),
             trunks: Vec::new(),
         }
     }
