@@ -141,7 +141,6 @@ async fn beat(db: &Db, node_id: &str) -> crate::Result<bool> {
     Ok(n == 1)
 }
 
-
 /// Marks every node silent too long as dead, then settles the dead nodes
 /// not settled yet (also those whose reaper died half-way).
 async fn reap_dead(db: &Db, me: &str, config: &ClusterConfig, calls: &CallManager) -> crate::Result<()> {

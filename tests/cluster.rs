@@ -95,7 +95,6 @@ async fn the_call_quota_and_credits_hold_exactly_across_two_processes() {
     assert_eq!(usage["data"]["credits"], 0, "{usage}");
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_with_a_call_up_and_jobs_leased_is_settled_by_the_survivor_once() {
     let up = FakeUpstream::start().await;

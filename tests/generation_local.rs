@@ -11,7 +11,6 @@ use common::voice::balance;
 use common::{expect_error, json, wait_job, TestServer};
 use serde_json::{json, Value};
 
-
 /// Seconds of 16-bit mono audio in a WAV, after checking its header.
 fn wav_seconds(bytes: &[u8]) -> f64 {
     assert_eq!(&bytes[..4], b"RIFF");

@@ -31,7 +31,6 @@ async fn server_with(upstream: &FakeUpstream, extra: &str) -> TestServer {
     TestServer::start_configured(&config, &MANY).await
 }
 
-
 async fn submit(server: &TestServer, key: &str, route: &str, body: Value) -> Value {
     let (status, reply) = json(server.post(&format!("/api/generate/{route}"), key, body).await).await;
     assert_eq!(status, 200, "{route}: {reply}");
