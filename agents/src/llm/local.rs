@@ -4,7 +4,10 @@
 //! Weights load once per process; each call owns a [`LocalConversation`]
 //! holding its own KV cache. A turn whose prompt extends the previous one
 //! (the usual case: the history plus one new user line) only prefills the
-//! new tokens, so time to first token does not grow with the call.
+//! new tokens, so time to first token does not grow with the call. A reply
+//! that was thrown away (started on a guess of the caller's words, or cut
+//! off) is undone by going back to the state before it, not by reading the
+//! whole conversation again.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -51,6 +54,9 @@ pub struct Reply {
     pub tokens: usize,
     /// Stopped at the token budget rather than at an end token.
     pub truncated: bool,
+    /// Prompt tokens read for this reply; the rest of the prompt was in the
+    /// KV cache already.
+    pub read: usize,
 }
 
 /// How to sample a reply.
@@ -72,6 +78,16 @@ pub struct LocalConversation {
     tokens: Vec<u32>,
     text: String,
     seed: u64,
+    /// The state before the last reply's prompt was read. The KV cache's
+    /// tensors are shared, not copied, so keeping it costs no copy, only the
+    /// memory of the older cache while both live.
+    before_last: Option<Checkpoint>,
+}
+
+struct Checkpoint {
+    model: ModelWeights,
+    tokens: Vec<u32>,
+    text: String,
 }
 
 impl LocalLlm {
@@ -108,7 +124,7 @@ impl LocalLlm {
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed }
+        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -153,8 +169,7 @@ impl LocalLlm {
         if tokens.is_empty() || tokens.len() + MAX_REPLY_TOKENS > self.context {
             return Ok(());
         }
-        conv.model = self.weights.clone();
-        conv.tokens.clear();
+        conv.reset(&self.weights);
         self.forward(conv, &tokens)?;
         conv.text = prompt;
         Ok(())
@@ -197,22 +212,24 @@ impl LocalLlm {
         let budget = opts.max_tokens.clamp(1, self.context / 2);
         let prompt = self.template.render(messages)?;
         let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
-        let new_tokens = if !conv.text.is_empty() && prompt.starts_with(&conv.text) {
-            encode(&prompt[conv.text.len()..])?
-        } else {
-            conv.model = self.weights.clone();
-            conv.tokens.clear();
-            encode(&prompt)?
-        };
+        let extends = |text: &str| !text.is_empty() && prompt.starts_with(text);
+        if !extends(&conv.text) {
+            // The last reply is not part of this prompt (it was dropped or
+            // cut short): go back to before it if that state still fits.
+            match conv.before_last.take().filter(|c| extends(&c.text)) {
+                Some(c) => (conv.model, conv.tokens, conv.text) = (c.model, c.tokens, c.text),
+                None => conv.reset(&self.weights),
+            }
+        }
+        let new_tokens = encode(&prompt[conv.text.len()..])?;
         if conv.tokens.len() + new_tokens.len() + budget > self.context {
             if conv.tokens.is_empty() {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
-            conv.model = self.weights.clone();
-            conv.tokens.clear();
-            conv.text.clear();
+            conv.reset(&self.weights);
             return self.generate_with(conv, messages, opts, cancel, on_text);
         }
+        conv.before_last = Some(Checkpoint { model: conv.model.clone(), tokens: conv.tokens.clone(), text: conv.text.clone() });
         let mut logits = self.forward(conv, &new_tokens)?;
         conv.text = prompt;
         conv.seed = conv.seed.wrapping_add(1);
@@ -239,7 +256,7 @@ impl LocalLlm {
             logits = self.forward(conv, &[next])?;
         }
         conv.text.push_str(&reply);
-        Ok(Reply { text: reply, tokens: generated.len(), truncated: generated.len() >= budget })
+        Ok(Reply { text: reply, tokens: generated.len(), truncated: generated.len() >= budget, read: new_tokens.len() })
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
@@ -248,6 +265,17 @@ impl LocalLlm {
         conv.tokens.extend_from_slice(tokens);
         logits.squeeze(0).map_err(inference)
     }
+}
+
+impl LocalConversation {
+    /// Forgets everything read: the next prompt is read in full.
+    fn reset(&mut self, weights: &ModelWeights) {
+        self.model = weights.clone();
+        self.tokens.clear();
+        self.text.clear();
+        self.before_last = None;
+    }
+
 }
 
 #[cfg(feature = "cuda")]
