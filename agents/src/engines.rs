@@ -31,9 +31,9 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads per Whisper decode; default: cores / pool_size. More threads
-    /// than cores across concurrent decodes make ggml's spinning barriers
-    /// livelock, so the product must stay within the cores.
+    /// Threads Whisper decodes use in all; default: cores. A decode alone
+    /// takes them all, concurrent ones split them (more ggml threads than
+    /// cores make its spinning barriers livelock).
     pub asr_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
@@ -140,7 +140,7 @@ impl Engines {
         whisper_rs::install_logging_hooks();
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
-        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(|| (cores() / pool.size()).max(1)))?;
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(cores))?;
         let llm = optional("local LLM", LocalLlm::load(&paths.llm));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
