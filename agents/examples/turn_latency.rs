@@ -52,7 +52,10 @@ async fn main() {
             while let Ok(e) = events.try_recv() {
                 match e {
                     AgentEvent::TurnMetrics(m) => metrics.push(m),
-                    AgentEvent::Transcript(tr) if tr.speaker == Speaker::Agent && tr.is_final => done = true,
+                    AgentEvent::Transcript(tr) if tr.is_final => {
+                        eprintln!("  {:?}{}: {}", tr.speaker, if tr.interrupted { " (cut)" } else { "" }, tr.text);
+                        done |= tr.speaker == Speaker::Agent;
+                    }
                     _ => {}
                 }
             }

@@ -13,13 +13,19 @@
 //! LLM and TTS cancelled, the reply recorded as interrupted with only what
 //! was heard, and the caller's words answered. A short "uh-huh" resumes the
 //! agent where it paused.
+//!
+//! Speculation: when the caller pauses and the partial transcript covers
+//! all their words, the reply starts at once on those words, its audio held
+//! back. If the turn then ends on the same words, the reply is promoted and
+//! what it has synthesized plays on the next frame; if the caller goes on,
+//! it is dropped (and the local model goes back to its state before it).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::chunker::SentenceChunker;
 use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
@@ -121,6 +127,9 @@ pub struct TurnMetrics {
     pub tts_first_audio_ms: u32,
     /// End of caller speech to the first agent frame leaving the session.
     pub voice_to_voice_ms: u32,
+    /// The reply was started on the pause's partial transcript, before the
+    /// turn was decided (LLM and TTS times count from that start).
+    pub speculative: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +258,40 @@ struct Reply {
     started_ms: Option<u64>,
     /// Not yet in the history (greetings are added when they start).
     record: bool,
+    /// The call ends once this reply has been heard.
+    ends_call: bool,
+}
+
+impl Reply {
+    fn new(id: u64, cancel: CancellationToken, end_of_speech: Option<Instant>, metrics: TurnMetrics) -> Self {
+        Reply {
+            id,
+            cancel,
+            pieces: Vec::new(),
+            played: 0,
+            done: false,
+            text: String::new(),
+            end_of_speech,
+            metrics,
+            sent_first_frame: false,
+            started_ms: None,
+            record: true,
+            ends_call: false,
+        }
+    }
+}
+
+/// A reply started on the words of a pause, before the turn is decided.
+/// Dropping it cancels the reply's work.
+struct Speculation {
+    utterance: u64,
+    /// Voiced samples of the utterance the words cover.
+    covered: usize,
+    text: String,
+    reply: Reply,
+    /// Audio synthesized so far, held back until the turn is decided.
+    audio: VecDeque<i16>,
+    cancel_on_drop: DropGuard,
 }
 
 struct Core {
@@ -273,6 +316,7 @@ struct Core {
     /// Frames since a loud frame paused the agent without the VAD's word.
     tentative_pause: Option<u32>,
     reply: Option<Reply>,
+    speculation: Option<Speculation>,
     greeting: Option<Vec<i16>>,
     answered: bool,
     hangup_after_reply: Option<HangupReason>,
@@ -315,6 +359,7 @@ impl Core {
             paused: false,
             tentative_pause: None,
             reply: None,
+            speculation: None,
             greeting: None,
             answered: false,
             hangup_after_reply: None,
@@ -483,6 +528,8 @@ impl Core {
                     u.silence_ms = 0;
                     u.voiced_end = u.pcm.len();
                     u.last_voice_at = at;
+                    // The caller goes on: the reply started on the pause answers too little.
+                    self.speculation.take_if(|s| s.covered < u.voiced_end);
                 } else if silent || probs.is_empty() {
                     u.silence_ms += FRAME_MS;
                 }
@@ -492,6 +539,7 @@ impl Core {
                     self.barge_in().await;
                 }
                 self.maybe_partial();
+                self.maybe_speculate();
                 if self.turn_ended() {
                     let u = self.utterance.take().expect("utterance");
                     self.end_turn(u).await;
@@ -578,6 +626,8 @@ impl Core {
 
     async fn on_final(&mut self, u: Utterance, decided: Instant, text: String, confidence: f32, asr_ms: u32) {
         self.partial = None;
+        // Anything but a reply to exactly these words is dropped (and so cancelled).
+        let speculation = self.speculation.take().filter(|s| s.utterance == u.id && s.text == text);
         if u.over_agent {
             if is_backchannel(&text, confidence) {
                 // An acknowledgement: the agent goes on where it paused.
@@ -603,10 +653,55 @@ impl Core {
             self.queue.clear();
         }
         self.paused = false;
-        self.history.push(ChatMessage::new(Role::User, text));
+        self.history.push(ChatMessage::new(Role::User, text.clone()));
         self.turns += 1;
         let metrics = TurnMetrics { turn: self.turns, endpoint_ms: ms_between(u.last_voice_at, decided), asr_ms, ..TurnMetrics::default() };
-        self.start_reply(Some(u.last_voice_at), metrics);
+        match speculation {
+            Some(s) => self.promote(s, u.last_voice_at, metrics),
+            None => {
+                let messages = self.history.clone();
+                let reply = self.spawn_reply(messages, Some(u.last_voice_at), metrics);
+                self.reply = Some(reply);
+            }
+        }
+    }
+
+    /// The turn ended on the words the speculative reply answers: it becomes
+    /// the reply, and what it has synthesized plays from the next frame.
+    fn promote(&mut self, s: Speculation, end_of_speech: Instant, metrics: TurnMetrics) {
+        s.cancel_on_drop.disarm();
+        let mut reply = s.reply;
+        reply.end_of_speech = Some(end_of_speech);
+        reply.metrics = TurnMetrics { llm_first_token_ms: reply.metrics.llm_first_token_ms, tts_first_audio_ms: reply.metrics.tts_first_audio_ms, speculative: true, ..metrics };
+        if reply.done && reply.ends_call {
+            self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
+        }
+        self.queue.extend(s.audio);
+        self.reply = Some(reply);
+    }
+
+    /// Starts a reply on the latest partial if it covers every word said so
+    /// far and the caller has paused: by the time the turn is decided, the
+    /// first words of the answer may be synthesized already.
+    fn maybe_speculate(&mut self) {
+        if !self.config.turn.speculate || self.closing || self.reply.is_some() || !self.queue.is_empty() || self.finishing.is_some() {
+            return;
+        }
+        let (Some(u), Some(p)) = (self.utterance.as_ref(), self.partial.as_ref()) else { return };
+        if p.utterance != u.id || p.covered < u.voiced_end || u.silence_ms < PAUSE_PARTIAL_MS || u.over_agent || p.text.trim().is_empty() {
+            return;
+        }
+        if self.speculation.as_ref().is_some_and(|s| s.utterance == u.id && s.text == p.text) {
+            return;
+        }
+        let (utterance, covered, text) = (u.id, p.covered, p.text.clone());
+        // A guess on fewer words is replaced (and so cancelled).
+        self.speculation = None;
+        let mut messages = self.history.clone();
+        messages.push(ChatMessage::new(Role::User, text.clone()));
+        let reply = self.spawn_reply(messages, None, TurnMetrics::default());
+        let cancel_on_drop = reply.cancel.clone().drop_guard();
+        self.speculation = Some(Speculation { utterance, covered, text, reply, audio: VecDeque::new(), cancel_on_drop });
     }
 
     /// The caller took the turn: stop the agent now and keep what was heard.
@@ -657,6 +752,7 @@ impl Core {
         self.hangup_after_reply = Some(HangupReason::Requested);
         self.utterance = None;
         self.finishing = None;
+        self.speculation = None;
         self.barge_in().await;
         let (engines, config, tx) = (self.engines.clone(), self.config.clone(), self.work_tx.clone());
         tokio::spawn(async move {
@@ -678,26 +774,20 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         self.queue.extend(pcm.iter().copied());
-        self.reply = Some(Reply {
-            id,
-            cancel: CancellationToken::new(),
-            pieces: vec![(text.clone(), pcm.len())],
-            played: 0,
-            done: true,
-            text,
-            end_of_speech: None,
-            metrics: TurnMetrics::default(),
-            sent_first_frame: false,
-            started_ms: None,
-            record: false,
-        });
+        let mut reply = Reply::new(id, CancellationToken::new(), None, TurnMetrics::default());
+        reply.pieces.push((text.clone(), pcm.len()));
+        reply.done = true;
+        reply.text = text;
+        reply.record = false;
+        self.reply = Some(reply);
     }
 
-    fn start_reply(&mut self, end_of_speech: Option<Instant>, metrics: TurnMetrics) {
+    /// Starts the LLM → TTS job answering `messages`; its work comes back
+    /// tagged with the returned reply's id.
+    fn spawn_reply(&mut self, mut messages: Vec<ChatMessage>, end_of_speech: Option<Instant>, metrics: TurnMetrics) -> Reply {
         let id = self.next_id;
         self.next_id += 1;
         let cancel = self.cancel.child_token();
-        let mut messages = self.history.clone();
         if let Some(llm) = self.engines.llm.as_ref().filter(|_| self.local.is_some()) {
             if let Err(e) = llm.trim(&mut messages) {
                 tracing::warn!(error = %e, "history does not fit");
@@ -713,19 +803,7 @@ impl Core {
             tx: self.work_tx.clone(),
         };
         tokio::spawn(job.run());
-        self.reply = Some(Reply {
-            id,
-            cancel,
-            pieces: Vec::new(),
-            played: 0,
-            done: false,
-            text: String::new(),
-            end_of_speech,
-            metrics,
-            sent_first_frame: false,
-            started_ms: None,
-            record: true,
-        });
+        Reply::new(id, cancel, end_of_speech, metrics)
     }
 
     async fn on_work(&mut self, w: Work) -> bool {
@@ -746,6 +824,7 @@ impl Core {
                     self.emit(AgentEvent::Transcript(Transcript { speaker: Speaker::Caller, text: text.clone(), is_final: false, interrupted: false, start_ms, end_ms: self.now_ms() }))
                         .await;
                     self.partial = Some(Partial { utterance, covered, text, confidence });
+                    self.maybe_speculate();
                 }
             }
             Work::Final { utterance, text, confidence, asr_ms } => {
@@ -771,34 +850,43 @@ impl Core {
                 self.start_prepared(text, pcm);
             }
             Work::FirstToken { reply, ms } => {
-                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                if let Some((r, _)) = self.reply_by_id(reply) {
                     r.metrics.llm_first_token_ms = ms;
                 }
             }
             Work::Piece { reply, text, pcm, tts_ms } => {
-                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                if let Some((r, audio)) = self.reply_by_id(reply) {
                     if r.pieces.is_empty() {
                         r.metrics.tts_first_audio_ms = tts_ms;
                     }
                     r.pieces.push((text, pcm.len()));
-                    self.queue.extend(pcm);
+                    audio.extend(pcm);
                 }
             }
             Work::Done { reply, text, end_call } => {
-                if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                let lower = text.to_lowercase();
+                let said_end = self.config.end_call_phrases.iter().any(|p| !p.trim().is_empty() && lower.contains(&p.trim().to_lowercase()));
+                let is_current = self.reply.as_ref().is_some_and(|r| r.id == reply);
+                if let Some((r, _)) = self.reply_by_id(reply) {
                     r.done = true;
-                    let lower = text.to_lowercase();
-                    if end_call {
-                        self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
-                    }
-                    if self.config.end_call_phrases.iter().any(|p| !p.trim().is_empty() && lower.contains(&p.trim().to_lowercase())) {
-                        self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
-                    }
+                    r.ends_call = end_call || said_end;
                     r.text = text;
+                    if is_current && r.ends_call {
+                        self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
+                    }
                 }
             }
         }
         true
+    }
+
+    /// The reply `id` (the current one or the speculative one) and where its
+    /// audio goes: the outgoing queue, or held back with the speculation.
+    fn reply_by_id(&mut self, id: u64) -> Option<(&mut Reply, &mut VecDeque<i16>)> {
+        if let Some(r) = self.reply.as_mut().filter(|r| r.id == id) {
+            return Some((r, &mut self.queue));
+        }
+        self.speculation.as_mut().filter(|s| s.reply.id == id).map(|s| (&mut s.reply, &mut s.audio))
     }
 
     /// Sends one agent frame if the agent has something to say and is not

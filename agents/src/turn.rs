@@ -18,11 +18,16 @@ pub struct TurnConfig {
     /// Audio kept from before the detected onset (the VAD is late by a
     /// window or two and the first phoneme matters to ASR).
     pub preroll_ms: u32,
+    /// Start the reply on the partial transcript of a pause, before the
+    /// turn is decided; it is heard only if the turn ends on those words.
+    /// Costs wasted LLM work (tokens, with a paid remote model) whenever the
+    /// caller goes on after a pause.
+    pub speculate: bool,
 }
 
 impl Default for TurnConfig {
     fn default() -> Self {
-        TurnConfig { end_silence_ms: 500, early_end_silence_ms: 240, threshold: 0.5, backchannel_max_ms: 600, preroll_ms: 200 }
+        TurnConfig { end_silence_ms: 500, early_end_silence_ms: 240, threshold: 0.5, backchannel_max_ms: 600, preroll_ms: 200, speculate: true }
     }
 }
 

@@ -140,3 +140,35 @@ async fn empty_and_very_long_system_prompts_still_get_answers() {
         assert!(caller.log.iter().any(|(_, e)| is_final(e, Speaker::Caller).is_some()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_inside_a_request_is_not_answered_before_the_request_ends() {
+    let engines = engines();
+    // Only a long silence ends this turn, so the pause is long enough for a
+    // reply to be started on the first half (and it must then be dropped).
+    let mut config = AgentConfig { greeting: String::new(), ..config() };
+    config.turn.early_end_silence_ms = 5_000;
+    config.turn.end_silence_ms = 1_500;
+    let mut caller = Caller::answer(engines, config).await;
+    caller.push(&speak("I would like to book a table")).await;
+    caller.silence(900).await;
+    let resumed_at_ms = caller.frames_pushed as u64 * 20;
+    caller.push(&speak("for two people tonight, please.")).await;
+    let request_end = caller.frames_pushed;
+    caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some()).await;
+
+    let first_audio = audio_frames(&caller.log).first().copied().expect("the agent answered");
+    assert!(first_audio > request_end, "agent audio at frame {first_audio}, before the request ended at {request_end}");
+    let heard: Vec<&Transcript> = caller.log.iter().filter_map(|(_, e)| is_final(e, Speaker::Caller)).collect();
+    assert_eq!(heard.len(), 1, "{:?}", caller.summary());
+    // One turn, taking in the words after the pause (Whisper tiny may not
+    // transcribe them all after so long a gap: where the turn ends is
+    // what is checked here).
+    assert!(heard[0].end_ms > resumed_at_ms + 500, "the turn ended at {} ms, the caller went on at {resumed_at_ms} ms: {:?}", heard[0].end_ms, caller.summary());
+    let replies = caller.log.iter().filter(|(_, e)| is_final(e, Speaker::Agent).is_some()).count();
+    let turns: Vec<u32> = caller.log.iter().filter_map(|(_, e)| match e {
+        AgentEvent::TurnMetrics(m) => Some(m.turn),
+        _ => None,
+    }).collect();
+    assert_eq!((replies, turns), (1, vec![1]), "{:?}", caller.summary());
+}
