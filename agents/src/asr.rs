@@ -169,23 +169,45 @@ fn collapse_repeats(text: &str) -> String {
     if !rest.is_empty() && !out.last().is_some_and(|last| last.starts_with(rest)) {
         out.push(rest);
     }
-    // "open open open" -> "open", "No No" -> "No": a short window makes
-    // the decoder echo the last word; speech that truly doubles a word
-    // ("had had") is rarer than the echo.
-    let joined = out.join(" ");
+    collapse_phrase_loops(&out.join(" "))
+}
+
+/// Longest phrase, in words, whose back-to-back repetition is collapsed.
+const MAX_LOOP_WORDS: usize = 8;
+
+/// "open open open" -> "open", "where are you located where are you
+/// located where are" -> "where are you located": a short window makes the
+/// decoder loop on its last words until the token budget, and without
+/// punctuation the sentence pass above cannot see it. Speech that truly
+/// doubles a word ("had had") is rarer than the echo.
+fn collapse_phrase_loops(text: &str) -> String {
+    let bare = |s: &str| s.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+    let words: Vec<&str> = text.split_whitespace().collect();
     let mut kept: Vec<&str> = Vec::new();
-    for w in joined.split_whitespace() {
-        let n = kept.len();
-        let bare = |s: &str| s.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-        if n >= 1 && bare(kept[n - 1]) == bare(w) && !bare(w).is_empty() {
-            continue;
+    // The length of the phrase whose repeat was last dropped: the loop.
+    let mut looping: Option<usize> = None;
+    let mut i = 0;
+    'words: while i < words.len() {
+        for n in 1..=MAX_LOOP_WORDS.min(kept.len()) {
+            let phrase = &kept[kept.len() - n..];
+            let repeats = |at: usize, m: usize| at + m <= words.len() && (0..m).all(|k| !bare(phrase[k]).is_empty() && bare(phrase[k]) == bare(words[at + k]));
+            // A word said twice is an echo; a phrase said twice may be
+            // speech ("for two, for two people"), three times is a loop.
+            // Once looping, the end of the text may cut the phrase off.
+            let m = if looping == Some(n) { n.min(words.len() - i) } else { n };
+            if repeats(i, m) && (n == 1 || looping == Some(n) || repeats(i + n, n)) {
+                looping = Some(n);
+                i += m;
+                continue 'words;
+            }
         }
-        kept.push(w);
+        kept.push(words[i]);
+        looping = None;
+        i += 1;
     }
     kept.join(" ")
 }
 
-/// Drops Whisper's non-speech annotations ("[BLANK_AUDIO]", "(music)").
 fn clean(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut depth = 0;
@@ -236,6 +258,9 @@ mod tests {
         assert_eq!(collapse_repeats("Yes. No. Yes."), "Yes. No. Yes.");
         assert_eq!(collapse_repeats("no punctuation"), "no punctuation");
         assert_eq!(collapse_repeats("What are your open open open open"), "What are your open");
+        assert_eq!(collapse_repeats("where are you located where are you located where are you located where are"), "where are you located");
+        assert_eq!(collapse_repeats("Yes, I think so. I think I think we can"), "Yes, I think so. I think I think we can");
+        assert_eq!(collapse_repeats("A table for two, for two people"), "A table for two, for two people");
     }
 
     #[test]
