@@ -275,7 +275,6 @@ impl LocalConversation {
         self.text.clear();
         self.before_last = None;
     }
-
 }
 
 #[cfg(feature = "cuda")]
