@@ -2,10 +2,11 @@
 //! (the weights) per process, one state per decode: states are cheap next to
 //! the weights, and a fresh state keeps concurrent calls independent.
 //!
-//! Decodes share a budget of threads: one alone takes all of them (a turn's
-//! transcript comes ~1.5x sooner on two cores than on one), concurrent ones
-//! split them, and together they never use more, because more ggml threads
-//! than cores livelock on its spinning barriers.
+//! Decodes share a budget of threads: a decode takes every thread free when
+//! it starts (alone, all of them: a turn's transcript comes ~1.5x sooner on
+//! two cores than on one), one that finds none free waits for a decode to
+//! end, and together they never use more, because more ggml threads than
+//! cores livelock on its spinning barriers.
 
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
@@ -181,16 +182,18 @@ const MAX_LOOP_WORDS: usize = 8;
 /// punctuation the sentence pass above cannot see it. Speech that truly
 /// doubles a word ("had had") is rarer than the echo.
 fn collapse_phrase_loops(text: &str) -> String {
-    let bare = |s: &str| s.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
     let words: Vec<&str> = text.split_whitespace().collect();
-    let mut kept: Vec<&str> = Vec::new();
+    // Compared without case and punctuation, each word normalized once.
+    let bare: Vec<String> = words.iter().map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()).collect();
+    // Indices into `words` of the words kept.
+    let mut kept: Vec<usize> = Vec::new();
     // The length of the phrase whose repeat was last dropped: the loop.
     let mut looping: Option<usize> = None;
     let mut i = 0;
     'words: while i < words.len() {
         for n in 1..=MAX_LOOP_WORDS.min(kept.len()) {
             let phrase = &kept[kept.len() - n..];
-            let repeats = |at: usize, m: usize| at + m <= words.len() && (0..m).all(|k| !bare(phrase[k]).is_empty() && bare(phrase[k]) == bare(words[at + k]));
+            let repeats = |at: usize, m: usize| at + m <= words.len() && (0..m).all(|k| !bare[phrase[k]].is_empty() && bare[phrase[k]] == bare[at + k]);
             // A word said twice is an echo; a phrase said twice may be
             // speech ("for two, for two people"), three times is a loop.
             // Once looping, the end of the text may cut the phrase off.
@@ -201,13 +204,14 @@ fn collapse_phrase_loops(text: &str) -> String {
                 continue 'words;
             }
         }
-        kept.push(words[i]);
+        kept.push(i);
         looping = None;
         i += 1;
     }
-    kept.join(" ")
+    kept.iter().map(|&i| words[i]).collect::<Vec<_>>().join(" ")
 }
 
+/// Drops Whisper's non-speech annotations ("[BLANK_AUDIO]", "(music)").
 fn clean(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut depth = 0;

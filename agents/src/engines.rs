@@ -31,9 +31,9 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads Whisper decodes use in all; default: cores. A decode alone
-    /// takes them all, concurrent ones split them (more ggml threads than
-    /// cores make its spinning barriers livelock).
+    /// Threads Whisper decodes use in all; default: cores. A decode takes
+    /// every thread free when it starts, one that finds none waits (more
+    /// ggml threads than cores make its spinning barriers livelock).
     pub asr_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,

@@ -653,7 +653,7 @@ impl Core {
             self.queue.clear();
         }
         self.paused = false;
-        self.history.push(ChatMessage::new(Role::User, text.clone()));
+        self.history.push(ChatMessage::new(Role::User, text));
         self.turns += 1;
         let metrics = TurnMetrics { turn: self.turns, endpoint_ms: ms_between(u.last_voice_at, decided), asr_ms, ..TurnMetrics::default() };
         match speculation {
