@@ -41,6 +41,11 @@ struct Held<'a> {
 }
 
 impl Threads {
+    /// No thread is free: a decode started now would wait.
+    fn all_taken(&self) -> bool {
+        *self.free.lock().unwrap_or_else(|p| p.into_inner()) == 0
+    }
+
     /// Every free thread, at least one (waiting for one if none is free).
     fn take(&self) -> Held<'_> {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,6 +76,12 @@ impl Asr {
         let ctx = WhisperContext::new_with_params(path_str, WhisperContextParameters::default())
             .map_err(|e| AgentError::Model(format!("whisper: {e}")))?;
         Ok(Asr { ctx, threads: Threads { free: Mutex::new(threads.max(1)), freed: Condvar::new() } })
+    }
+
+    /// Every thread is taken by a decode: optional work (a partial
+    /// transcript) is better skipped than queued behind it.
+    pub fn busy(&self) -> bool {
+        self.threads.all_taken()
     }
 
     /// Transcribes 16 kHz mono PCM in [-1, 1]. Blocking: call it from the

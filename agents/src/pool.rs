@@ -24,6 +24,11 @@ impl InferencePool {
         self.size
     }
 
+    /// Jobs that could start now without waiting.
+    pub fn idle_slots(&self) -> usize {
+        self.permits.available_permits()
+    }
+
     /// Runs `job` once a permit is free.
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
         let permit = self.permits.clone().acquire_owned().await.map_err(|_| AgentError::Closed)?;

@@ -30,7 +30,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::chunker::SentenceChunker;
 use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
-use crate::llm::{ChatMessage, LocalConversation, Role};
+use crate::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalConversation, Role};
 use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
 use crate::vad::VadStream;
 
@@ -375,13 +375,7 @@ impl Core {
             if !messages.is_empty() {
                 let pool = self.engines.pool.clone();
                 tokio::spawn(async move {
-                    let done = pool
-                        .run(move || {
-                            let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
-                            llm.prefill(&mut conv, &messages)
-                        })
-                        .await;
-                    if let Ok(Err(e)) | Err(e) = done {
+                    if let Err(e) = prefill(&pool, &llm, &conv, messages).await {
                         tracing::warn!(error = %e, "prefill failed");
                     }
                 });
@@ -573,6 +567,11 @@ impl Core {
         if self.partial_busy || !new_speech || !(step || paused) || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
             return;
         }
+        // Another call's decode holds every ASR thread: this one would take
+        // a pool slot only to wait (the next frame tries again).
+        if self.engines.asr.busy() {
+            return;
+        }
         // Up to 100 ms past the last voiced frame when it has arrived: a
         // window cut right at the end of speech clips the last phoneme, and
         // the decode of a sentence's end changes with where the cut falls.
@@ -692,6 +691,11 @@ impl Core {
             return;
         }
         if self.speculation.as_ref().is_some_and(|s| s.utterance == u.id && s.text == p.text) {
+            return;
+        }
+        // A guess is worth it only on spare capacity: under load a wrong one
+        // would delay other calls' replies that are certain.
+        if self.engines.pool.idle_slots() == 0 {
             return;
         }
         let (utterance, covered, text) = (u.id, p.covered, p.text.clone());
@@ -1010,17 +1014,11 @@ impl ReplyJob {
     async fn generate(&self, out: mpsc::Sender<String>) -> Result<(String, bool), AgentError> {
         match (&self.local, &self.engines.llm) {
             (Some(conv), Some(llm)) => {
-                let (conv, llm, messages, cancel) = (conv.clone(), llm.clone(), self.messages.clone(), self.cancel.clone());
-                self.engines
-                    .pool
-                    .run(move || {
-                        let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
-                        llm.generate(&mut conv, &messages, &cancel, |t| {
-                            let _ = out.blocking_send(t.to_string());
-                        })
-                    })
-                    .await?
-                    .map(|text| (text, false))
+                let on_text = move |t: &str| {
+                    let _ = out.blocking_send(t.to_string());
+                };
+                let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, on_text).await?;
+                Ok((reply.text, false))
             }
             _ => {
                 let remote = self

@@ -3,8 +3,12 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use tokio_util::sync::CancellationToken;
-use voxgate_agents::llm::{ChatMessage, Generation, LocalLlm, Role};
+use voxgate_agents::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalLlm, Role};
+use voxgate_agents::pool::InferencePool;
 
 /// Greedy, so that two conversations given the same prompts say the same.
 const GREEDY: Generation = Generation { max_tokens: 16, temperature: 0.0, top_p: 1.0 };
@@ -38,4 +42,82 @@ fn a_reply_thrown_away_is_undone_without_reading_the_call_again() {
     assert_eq!(after_guess, without_guess);
     let whole = llm.prompt_tokens(&history).unwrap();
     assert!(after_guess.read * 4 < whole, "read {} of a {whole}-token prompt", after_guess.read);
+}
+
+#[test]
+fn a_reply_that_lost_its_conversation_to_a_newer_one_stops_without_touching_it() {
+    let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
+    let never = CancellationToken::new();
+    let mut history = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Hello, who is this?")];
+    let (mut shared, mut straight) = (llm.conversation(1), llm.conversation(1));
+    let first = llm.generate_with(&mut shared, &history, GREEDY, &never, |_| {}).unwrap();
+    assert_eq!(llm.generate_with(&mut straight, &history, GREEDY, &never, |_| {}).unwrap(), first);
+    history.push(ChatMessage::new(Role::Assistant, first.text));
+
+    // A guess starts, two tokens in a newer reply takes the conversation.
+    let mut guess = history.clone();
+    guess.push(ChatMessage::new(Role::User, "Do you have"));
+    let mut old = llm.start(&mut shared, &guess, GREEDY).unwrap();
+    assert!(!llm.step(&mut shared, &mut old, 2, &never, |_| {}).unwrap(), "two tokens do not end the reply");
+    history.push(ChatMessage::new(Role::User, "Do you have a table for two people tonight?"));
+    let mut new = llm.start(&mut shared, &history, GREEDY).unwrap();
+
+    // The old reply's next step ends it and generates nothing.
+    let mut late = String::new();
+    assert!(llm.step(&mut shared, &mut old, 8, &never, |t| late.push_str(t)).unwrap(), "the old reply is over");
+    assert_eq!((late.as_str(), old.reply().tokens), ("", 2));
+
+    // The new one, stepped a few tokens at a time, says what it would have
+    // said alone.
+    while !llm.step(&mut shared, &mut new, 3, &never, |_| {}).unwrap() {}
+    assert_eq!(new.reply(), llm.generate_with(&mut straight, &history, GREEDY, &never, |_| {}).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_reply_lets_other_work_through_the_pool_between_its_slices() {
+    let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
+    let pool = InferencePool::new(1);
+    let conv = Arc::new(Mutex::new(llm.conversation(7)));
+    let messages = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Tell me everything about your menu, dish by dish.")];
+    let long = Generation { max_tokens: 64, temperature: 0.0, top_p: 1.0 };
+    let pieces = Arc::new(AtomicUsize::new(0));
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let mut first_tx = Some(first_tx);
+    let counted = pieces.clone();
+    let on_text = move |_: &str| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        if let Some(tx) = first_tx.take() {
+            let _ = tx.send(());
+        }
+    };
+    let generation = {
+        let (pool, llm, conv) = (pool.clone(), llm.clone(), conv.clone());
+        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), on_text).await })
+    };
+    first_rx.await.expect("the reply starts");
+    // The only slot is the reply's; a short job queued now runs at the end
+    // of the reply's current slice, not of the whole reply.
+    let seen = pieces.clone();
+    let pieces_when_run = pool.run(move || seen.load(Ordering::SeqCst)).await.unwrap();
+    let reply = generation.await.unwrap().unwrap();
+    assert!(reply.tokens >= 32, "a reply of a few slices: {reply:?}");
+    assert!(pieces_when_run < pieces.load(Ordering::SeqCst) / 2, "the job ran after {pieces_when_run} of {} pieces", pieces.load(Ordering::SeqCst));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_callers_words() {
+    let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
+    let pool = InferencePool::new(1);
+    let never = CancellationToken::new();
+    // Several prefill slices' worth of system prompt.
+    let system = ChatMessage::new(Role::System, format!("{PROMPT} {}", "Our menu has pizza, pasta, salads and desserts. ".repeat(12)));
+    let read = Arc::new(Mutex::new(llm.conversation(3)));
+    prefill(&pool, &llm, &read, vec![system.clone()]).await.unwrap();
+    let turn = vec![system, ChatMessage::new(Role::User, "Do you have pizza?")];
+    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, |_| {}).await.unwrap();
+    let whole = llm.prompt_tokens(&turn).unwrap();
+    assert!(whole > 128 && reply.read * 8 < whole, "read {} of a {whole}-token prompt", reply.read);
+    // The same words as without the read-ahead.
+    let cold = Arc::new(Mutex::new(llm.conversation(3)));
+    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, |_| {}).await.unwrap().text, reply.text);
 }

@@ -7,6 +7,7 @@
 //! shape `{"error": {"message", "type", "code"}}` ([`reshape_errors`]).
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use voxgate_agents::llm::{ChatMessage, Generation, LocalLlm};
+use voxgate_agents::llm::{generate_sliced, ChatMessage, Generation, LocalLlm};
 use voxgate_agents::embed::EMBEDDING_MODEL;
 use voxgate_agents::{Role, LOCAL_LLM};
 
@@ -216,8 +217,8 @@ pub async fn chat_completions(State(state): State<AppState>, Auth(auth): Auth, A
 }
 
 async fn local_chat(
-    engines: std::sync::Arc<voxgate_agents::Engines>,
-    llm: std::sync::Arc<LocalLlm>,
+    engines: Arc<voxgate_agents::Engines>,
+    llm: Arc<LocalLlm>,
     req: ChatRequest,
     msgs: Vec<ChatMessage>,
     opts: Generation,
@@ -235,19 +236,17 @@ async fn local_chat(
     {
         let (tx, job_tx, job_cancel) = (tx.clone(), tx.clone(), cancel.clone());
         tokio::spawn(async move {
-            let run = engines.pool().run(move || {
-                let mut conv = llm.conversation(seed);
-                let result = llm.generate_with(&mut conv, &msgs, opts, &job_cancel, |t| {
-                    // A client that went away stops the generation.
-                    if job_tx.blocking_send(Piece::Text(t.to_string())).is_err() {
-                        job_cancel.cancel();
-                    }
-                });
-                result.map(|r| (r.tokens, r.truncated))
-            });
-            let piece = match run.await {
-                Ok(Ok((completion_tokens, length))) => Piece::End { length, completion_tokens },
-                Ok(Err(e)) | Err(e) => Piece::Failed(e.to_string()),
+            let conv = Arc::new(Mutex::new(llm.conversation(seed)));
+            let stop = job_cancel.clone();
+            let on_text = move |t: &str| {
+                // A client that went away stops the generation.
+                if job_tx.blocking_send(Piece::Text(t.to_string())).is_err() {
+                    stop.cancel();
+                }
+            };
+            let piece = match generate_sliced(engines.pool(), &llm, &conv, msgs, opts, &job_cancel, on_text).await {
+                Ok(r) => Piece::End { length: r.truncated, completion_tokens: r.tokens },
+                Err(e) => Piece::Failed(e.to_string()),
             };
             let _ = tx.send(piece).await;
         });

@@ -11,6 +11,7 @@
 
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::chat::{ChatMessage, ChatTemplate, Role};
 use super::{tokenizer, MAX_REPLY_TOKENS};
 use crate::error::AgentError;
+use crate::pool::InferencePool;
 
 /// Prompt + reply budget. SmolLM2 supports 8k, but prefill cost grows with
 /// it and a phone call's memory does not need more.
@@ -31,6 +33,11 @@ const REPEAT_PENALTY: f32 = 1.1;
 /// hundred tokens a second on two cores, and it happens while ringing).
 pub const SYSTEM_PROMPT_TOKENS: usize = 768;
 const REPEAT_WINDOW: usize = 64;
+/// Tokens a reply generates before it gives its slot on the inference pool
+/// to whatever waits (a few hundred milliseconds of work): a long reply
+/// never holds a core for seconds while another call's first words, or the
+/// synthesis of its own first sentence, wait behind it.
+const SLICE_TOKENS: usize = 8;
 
 fn inference(e: candle_core::Error) -> AgentError {
     AgentError::Inference(format!("llm: {e}"))
@@ -45,7 +52,6 @@ pub struct LocalLlm {
     device: Device,
 }
 
-/// One call's state in the local model: the KV cache and what it holds.
 /// A generated reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -57,6 +63,28 @@ pub struct Reply {
     /// Prompt tokens read for this reply; the rest of the prompt was in the
     /// KV cache already.
     pub read: usize,
+}
+
+/// A reply being generated: [`LocalLlm::start`] reads the prompt,
+/// [`LocalLlm::step`] adds tokens, a few at a time if the caller wants
+/// other work to run in between.
+pub struct Generating {
+    /// The conversation's reply count when this one started.
+    owner: u64,
+    sampler: LogitsProcessor,
+    /// The next token's logits; None once the reply is over.
+    logits: Option<Tensor>,
+    generated: Vec<u32>,
+    text: String,
+    budget: usize,
+    read: usize,
+}
+
+impl Generating {
+    /// What has been generated so far.
+    pub fn reply(&self) -> Reply {
+        Reply { text: self.text.clone(), tokens: self.generated.len(), truncated: self.generated.len() >= self.budget, read: self.read }
+    }
 }
 
 /// How to sample a reply.
@@ -73,6 +101,7 @@ impl Generation {
     pub const AGENT: Generation = Generation { max_tokens: MAX_REPLY_TOKENS, temperature: 0.3, top_p: 0.9 };
 }
 
+/// One call's state in the local model: the KV cache and what it holds.
 pub struct LocalConversation {
     model: ModelWeights,
     tokens: Vec<u32>,
@@ -82,6 +111,8 @@ pub struct LocalConversation {
     /// tensors are shared, not copied, so keeping it costs no copy, only the
     /// memory of the older cache while both live.
     before_last: Option<Checkpoint>,
+    /// Replies started on this conversation (the latest one owns it).
+    replies: u64,
 }
 
 struct Checkpoint {
@@ -124,7 +155,7 @@ impl LocalLlm {
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None }
+        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0 }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -161,30 +192,33 @@ impl LocalLlm {
         }
     }
 
-    /// Runs the model over `messages` ahead of time (while the phone rings),
-    /// so that the first turn only has the caller's words left to read.
-    pub fn prefill(&self, conv: &mut LocalConversation, messages: &[ChatMessage]) -> Result<(), AgentError> {
+    /// The tokens to read ahead of a call's first turn (see [`prefill`]),
+    /// with the conversation reset for them; None when there is nothing
+    /// worth reading, it does not fit, or a reply has started already.
+    fn begin_prefill(&self, conv: &mut LocalConversation, messages: &[ChatMessage]) -> Result<Option<(String, Vec<u32>)>, AgentError> {
+        if conv.replies > 0 {
+            return Ok(None);
+        }
         let prompt = self.template.render_with(messages, false)?;
         let tokens = self.tokenizer.encode(prompt.as_str(), false).map_err(|e| AgentError::Inference(e.to_string()))?.get_ids().to_vec();
         if tokens.is_empty() || tokens.len() + MAX_REPLY_TOKENS > self.context {
-            return Ok(());
+            return Ok(None);
         }
         conv.reset(&self.weights);
-        self.forward(conv, &tokens)?;
-        conv.text = prompt;
-        Ok(())
+        Ok(Some((prompt, tokens)))
     }
 
-    /// Generates the assistant's reply to `messages` with the agents'
-    /// settings ([`Generation::AGENT`]); see [`generate_with`](Self::generate_with).
-    pub fn generate(
-        &self,
-        conv: &mut LocalConversation,
-        messages: &[ChatMessage],
-        cancel: &CancellationToken,
-        on_text: impl FnMut(&str),
-    ) -> Result<String, AgentError> {
-        self.generate_with(conv, messages, Generation::AGENT, cancel, on_text).map(|r| r.text)
+    /// Reads `tokens` (the start of `prompt`'s) past those `conv` holds, and
+    /// records the text they are, so that a reply starting before the
+    /// prefill is over reads only the rest.
+    fn read_ahead(&self, conv: &mut LocalConversation, prompt: &str, tokens: &[u32]) -> Result<(), AgentError> {
+        let Some(new) = tokens.get(conv.tokens.len()..).filter(|t| !t.is_empty()) else { return Ok(()) };
+        self.forward(conv, new)?;
+        let text = self.tokenizer.decode(tokens, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        // A cut inside a character decodes to a replacement character: the
+        // text is then not known until the next slice.
+        conv.text = if prompt.starts_with(&text) { text } else { String::new() };
+        Ok(())
     }
 
     /// Tokens of the prompt `messages` make (for usage reports and to
@@ -200,7 +234,8 @@ impl LocalLlm {
 
     /// Generates the assistant's reply to `messages`, calling `on_text` with
     /// each new piece of text. Stops at an end token, at `opts.max_tokens`
-    /// or when `cancel` is set. Blocking: run it on the inference pool.
+    /// or when `cancel` is set. Blocking: run it on the inference pool (or
+    /// use [`generate_sliced`], which lets other calls' work in between).
     pub fn generate_with(
         &self,
         conv: &mut LocalConversation,
@@ -209,6 +244,16 @@ impl LocalLlm {
         cancel: &CancellationToken,
         mut on_text: impl FnMut(&str),
     ) -> Result<Reply, AgentError> {
+        let mut g = self.start(conv, messages, opts)?;
+        while !self.step(conv, &mut g, usize::MAX, cancel, &mut on_text)? {}
+        Ok(g.reply())
+    }
+
+    /// Reads the prompt `messages` makes (only what the conversation's KV
+    /// cache does not hold yet) and returns the reply, ready for
+    /// [`step`](Self::step). The conversation belongs to this reply from
+    /// now on: an earlier reply's further steps end it.
+    pub fn start(&self, conv: &mut LocalConversation, messages: &[ChatMessage], opts: Generation) -> Result<Generating, AgentError> {
         let budget = opts.max_tokens.clamp(1, self.context / 2);
         let prompt = self.template.render(messages)?;
         let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
@@ -221,42 +266,71 @@ impl LocalLlm {
                 None => conv.reset(&self.weights),
             }
         }
-        let new_tokens = encode(&prompt[conv.text.len()..])?;
+        let mut new_tokens = encode(&prompt[conv.text.len()..])?;
         if conv.tokens.len() + new_tokens.len() + budget > self.context {
             if conv.tokens.is_empty() {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
             conv.reset(&self.weights);
-            return self.generate_with(conv, messages, opts, cancel, on_text);
+            new_tokens = encode(&prompt)?;
+            if new_tokens.len() + budget > self.context {
+                return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
+            }
         }
         conv.before_last = Some(Checkpoint { model: conv.model.clone(), tokens: conv.tokens.clone(), text: conv.text.clone() });
-        let mut logits = self.forward(conv, &new_tokens)?;
+        conv.replies += 1;
+        let logits = self.forward(conv, &new_tokens)?;
         conv.text = prompt;
         conv.seed = conv.seed.wrapping_add(1);
         let sampling = if opts.temperature <= 0.0 { Sampling::ArgMax } else { Sampling::TopKThenTopP { k: 40, p: opts.top_p, temperature: opts.temperature } };
-        let mut sampler = LogitsProcessor::from_sampling(conv.seed, sampling);
-        let mut generated: Vec<u32> = Vec::new();
-        let mut emitted = 0usize;
-        let mut reply = String::new();
-        while generated.len() < budget && !cancel.is_cancelled() {
-            let start = generated.len().saturating_sub(REPEAT_WINDOW);
-            let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &generated[start..]).map_err(inference)?;
-            let next = sampler.sample(&penalised).map_err(inference)?;
+        Ok(Generating {
+            owner: conv.replies,
+            sampler: LogitsProcessor::from_sampling(conv.seed, sampling),
+            logits: Some(logits),
+            generated: Vec::new(),
+            text: String::new(),
+            budget,
+            read: new_tokens.len(),
+        })
+    }
+
+    /// Generates up to `tokens` more tokens of `g`, calling `on_text` with
+    /// each new piece of text; true once the reply is over (an end token,
+    /// the budget, `cancel`, or another reply took the conversation).
+    pub fn step(
+        &self,
+        conv: &mut LocalConversation,
+        g: &mut Generating,
+        tokens: usize,
+        cancel: &CancellationToken,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<bool, AgentError> {
+        if conv.replies != g.owner {
+            g.logits = None;
+        }
+        for _ in 0..tokens {
+            let Some(logits) = g.logits.take() else { break };
+            if g.generated.len() >= g.budget || cancel.is_cancelled() {
+                break;
+            }
+            let start = g.generated.len().saturating_sub(REPEAT_WINDOW);
+            let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &g.generated[start..]).map_err(inference)?;
+            let next = g.sampler.sample(&penalised).map_err(inference)?;
             if self.stop.contains(&next) {
                 break;
             }
-            generated.push(next);
-            let text = self.tokenizer.decode(&generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+            g.generated.push(next);
+            let text = self.tokenizer.decode(&g.generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
             // Hold back an incomplete UTF-8 sequence until its next byte.
-            if !text.ends_with('\u{FFFD}') && text.len() > emitted {
-                on_text(&text[emitted..]);
-                emitted = text.len();
-                reply = text;
+            if !text.ends_with('\u{FFFD}') && text.len() > g.text.len() {
+                let new = &text[g.text.len()..];
+                on_text(new);
+                conv.text.push_str(new);
+                g.text = text;
             }
-            logits = self.forward(conv, &[next])?;
+            g.logits = Some(self.forward(conv, &[next])?);
         }
-        conv.text.push_str(&reply);
-        Ok(Reply { text: reply, tokens: generated.len(), truncated: generated.len() >= budget, read: new_tokens.len() })
+        Ok(g.logits.is_none() || g.generated.len() >= g.budget || cancel.is_cancelled())
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
@@ -265,6 +339,81 @@ impl LocalLlm {
         conv.tokens.extend_from_slice(tokens);
         logits.squeeze(0).map_err(inference)
     }
+}
+
+/// Generates `conv`'s reply to `messages` on `pool`, [`SLICE_TOKENS`] at a
+/// time, each slice a job of its own so that the pool's other work runs in
+/// between; `on_text` gets each new piece of text as it comes.
+pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
+    pool: &InferencePool,
+    llm: &Arc<LocalLlm>,
+    conv: &Arc<Mutex<LocalConversation>>,
+    messages: Vec<ChatMessage>,
+    opts: Generation,
+    cancel: &CancellationToken,
+    on_text: F,
+) -> Result<Reply, AgentError> {
+    let mut next = Slice::Start(messages, on_text);
+    loop {
+        let (llm, conv, cancel) = (llm.clone(), conv.clone(), cancel.clone());
+        let (g, on_text, done) = pool
+            .run(move || {
+                let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
+                let (mut g, mut on_text) = match next {
+                    Slice::Start(messages, on_text) => (llm.start(&mut conv, &messages, opts)?, on_text),
+                    Slice::GoOn(g, on_text) => (g, on_text),
+                };
+                let done = llm.step(&mut conv, &mut g, SLICE_TOKENS, &cancel, &mut on_text)?;
+                Ok::<_, AgentError>((g, on_text, done))
+            })
+            .await??;
+        if done {
+            return Ok(g.reply());
+        }
+        next = Slice::GoOn(g, on_text);
+    }
+}
+
+/// Runs the model over the conversation so far (the system prompt) ahead
+/// of time, while the phone rings, so that the first turn only has the
+/// caller's words left to read. [`SLICE_TOKENS`] x 4 tokens a pool job: a
+/// long prompt does not hold a core for seconds while other calls wait. A
+/// reply that starts meanwhile takes the conversation over (and reads what
+/// the prefill had not) and the prefill stops.
+pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex<LocalConversation>>, messages: Vec<ChatMessage>) -> Result<(), AgentError> {
+    let (l, c) = (llm.clone(), conv.clone());
+    let begun = pool
+        .run(move || {
+            let mut conv = c.lock().unwrap_or_else(|p| p.into_inner());
+            Ok::<_, AgentError>(l.begin_prefill(&mut conv, &messages)?.map(|p| (p, conv.replies)))
+        })
+        .await??;
+    let Some(((prompt, tokens), owner)) = begun else { return Ok(()) };
+    let read = Arc::new((prompt, tokens));
+    for at in (0..read.1.len()).step_by(SLICE_TOKENS * 4) {
+        let (l, c, read) = (llm.clone(), conv.clone(), read.clone());
+        let still_ours = pool
+            .run(move || {
+                let mut conv = c.lock().unwrap_or_else(|p| p.into_inner());
+                if conv.replies != owner {
+                    return Ok(false);
+                }
+                let (prompt, tokens) = &*read;
+                l.read_ahead(&mut conv, prompt, &tokens[..(at + SLICE_TOKENS * 4).min(tokens.len())])?;
+                Ok::<_, AgentError>(true)
+            })
+            .await??;
+        if !still_ours {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What the next slice of [`generate_sliced`] does.
+enum Slice<F> {
+    Start(Vec<ChatMessage>, F),
+    GoOn(Generating, F),
 }
 
 impl LocalConversation {

@@ -8,7 +8,7 @@ mod remote;
 mod tokenizer;
 
 pub use chat::{ChatMessage, Role};
-pub use local::{Generation, LocalConversation, LocalLlm, Reply};
+pub use local::{generate_sliced, prefill, Generating, Generation, LocalConversation, LocalLlm, Reply};
 pub use remote::{RemoteLlm, RemoteLlmConfig, RemoteReply};
 
 /// How many tokens an agent reply may have: a spoken turn is short, and a
