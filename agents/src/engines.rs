@@ -14,7 +14,7 @@ use crate::embed::Embedder;
 use crate::error::AgentError;
 use crate::llm::{LocalLlm, RemoteLlm, RemoteLlmConfig};
 use crate::models::ModelPaths;
-use crate::pool::InferencePool;
+use crate::pool::{InferencePool, Urgency};
 use crate::tts::{HostedTts, HostedTtsConfig, HostedTtsKind, Piper};
 use crate::vad::{SileroModel, VadStream};
 
@@ -200,13 +200,14 @@ impl Engines {
     }
 
     /// `text` spoken by `tts_model` (one of [`tts_models`](Self::tts_models))
-    /// as 16 kHz mono PCM. Local engines run on the inference pool.
-    pub async fn synthesize(&self, tts_model: &str, voice: Option<&str>, speed: f32, text: &str) -> Result<Vec<i16>, AgentError> {
+    /// as 16 kHz mono PCM. Local engines run on the inference pool, queued
+    /// by `urgency`.
+    pub async fn synthesize(&self, urgency: Urgency, tts_model: &str, voice: Option<&str>, speed: f32, text: &str) -> Result<Vec<i16>, AgentError> {
         match tts_model {
             PIPER => {
                 let piper = self.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
                 let (text, speed) = (text.to_string(), speed);
-                self.pool.run(move || piper.synthesize(&text, speed)).await?
+                self.pool.run(urgency, move || piper.synthesize(&text, speed)).await?
             }
             ESPEAK => crate::tts::espeak(text, voice.unwrap_or("en-us"), speed).await,
             name => {

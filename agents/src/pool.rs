@@ -1,23 +1,68 @@
 //! The inference pool: heavy work (ASR, LLM, TTS) runs on blocking threads,
-//! never on the async runtime's workers, and at most `permits` jobs run at
+//! never on the async runtime's workers, and at most `size` jobs run at
 //! once so that a burst of calls queues instead of thrashing the cores.
+//!
+//! The queue is not first come, first served: a job a caller is waiting
+//! for in silence ([`Urgency::Now`]: a final transcript, a reply's first
+//! words and their audio) goes before one with slack ([`Urgency::Later`]:
+//! the rest of a reply whose start is already playing, a guess, a warm-up,
+//! API work). When calls answer at the same time each one's first audio
+//! comes before any one's second sentence.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::error::AgentError;
 
+/// How soon a job's result is needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Urgency {
+    /// A caller hears silence until it is done.
+    Now,
+    /// It has slack: audio is already playing, or it is optional.
+    Later,
+}
+
 #[derive(Clone)]
 pub struct InferencePool {
-    permits: Arc<Semaphore>,
+    slots: Arc<Mutex<Slots>>,
     size: usize,
+}
+
+/// Free slots and who waits for one, in order within each urgency.
+struct Slots {
+    free: usize,
+    now: VecDeque<oneshot::Sender<Slot>>,
+    later: VecDeque<oneshot::Sender<Slot>>,
+}
+
+/// The right to run one job; dropped (wherever it is, also inside a
+/// channel nobody reads any more), it passes to the next waiter.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(waiter) = slots.now.pop_front().or_else(|| slots.later.pop_front()) {
+            match waiter.send(Slot { slots: self.slots.clone() }) {
+                Ok(()) => return,
+                // That waiter gave up: the slot goes to the next one (it
+                // must not be dropped here, with the lock held).
+                Err(unsent) => std::mem::forget(unsent),
+            }
+        }
+        slots.free += 1;
+    }
 }
 
 impl InferencePool {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
-        InferencePool { permits: Arc::new(Semaphore::new(size)), size }
+        InferencePool { slots: Arc::new(Mutex::new(Slots { free: size, now: VecDeque::new(), later: VecDeque::new() })), size }
     }
 
     pub fn size(&self) -> usize {
@@ -26,27 +71,123 @@ impl InferencePool {
 
     /// Jobs that could start now without waiting.
     pub fn idle_slots(&self) -> usize {
-        self.permits.available_permits()
+        self.lock().free
     }
 
-    /// Runs `job` once a permit is free.
-    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
-        let permit = self.permits.clone().acquire_owned().await.map_err(|_| AgentError::Closed)?;
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_take(&self) -> Option<Slot> {
+        let mut slots = self.lock();
+        (slots.free > 0).then(|| {
+            slots.free -= 1;
+            Slot { slots: self.slots.clone() }
+        })
+    }
+
+    async fn take(&self, urgency: Urgency) -> Result<Slot, AgentError> {
+        let waiting = {
+            let mut slots = self.lock();
+            if slots.free > 0 {
+                slots.free -= 1;
+                return Ok(Slot { slots: self.slots.clone() });
+            }
+            let (tx, rx) = oneshot::channel();
+            match urgency {
+                Urgency::Now => slots.now.push_back(tx),
+                Urgency::Later => slots.later.push_back(tx),
+            }
+            rx
+        };
+        waiting.await.map_err(|_| AgentError::Closed)
+    }
+
+    /// Runs `job` once a slot is free for work of this `urgency`.
+    pub async fn run<T: Send + 'static>(&self, urgency: Urgency, job: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
+        let slot = self.take(urgency).await?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _slot = slot;
             job()
         })
         .await
         .map_err(|e| AgentError::Inference(format!("inference job failed: {e}")))
     }
 
-    /// Runs `job` only if a permit is free now: for optional work (partial
+    /// Runs `job` only if a slot is free now: for optional work (partial
     /// transcripts) that must not delay the work a caller is waiting for.
     pub fn try_run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<tokio::task::JoinHandle<T>> {
-        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let slot = self.try_take()?;
         Some(tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _slot = slot;
             job()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Occupies the pool's only slot until the returned sender is used.
+    async fn hold(pool: &InferencePool) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let p = pool.clone();
+        let job = tokio::spawn(async move {
+            p.run(Urgency::Later, move || {
+                let _ = started_tx.send(());
+                let _ = held.recv();
+            })
+            .await
+            .unwrap();
+        });
+        started.await.unwrap();
+        (release, job)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn urgent_work_overtakes_work_with_slack_and_each_keeps_its_order() {
+        let pool = InferencePool::new(1);
+        let (release, holder) = hold(&pool).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut jobs = Vec::new();
+        for (name, urgency) in [("later 1", Urgency::Later), ("now 1", Urgency::Now), ("later 2", Urgency::Later), ("now 2", Urgency::Now)] {
+            let (p, order) = (pool.clone(), order.clone());
+            jobs.push(tokio::spawn(async move { p.run(urgency, move || order.lock().unwrap().push(name)).await.unwrap() }));
+            // Queued in this order.
+            while {
+                let slots = pool.lock();
+                slots.now.len() + slots.later.len()
+            } < jobs.len()
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        for job in jobs {
+            job.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["now 1", "now 2", "later 1", "later 2"]);
+        assert_eq!(pool.idle_slots(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_that_gives_up_does_not_keep_the_slot() {
+        let pool = InferencePool::new(1);
+        let (release, holder) = hold(&pool).await;
+        let p = pool.clone();
+        let gave_up = tokio::spawn(async move { p.run(Urgency::Now, || ()).await });
+        while pool.lock().now.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        gave_up.abort();
+        let _ = gave_up.await;
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        assert_eq!(pool.idle_slots(), 1, "the slot came back");
+        assert_eq!(pool.run(Urgency::Later, || 7).await.unwrap(), 7);
     }
 }

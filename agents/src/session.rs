@@ -21,6 +21,7 @@
 //! it is dropped (and the local model goes back to its state before it).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use crate::chunker::SentenceChunker;
 use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
 use crate::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalConversation, Role};
+use crate::pool::Urgency;
 use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
 use crate::vad::VadStream;
 
@@ -260,6 +262,9 @@ struct Reply {
     record: bool,
     /// The call ends once this reply has been heard.
     ends_call: bool,
+    /// The caller waits in silence for this reply's work (its first piece
+    /// is not synthesized yet, and it is not a guess).
+    urgent: Arc<AtomicBool>,
 }
 
 impl Reply {
@@ -277,6 +282,7 @@ impl Reply {
             started_ms: None,
             record: true,
             ends_call: false,
+            urgent: Arc::new(AtomicBool::new(end_of_speech.is_some())),
         }
     }
 }
@@ -390,7 +396,7 @@ impl Core {
                 }
                 None => {
                     tokio::spawn(async move {
-                        match synthesize(&engines, &config, &text).await {
+                        match synthesize(&engines, &config, Urgency::Now, &text).await {
                             Ok(pcm) => {
                                 engines.greetings.put(key, Arc::new(pcm.clone()));
                                 let _ = tx.send(Work::Greeting(pcm));
@@ -611,7 +617,7 @@ impl Core {
         tokio::spawn(async move {
             let started = Instant::now();
             let pool = engines.pool.clone();
-            let result = pool.run(move || engines.asr.transcribe_scored(&audio, &lang)).await;
+            let result = pool.run(Urgency::Now, move || engines.asr.transcribe_scored(&audio, &lang)).await;
             let (text, confidence) = match result {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) | Err(e) => {
@@ -670,6 +676,10 @@ impl Core {
     fn promote(&mut self, s: Speculation, end_of_speech: Instant, metrics: TurnMetrics) {
         s.cancel_on_drop.disarm();
         let mut reply = s.reply;
+        if reply.pieces.is_empty() {
+            // The caller now waits for it.
+            reply.urgent.store(true, Ordering::Relaxed);
+        }
         reply.end_of_speech = Some(end_of_speech);
         reply.metrics = TurnMetrics { llm_first_token_ms: reply.metrics.llm_first_token_ms, tts_first_audio_ms: reply.metrics.tts_first_audio_ms, speculative: true, ..metrics };
         if reply.done && reply.ends_call {
@@ -764,7 +774,7 @@ impl Core {
             let pcm = if text.is_empty() {
                 Vec::new()
             } else {
-                synthesize(&engines, &config, &text).await.unwrap_or_else(|e| {
+                synthesize(&engines, &config, Urgency::Now, &text).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "closing line synthesis failed");
                     Vec::new()
                 })
@@ -797,17 +807,19 @@ impl Core {
                 tracing::warn!(error = %e, "history does not fit");
             }
         }
+        let reply = Reply::new(id, cancel.clone(), end_of_speech, metrics);
         let job = ReplyJob {
             engines: self.engines.clone(),
             config: self.config.clone(),
             messages,
             local: self.local.clone(),
             id,
-            cancel: cancel.clone(),
+            cancel,
+            urgent: reply.urgent.clone(),
             tx: self.work_tx.clone(),
         };
         tokio::spawn(job.run());
-        Reply::new(id, cancel, end_of_speech, metrics)
+        reply
     }
 
     async fn on_work(&mut self, w: Work) -> bool {
@@ -966,10 +978,16 @@ struct ReplyJob {
     local: Option<Arc<Mutex<LocalConversation>>>,
     id: u64,
     cancel: CancellationToken,
+    /// Shared with the session's [`Reply`]: how its pool work is queued.
+    urgent: Arc<AtomicBool>,
     tx: mpsc::UnboundedSender<Work>,
 }
 
 impl ReplyJob {
+    fn urgency(&self) -> Urgency {
+        urgency_of(&self.urgent)
+    }
+
     async fn run(self) {
         let (text_tx, mut text_rx) = mpsc::channel::<String>(256);
         let started = Instant::now();
@@ -1017,7 +1035,9 @@ impl ReplyJob {
                 let on_text = move |t: &str| {
                     let _ = out.blocking_send(t.to_string());
                 };
-                let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, on_text).await?;
+                let urgent = self.urgent.clone();
+                let urgency = move || urgency_of(&urgent);
+                let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, urgency, on_text).await?;
                 Ok((reply.text, false))
             }
             _ => {
@@ -1038,9 +1058,11 @@ impl ReplyJob {
             return false;
         }
         let started = Instant::now();
-        match synthesize(&self.engines, &self.config, piece).await {
+        match synthesize(&self.engines, &self.config, self.urgency(), piece).await {
             Ok(pcm) if !pcm.is_empty() && !self.cancel.is_cancelled() => {
                 let tts_ms = started.elapsed().as_millis() as u32;
+                // Audio to play: the rest of this reply has slack.
+                self.urgent.store(false, Ordering::Relaxed);
                 self.tx.send(Work::Piece { reply: self.id, text: piece.to_string(), pcm, tts_ms }).is_ok()
             }
             Ok(_) => false,
@@ -1053,8 +1075,16 @@ impl ReplyJob {
 }
 
 /// `text` in the agent's voice, 16 kHz.
-async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, text: &str) -> Result<Vec<i16>, AgentError> {
-    engines.synthesize(&config.tts_model, config.voice.as_deref(), config.speed, text).await
+async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, urgency: Urgency, text: &str) -> Result<Vec<i16>, AgentError> {
+    engines.synthesize(urgency, &config.tts_model, config.voice.as_deref(), config.speed, text).await
+}
+
+fn urgency_of(urgent: &AtomicBool) -> Urgency {
+    if urgent.load(Ordering::Relaxed) {
+        Urgency::Now
+    } else {
+        Urgency::Later
+    }
 }
 
 /// What the caller heard of a reply cut after `played` samples: the pieces

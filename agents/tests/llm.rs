@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 use voxgate_agents::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalLlm, Role};
-use voxgate_agents::pool::InferencePool;
+use voxgate_agents::pool::{InferencePool, Urgency};
 
 /// Greedy, so that two conversations given the same prompts say the same.
 const GREEDY: Generation = Generation { max_tokens: 16, temperature: 0.0, top_p: 1.0 };
@@ -92,13 +92,13 @@ async fn a_long_reply_lets_other_work_through_the_pool_between_its_slices() {
     };
     let generation = {
         let (pool, llm, conv) = (pool.clone(), llm.clone(), conv.clone());
-        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), on_text).await })
+        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Later, on_text).await })
     };
     first_rx.await.expect("the reply starts");
     // The only slot is the reply's; a short job queued now runs at the end
     // of the reply's current slice, not of the whole reply.
     let seen = pieces.clone();
-    let pieces_when_run = pool.run(move || seen.load(Ordering::SeqCst)).await.unwrap();
+    let pieces_when_run = pool.run(Urgency::Later, move || seen.load(Ordering::SeqCst)).await.unwrap();
     let reply = generation.await.unwrap().unwrap();
     assert!(reply.tokens >= 32, "a reply of a few slices: {reply:?}");
     assert!(pieces_when_run < pieces.load(Ordering::SeqCst) / 2, "the job ran after {pieces_when_run} of {} pieces", pieces.load(Ordering::SeqCst));
@@ -114,10 +114,10 @@ async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_ca
     let read = Arc::new(Mutex::new(llm.conversation(3)));
     prefill(&pool, &llm, &read, vec![system.clone()]).await.unwrap();
     let turn = vec![system, ChatMessage::new(Role::User, "Do you have pizza?")];
-    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, |_| {}).await.unwrap();
+    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, || Urgency::Now, |_| {}).await.unwrap();
     let whole = llm.prompt_tokens(&turn).unwrap();
     assert!(whole > 128 && reply.read * 8 < whole, "read {} of a {whole}-token prompt", reply.read);
     // The same words as without the read-ahead.
     let cold = Arc::new(Mutex::new(llm.conversation(3)));
-    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, |_| {}).await.unwrap().text, reply.text);
+    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, || Urgency::Now, |_| {}).await.unwrap().text, reply.text);
 }

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voxgate_agents::llm::{generate_sliced, ChatMessage, Generation, LocalLlm};
+use voxgate_agents::pool::Urgency;
 use voxgate_agents::embed::EMBEDDING_MODEL;
 use voxgate_agents::{Role, LOCAL_LLM};
 
@@ -244,7 +245,7 @@ async fn local_chat(
                     stop.cancel();
                 }
             };
-            let piece = match generate_sliced(engines.pool(), &llm, &conv, msgs, opts, &job_cancel, on_text).await {
+            let piece = match generate_sliced(engines.pool(), &llm, &conv, msgs, opts, &job_cancel, || Urgency::Later, on_text).await {
                 Ok(r) => Piece::End { length: r.truncated, completion_tokens: r.tokens },
                 Err(e) => Piece::Failed(e.to_string()),
             };
@@ -421,7 +422,7 @@ pub async fn embeddings(State(state): State<AppState>, Auth(auth): Auth, ApiJson
     let mut tokens = 0;
     for chunk in texts.chunks(EMBED_BATCH) {
         let (embedder, chunk) = (embedder.clone(), chunk.to_vec());
-        let out = engines.pool().run(move || embedder.embed(&chunk)).await.and_then(|r| r).map_err(|e| Error::Internal(e.into()))?;
+        let out = engines.pool().run(Urgency::Later, move || embedder.embed(&chunk)).await.and_then(|r| r).map_err(|e| Error::Internal(e.into()))?;
         tokens += out.tokens;
         for v in out.vectors {
             let embedding = if base64 {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use voxgate_agents::pool::Urgency;
 use tracing::Instrument;
 
 use super::channels::{Channels, Fetch, Poll, Submitted, UpstreamError};
@@ -361,7 +362,7 @@ impl Jobs {
         let pieces = sentences(text);
         let mut pcm: Vec<i16> = Vec::new();
         for (i, piece) in pieces.iter().enumerate() {
-            let mut part = engines.synthesize(&job.model, Some(voice), speed, piece).await.map_err(|e| permanent(format!("synthesis: {e}")))?;
+            let mut part = engines.synthesize(Urgency::Later, &job.model, Some(voice), speed, piece).await.map_err(|e| permanent(format!("synthesis: {e}")))?;
             pcm.append(&mut part);
             progress.store(((i + 1) * 95 / pieces.len()) as u8, Ordering::Relaxed);
         }

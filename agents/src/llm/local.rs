@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::chat::{ChatMessage, ChatTemplate, Role};
 use super::{tokenizer, MAX_REPLY_TOKENS};
 use crate::error::AgentError;
-use crate::pool::InferencePool;
+use crate::pool::{InferencePool, Urgency};
 
 /// Prompt + reply budget. SmolLM2 supports 8k, but prefill cost grows with
 /// it and a phone call's memory does not need more.
@@ -343,7 +343,9 @@ impl LocalLlm {
 
 /// Generates `conv`'s reply to `messages` on `pool`, [`SLICE_TOKENS`] at a
 /// time, each slice a job of its own so that the pool's other work runs in
-/// between; `on_text` gets each new piece of text as it comes.
+/// between, each queued with the `urgency` it has then; `on_text` gets each
+/// new piece of text as it comes.
+#[allow(clippy::too_many_arguments)]
 pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     pool: &InferencePool,
     llm: &Arc<LocalLlm>,
@@ -351,13 +353,14 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     messages: Vec<ChatMessage>,
     opts: Generation,
     cancel: &CancellationToken,
+    urgency: impl Fn() -> Urgency,
     on_text: F,
 ) -> Result<Reply, AgentError> {
     let mut next = Slice::Start(messages, on_text);
     loop {
         let (llm, conv, cancel) = (llm.clone(), conv.clone(), cancel.clone());
         let (g, on_text, done) = pool
-            .run(move || {
+            .run(urgency(), move || {
                 let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut g, mut on_text) = match next {
                     Slice::Start(messages, on_text) => (llm.start(&mut conv, &messages, opts)?, on_text),
@@ -376,14 +379,15 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
 
 /// Runs the model over the conversation so far (the system prompt) ahead
 /// of time, while the phone rings, so that the first turn only has the
-/// caller's words left to read. [`SLICE_TOKENS`] x 4 tokens a pool job: a
-/// long prompt does not hold a core for seconds while other calls wait. A
-/// reply that starts meanwhile takes the conversation over (and reads what
+/// caller's words left to read. [`SLICE_TOKENS`] x 4 tokens a pool job,
+/// queued as work with slack ([`Urgency::Later`]): a long prompt does not
+/// hold a core for seconds while other calls wait. A reply that starts
+/// meanwhile takes the conversation over (and reads what
 /// the prefill had not) and the prefill stops.
 pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex<LocalConversation>>, messages: Vec<ChatMessage>) -> Result<(), AgentError> {
     let (l, c) = (llm.clone(), conv.clone());
     let begun = pool
-        .run(move || {
+        .run(Urgency::Later, move || {
             let mut conv = c.lock().unwrap_or_else(|p| p.into_inner());
             Ok::<_, AgentError>(l.begin_prefill(&mut conv, &messages)?.map(|p| (p, conv.replies)))
         })
@@ -393,7 +397,7 @@ pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex
     for at in (0..read.1.len()).step_by(SLICE_TOKENS * 4) {
         let (l, c, read) = (llm.clone(), conv.clone(), read.clone());
         let still_ours = pool
-            .run(move || {
+            .run(Urgency::Later, move || {
                 let mut conv = c.lock().unwrap_or_else(|p| p.into_inner());
                 if conv.replies != owner {
                     return Ok(false);
