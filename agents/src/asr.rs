@@ -6,7 +6,9 @@
 //! it starts (alone, all of them: a turn's transcript comes ~1.5x sooner on
 //! two cores than on one), one that finds none free waits for a decode to
 //! end, and together they never use more, because more ggml threads than
-//! cores livelock on its spinning barriers.
+//! cores livelock on its spinning barriers. The budget is one thread unless
+//! configured (`asr_threads`): next to LLM and TTS work on the same cores a
+//! decode on two threads spins on its barriers and takes many times longer.
 
 use std::path::Path;
 use std::sync::{Condvar, Mutex};

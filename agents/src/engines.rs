@@ -31,9 +31,13 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads Whisper decodes use in all; default: cores. A decode takes
+    /// Threads Whisper decodes use in all; default: 1. A decode takes
     /// every thread free when it starts, one that finds none waits (more
-    /// ggml threads than cores make its spinning barriers livelock).
+    /// ggml threads than cores make its spinning barriers livelock). More
+    /// than one only pays on a machine with cores the pool does not use:
+    /// a multi-threaded decode next to LLM and TTS work on the same cores
+    /// spins on its barriers (four calls on two cores: the final transcript
+    /// waited 1.3-1.9 s on average with 2, 32-40 ms with 1).
     pub asr_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
@@ -140,7 +144,7 @@ impl Engines {
         whisper_rs::install_logging_hooks();
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
-        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(cores))?;
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
         let llm = optional("local LLM", LocalLlm::load(&paths.llm));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
