@@ -7,25 +7,30 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use voxgate_agents::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalLlm, Role};
+use voxgate_agents::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalConversation, LocalLlm, Role};
 use voxgate_agents::pool::{InferencePool, Urgency};
 
 /// Greedy, so that two conversations given the same prompts say the same.
 const GREEDY: Generation = Generation { max_tokens: 16, temperature: 0.0, top_p: 1.0 };
 const PROMPT: &str = "You are the receptionist of Luigi's, an Italian restaurant in the old town. We are open every day from nine in the morning to ten at night, and we take bookings for up to twelve people. Always answer in English, in one short sentence.";
 
+/// Two conversations that heard the same first turn, and that turn.
+fn two_after_the_first_turn(llm: &LocalLlm) -> (LocalConversation, LocalConversation, Vec<ChatMessage>) {
+    let never = CancellationToken::new();
+    let mut history = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Hello, who is this?")];
+    let (mut one, mut other) = (llm.conversation(1), llm.conversation(1));
+    let first = llm.generate_with(&mut one, &history, GREEDY, &never, |_| {}).unwrap();
+    assert_eq!(first.read, llm.prompt_tokens(&history).unwrap(), "the first reply reads the whole prompt");
+    assert_eq!(llm.generate_with(&mut other, &history, GREEDY, &never, |_| {}).unwrap(), first);
+    history.push(ChatMessage::new(Role::Assistant, first.text));
+    (one, other, history)
+}
+
 #[test]
 fn a_reply_thrown_away_is_undone_without_reading_the_call_again() {
     let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
     let never = CancellationToken::new();
-    let mut history = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Hello, who is this?")];
-
-    // Two conversations hear the same first turn.
-    let (mut guessed, mut straight) = (llm.conversation(1), llm.conversation(1));
-    let first = llm.generate_with(&mut guessed, &history, GREEDY, &never, |_| {}).unwrap();
-    assert_eq!(first.read, llm.prompt_tokens(&history).unwrap(), "the first reply reads the whole prompt");
-    assert_eq!(llm.generate_with(&mut straight, &history, GREEDY, &never, |_| {}).unwrap(), first);
-    history.push(ChatMessage::new(Role::Assistant, first.text.clone()));
+    let (mut guessed, mut straight, mut history) = two_after_the_first_turn(&llm);
 
     // One of them answers a guess at the caller's next words, cut short
     // when the caller goes on.
@@ -48,11 +53,7 @@ fn a_reply_thrown_away_is_undone_without_reading_the_call_again() {
 fn a_reply_that_lost_its_conversation_to_a_newer_one_stops_without_touching_it() {
     let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
     let never = CancellationToken::new();
-    let mut history = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Hello, who is this?")];
-    let (mut shared, mut straight) = (llm.conversation(1), llm.conversation(1));
-    let first = llm.generate_with(&mut shared, &history, GREEDY, &never, |_| {}).unwrap();
-    assert_eq!(llm.generate_with(&mut straight, &history, GREEDY, &never, |_| {}).unwrap(), first);
-    history.push(ChatMessage::new(Role::Assistant, first.text));
+    let (mut shared, mut straight, mut history) = two_after_the_first_turn(&llm);
 
     // A guess starts, two tokens in a newer reply takes the conversation.
     let mut guess = history.clone();
