@@ -41,18 +41,26 @@ struct Slots {
 /// The right to run one job; dropped (wherever it is, also inside a
 /// channel nobody reads any more), it passes to the next waiter.
 struct Slot {
-    slots: Arc<Mutex<Slots>>,
+    /// None once the slot has been handed on (nothing left to give back).
+    slots: Option<Arc<Mutex<Slots>>>,
+}
+
+impl Slot {
+    fn of(slots: &Arc<Mutex<Slots>>) -> Self {
+        Slot { slots: Some(slots.clone()) }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(shared) = self.slots.take() else { return };
+        let mut slots = shared.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(waiter) = slots.now.pop_front().or_else(|| slots.later.pop_front()) {
-            match waiter.send(Slot { slots: self.slots.clone() }) {
+            match waiter.send(Slot::of(&shared)) {
                 Ok(()) => return,
-                // That waiter gave up: the slot goes to the next one (it
-                // must not be dropped here, with the lock held).
-                Err(unsent) => std::mem::forget(unsent),
+                // That waiter gave up: the slot goes to the next one, and
+                // the copy it was not sent has nothing to give back.
+                Err(mut unsent) => unsent.slots = None,
             }
         }
         slots.free += 1;
@@ -78,20 +86,25 @@ impl InferencePool {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_take(&self) -> Option<Slot> {
-        let mut slots = self.lock();
+    /// A free slot, if `slots` (this pool's, locked) has one.
+    fn take_free(&self, slots: &mut Slots) -> Option<Slot> {
         (slots.free > 0).then(|| {
             slots.free -= 1;
-            Slot { slots: self.slots.clone() }
+            Slot::of(&self.slots)
         })
+    }
+
+    fn try_take(&self) -> Option<Slot> {
+        self.take_free(&mut self.lock())
     }
 
     async fn take(&self, urgency: Urgency) -> Result<Slot, AgentError> {
         let waiting = {
+            // Checked and queued under one lock: a slot freed in between
+            // would otherwise find no waiter and this one wait for the next.
             let mut slots = self.lock();
-            if slots.free > 0 {
-                slots.free -= 1;
-                return Ok(Slot { slots: self.slots.clone() });
+            if let Some(slot) = self.take_free(&mut slots) {
+                return Ok(slot);
             }
             let (tx, rx) = oneshot::channel();
             match urgency {

@@ -984,10 +984,6 @@ struct ReplyJob {
 }
 
 impl ReplyJob {
-    fn urgency(&self) -> Urgency {
-        urgency_of(&self.urgent)
-    }
-
     async fn run(self) {
         let (text_tx, mut text_rx) = mpsc::channel::<String>(256);
         let started = Instant::now();
@@ -1058,7 +1054,7 @@ impl ReplyJob {
             return false;
         }
         let started = Instant::now();
-        match synthesize(&self.engines, &self.config, self.urgency(), piece).await {
+        match synthesize(&self.engines, &self.config, urgency_of(&self.urgent), piece).await {
             Ok(pcm) if !pcm.is_empty() && !self.cancel.is_cancelled() => {
                 let tts_ms = started.elapsed().as_millis() as u32;
                 // Audio to play: the rest of this reply has slack.

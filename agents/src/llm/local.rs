@@ -38,6 +38,9 @@ const REPEAT_WINDOW: usize = 64;
 /// never holds a core for seconds while another call's first words, or the
 /// synthesis of its own first sentence, wait behind it.
 const SLICE_TOKENS: usize = 8;
+/// Prompt tokens a prefill reads per pool job: reading is cheaper per token
+/// than generating, so a slice of it takes about as long as one of a reply.
+const PREFILL_SLICE_TOKENS: usize = SLICE_TOKENS * 4;
 
 fn inference(e: candle_core::Error) -> AgentError {
     AgentError::Inference(format!("llm: {e}"))
@@ -363,7 +366,7 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
             .run(urgency(), move || {
                 let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut g, mut on_text) = match next {
-                    Slice::Start(messages, on_text) => (llm.start(&mut conv, &messages, opts)?, on_text),
+                    Slice::Start(messages, on_text) => (Box::new(llm.start(&mut conv, &messages, opts)?), on_text),
                     Slice::GoOn(g, on_text) => (g, on_text),
                 };
                 let done = llm.step(&mut conv, &mut g, SLICE_TOKENS, &cancel, &mut on_text)?;
@@ -379,11 +382,11 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
 
 /// Runs the model over the conversation so far (the system prompt) ahead
 /// of time, while the phone rings, so that the first turn only has the
-/// caller's words left to read. [`SLICE_TOKENS`] x 4 tokens a pool job,
-/// queued as work with slack ([`Urgency::Later`]): a long prompt does not
-/// hold a core for seconds while other calls wait. A reply that starts
-/// meanwhile takes the conversation over (and reads what
-/// the prefill had not) and the prefill stops.
+/// caller's words left to read. [`PREFILL_SLICE_TOKENS`] a pool job, queued
+/// as work with slack ([`Urgency::Later`]): a long prompt does not hold a
+/// core for seconds while other calls wait. A reply that starts meanwhile
+/// takes the conversation over (and reads what the prefill had not) and the
+/// prefill stops.
 pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex<LocalConversation>>, messages: Vec<ChatMessage>) -> Result<(), AgentError> {
     let (l, c) = (llm.clone(), conv.clone());
     let begun = pool
@@ -394,7 +397,7 @@ pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex
         .await??;
     let Some(((prompt, tokens), owner)) = begun else { return Ok(()) };
     let read = Arc::new((prompt, tokens));
-    for at in (0..read.1.len()).step_by(SLICE_TOKENS * 4) {
+    for at in (0..read.1.len()).step_by(PREFILL_SLICE_TOKENS) {
         let (l, c, read) = (llm.clone(), conv.clone(), read.clone());
         let still_ours = pool
             .run(Urgency::Later, move || {
@@ -403,7 +406,7 @@ pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex
                     return Ok(false);
                 }
                 let (prompt, tokens) = &*read;
-                l.read_ahead(&mut conv, prompt, &tokens[..(at + SLICE_TOKENS * 4).min(tokens.len())])?;
+                l.read_ahead(&mut conv, prompt, &tokens[..(at + PREFILL_SLICE_TOKENS).min(tokens.len())])?;
                 Ok::<_, AgentError>(true)
             })
             .await??;
@@ -417,7 +420,7 @@ pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex
 /// What the next slice of [`generate_sliced`] does.
 enum Slice<F> {
     Start(Vec<ChatMessage>, F),
-    GoOn(Generating, F),
+    GoOn(Box<Generating>, F),
 }
 
 impl LocalConversation {
