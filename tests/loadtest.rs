@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::sipp::free_udp_port;
+use common::sipp::{free_udp_port, free_udp_range};
 use common::voice::{balance, trunk_config};
 use common::{wait_for_exit, TestServer};
 use serde_json::Value;
@@ -66,7 +66,7 @@ async fn five_concurrent_calls_are_answered_and_each_measured() {
 /// Runs the tool against `server` with `args`; the parsed report.json.
 fn run_loadtest(server: &TestServer, key: &str, sip_port: u16, args: &[&str]) -> (Value, tempfile::TempDir) {
     let out = tempfile::tempdir().expect("tempdir");
-    let rtp = free_udp_port();
+    let rtp = free_udp_range(40);
     let child = Command::new(loadtest_bin())
         .args(["--server", &server.url(""), "--no-progress"])
         .args(["--sip-bind", &format!("127.0.0.1:{sip_port}"), "--rtp-ports", &format!("{rtp}-{}", rtp + 40)])

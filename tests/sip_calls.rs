@@ -57,6 +57,21 @@ async fn answered_call_echoes_a_tone_without_loss_and_hangs_up_with_bye() {
     cancel.cancel();
 }
 
+/// How the call ended within `secs`, or a panic showing what happened
+/// instead: the events so far and what SIPp reported.
+async fn ended_within(call: &mut voxgate_sip::Call, secs: u64, sipp: &Sipp) -> voxgate_sip::Outcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, call.events.recv()).await {
+            Ok(Some(CallEvent::Ended(o))) => return o,
+            Ok(Some(ev)) => seen.push(ev),
+            Ok(None) => panic!("events closed without an end after {seen:?}"),
+            Err(_) => panic!("no end within {secs} s; events {seen:?}; SIPp errors: {}", sipp.errors()),
+        }
+    }
+}
+
 async fn call_against(sipp: &Sipp, ring_timeout_secs: u64) -> (voxgate_sip::Call, CancellationToken) {
     let cancel = CancellationToken::new();
     let config = voxgate_sip::SipConfig { ring_timeout_secs, ..config_for(sipp) };
@@ -337,7 +352,7 @@ async fn a_far_end_that_sends_no_rtp_is_hung_up_for_media_timeout() {
     let config = voxgate_sip::SipConfig { media_timeout_secs: 2, ..config_for(&sipp) };
     let (agent, _inbound) = SipAgent::start(config, cancel.clone()).await.unwrap();
     let mut call = agent.dial(dial()).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(15), call.ended()).await.unwrap().unwrap();
+    let outcome = ended_within(&mut call, 15, &sipp).await;
     assert_eq!((outcome.status, outcome.reason), (CallStatus::Completed, EndReason::MediaTimeout));
     assert!(sipp.wait(Duration::from_secs(10)), "our BYE reached SIPp");
     cancel.cancel();

@@ -583,7 +583,10 @@ impl Core {
         // the decode of a sentence's end changes with where the cut falls.
         let end = (u.voiced_end + PARTIAL_TAIL_SAMPLES).min(u.pcm.len()).max(u.partial_len.min(u.pcm.len()));
         let audio = to_f32(&u.pcm[..end]);
-        let covered = u.voiced_end;
+        // Only speech heard with its tail counts as covered: a partial cut
+        // on the last voiced frame may have lost the last word, and must not
+        // become the final transcript (the pause brings a decode with it).
+        let covered = if end >= u.voiced_end + PARTIAL_TAIL_SAMPLES { u.voiced_end } else { end.saturating_sub(PARTIAL_TAIL_SAMPLES) };
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         let job = move || {
             let (text, confidence) = engines.asr.transcribe_scored(&audio, &lang).unwrap_or_default();

@@ -44,7 +44,7 @@ async fn caller_question_is_transcribed_answered_and_spoken() {
     let reply_at = caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some_and(|t| t.text != GREETING.trim())).await;
 
     let heard = caller.log.iter().find_map(|(_, e)| is_final(e, Speaker::Caller)).expect("caller transcript").text.clone();
-    assert!(wer(question, &heard) <= 0.10, "caller heard as {heard:?}");
+    assert!(wer(question, &heard) <= 0.10, "caller heard as {heard:?}: {:?}", caller.summary());
     let reply = is_final(&caller.log[reply_at].1, Speaker::Agent).unwrap().clone();
     assert!(!reply.interrupted && !reply.text.is_empty());
     let metrics = caller.log.iter().find_map(|(_, e)| match e {

@@ -11,13 +11,45 @@ use voxgate_sip::{SipConfig, Trunk};
 
 /// A free UDP port pair base on 127.0.0.1 (even, with the next one free too).
 pub fn free_udp_port() -> u16 {
+    free_udp_range(1)
+}
+
+/// The first of `len + 1` consecutive free UDP ports on 127.0.0.1 (even),
+/// reserved for this test process: nextest runs every test in a process of
+/// its own, and a port picked here is bound later (SIPp starts, a server
+/// reads its config), so until then another test could pick it too.
+pub fn free_udp_range(len: u16) -> u16 {
     loop {
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let port = s.local_addr().unwrap().port();
-        if port % 2 == 0 && port < 65000 && UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+        if port % 2 != 0 || port >= 65000 - len {
+            continue;
+        }
+        drop(s);
+        let ports = port..=port + len;
+        if ports.clone().all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) && reserve(ports) {
             return port;
         }
     }
+}
+
+/// Locks `/tmp/voxgate-test-ports/<port>` for every port in `ports` until
+/// this process exits (the kernel drops the locks with it); false, holding
+/// none, when another process holds one of them.
+fn reserve(ports: std::ops::RangeInclusive<u16>) -> bool {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("voxgate-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut locked = Vec::new();
+    for port in ports {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string())).expect("port lock file");
+        if file.try_lock().is_err() {
+            return false;
+        }
+        locked.push(file);
+    }
+    HELD.lock().unwrap().extend(locked);
+    true
 }
 
 /// A directory whose `pcap/` is SIPp's shipped audio and DTMF captures, for
@@ -37,6 +69,7 @@ pub struct Sipp {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub media_port: u16,
+    error_file: PathBuf,
 }
 
 impl Sipp {
@@ -61,7 +94,9 @@ impl Sipp {
     fn spawn(scenario_args: &[&str], extra: &[&str]) -> Sipp {
         let port = free_udp_port();
         let media_port = free_udp_port();
-        let error_file = std::env::temp_dir().join(format!("sipp-{port}-err.log")).display().to_string();
+        let error_path = std::env::temp_dir().join(format!("sipp-{port}-err.log"));
+        let _ = std::fs::remove_file(&error_path);
+        let error_file = error_path.display().to_string();
         let (port_s, media_s) = (port.to_string(), media_port.to_string());
         let common = [
             "-i", "127.0.0.1", "-p", &port_s, "-mi", "127.0.0.1", "-mp", &media_s, "-m", "1", "-timeout", "60s",
@@ -77,7 +112,13 @@ impl Sipp {
             .stderr(Stdio::piped())
             .spawn()
             .expect("sipp (Debian package sip-tester) is installed by scripts/setup");
-        Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port }
+        Sipp { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], port)), media_port, error_file: error_path }
+    }
+
+    /// What SIPp reported as unexpected so far (its `-trace_err` file), for
+    /// a failing test to show.
+    pub fn errors(&self) -> String {
+        std::fs::read_to_string(&self.error_file).unwrap_or_else(|_| "(none)".into())
     }
 
     /// Waits for SIPp to finish; true when its one call succeeded (exit 0).
@@ -94,7 +135,7 @@ impl Drop for Sipp {
 
 /// SIP config for voxgate answering inbound calls to `number`, no trunks.
 pub fn inbound_config(number: &str) -> SipConfig {
-    let rtp = free_udp_port();
+    let rtp = free_udp_range(20);
     SipConfig {
         bind: SocketAddr::from(([127, 0, 0, 1], free_udp_port())),
         rtp_port_min: rtp,
@@ -106,7 +147,7 @@ pub fn inbound_config(number: &str) -> SipConfig {
 
 /// SIP config for voxgate with one trunk pointing at `sipp`.
 pub fn config_for(sipp: &Sipp) -> SipConfig {
-    let rtp = free_udp_port();
+    let rtp = free_udp_range(20);
     SipConfig {
         bind: SocketAddr::from(([127, 0, 0, 1], free_udp_port())),
         rtp_port_min: rtp,

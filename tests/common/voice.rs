@@ -10,7 +10,7 @@ use super::{json, TestServer};
 
 /// `voxgate.toml` with one trunk `sipp` at `port`, plus `extra` TOML.
 pub fn trunk_config(port: u16, extra: &str) -> String {
-    let rtp = super::sipp::free_udp_port();
+    let rtp = super::sipp::free_udp_range(40);
     format!(
         "[sip]\nrtp_port_min = {rtp}\nrtp_port_max = {}\n\n[[sip.trunks]]\nname = \"sipp\"\nhost = \"127.0.0.1\"\nport = {port}\nfrom_user = \"+14155550100\"\n\n{extra}",
         rtp + 40
