@@ -1,11 +1,39 @@
 //! Cuts a stream of LLM text into pieces worth synthesizing: whole
-//! sentences, and the first clause early so that the agent starts speaking
+//! sentences, and the first phrase early so that the agent starts speaking
 //! before its first sentence is finished.
 
 /// The first piece may end at a comma once it has this many words.
-const FIRST_CLAUSE_WORDS: usize = 4;
+const FIRST_CLAUSE_WORDS: usize = 3;
+/// Without a comma, the first piece ends before a word that opens a phrase
+/// ("to", "with", "and"...) once it has this many words, or at the last
+/// space once it has `FIRST_PHRASE_MAX_WORDS`: the caller waits in silence
+/// for the first piece, and its synthesis takes as long as its audio.
+const FIRST_PHRASE_WORDS: usize = 4;
+const FIRST_PHRASE_MAX_WORDS: usize = 8;
 /// A piece never grows past this many characters (cut at a space).
 const MAX_CHARS: usize = 160;
+
+/// Words a phrase starts with: a cut before one of them falls where a
+/// speaker could breathe.
+const PHRASE_OPENERS: &[&str] = &[
+    "to", "with", "for", "and", "or", "but", "so", "because", "if", "when", "while", "at", "in", "on", "from", "by", "that", "which", "who", "where", "until", "before", "after", "as",
+];
+
+/// A piece of the reply to synthesize. `continues` is true when the piece
+/// ends inside a sentence (a phrase cut): it is then spoken with the
+/// rising, unfinished intonation of a comma, not a full stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub text: String,
+    pub continues: bool,
+}
+
+impl Piece {
+    /// A text spoken as it stands (a greeting, a last line).
+    pub fn whole(text: &str) -> Piece {
+        Piece { text: text.to_string(), continues: false }
+    }
+}
 
 #[derive(Default)]
 pub struct SentenceChunker {
@@ -15,13 +43,13 @@ pub struct SentenceChunker {
 
 impl SentenceChunker {
     /// Adds `text`; returns the pieces it completed.
-    pub fn push(&mut self, text: &str) -> Vec<String> {
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
         let mut out = Vec::new();
-        while let Some(end) = self.boundary() {
+        while let Some((end, continues)) = self.boundary() {
             let piece: String = self.buf.drain(..end).collect();
-            if let Some(p) = speakable(&piece) {
-                out.push(p);
+            if let Some(text) = speakable(&piece) {
+                out.push(Piece { text, continues });
                 self.emitted += 1;
             }
         }
@@ -29,12 +57,56 @@ impl SentenceChunker {
     }
 
     /// What is left when the stream ends.
-    pub fn finish(&mut self) -> Option<String> {
+    pub fn finish(&mut self) -> Option<Piece> {
         let rest = std::mem::take(&mut self.buf);
-        speakable(&rest)
+        speakable(&rest).as_deref().map(Piece::whole)
     }
 
-    fn boundary(&self) -> Option<usize> {
+    /// Where the next piece ends, and whether it ends inside a sentence.
+    fn boundary(&self) -> Option<(usize, bool)> {
+        if let Some(end) = self.punctuation() {
+            return Some((end, false));
+        }
+        if self.emitted == 0 {
+            if let Some(end) = self.first_phrase() {
+                return Some((end, true));
+            }
+        }
+        if self.buf.len() > MAX_CHARS {
+            return self.buf[..MAX_CHARS].rfind(' ').filter(|&p| p > 0).map(|p| (p, true));
+        }
+        None
+    }
+
+    /// The end of the first phrase of a sentence still without a comma:
+    /// before the first phrase opener once `FIRST_PHRASE_WORDS` words are
+    /// said, else after `FIRST_PHRASE_MAX_WORDS` words. Only whole words
+    /// count (a word is whole once the space after it has arrived).
+    fn first_phrase(&self) -> Option<usize> {
+        let mut words = 0;
+        let mut word_start = None;
+        for (pos, c) in self.buf.char_indices() {
+            if c.is_whitespace() {
+                if let Some(start) = word_start.take() {
+                    let word = self.buf[start..pos].trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+                    if words >= FIRST_PHRASE_WORDS && PHRASE_OPENERS.contains(&word.as_str()) {
+                        return Some(start);
+                    }
+                    words += 1;
+                    if words >= FIRST_PHRASE_MAX_WORDS {
+                        return Some(pos);
+                    }
+                }
+            } else if word_start.is_none() {
+                word_start = Some(pos);
+            }
+        }
+        None
+    }
+
+    /// The end of the first sentence (or, for the first piece, clause)
+    /// whose punctuation has arrived.
+    fn punctuation(&self) -> Option<usize> {
         let chars: Vec<(usize, char)> = self.buf.char_indices().collect();
         for (i, &(pos, c)) in chars.iter().enumerate() {
             let next = chars.get(i + 1).map(|x| x.1);
@@ -51,9 +123,6 @@ impl SentenceChunker {
             if self.emitted == 0 && matches!(c, ',' | ';' | ':') && next.is_whitespace() && words(&self.buf[..end]) >= FIRST_CLAUSE_WORDS {
                 return Some(end);
             }
-        }
-        if self.buf.len() > MAX_CHARS {
-            return self.buf[..MAX_CHARS].rfind(' ').filter(|&p| p > 0);
         }
         None
     }
@@ -91,11 +160,45 @@ fn spoken_word(w: &str) -> String {
 mod tests {
     use super::*;
 
-    fn feed(tokens: &[&str]) -> Vec<String> {
+    fn pieces(tokens: &[&str]) -> Vec<Piece> {
         let mut c = SentenceChunker::default();
-        let mut out: Vec<String> = tokens.iter().flat_map(|t| c.push(t)).collect();
+        let mut out: Vec<Piece> = tokens.iter().flat_map(|t| c.push(t)).collect();
         out.extend(c.finish());
         out
+    }
+
+    fn feed(tokens: &[&str]) -> Vec<String> {
+        pieces(tokens).into_iter().map(|p| p.text).collect()
+    }
+
+    fn words_of(text: &str) -> Vec<String> {
+        text.split_inclusive(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_long_first_sentence_is_cut_before_a_phrase_and_the_rest_kept_whole() {
+        let text = "We're happy to assist you with any questions or concerns. If you need a time, ask.";
+        let out = pieces(&words_of(text).iter().map(String::as_str).collect::<Vec<_>>());
+        let expected = [("We're happy to assist you", true), ("with any questions or concerns.", false), ("If you need a time, ask.", false)];
+        assert_eq!(out, expected.map(|(t, c)| Piece { text: t.into(), continues: c }));
+    }
+
+    #[test]
+    fn a_first_sentence_without_a_phrase_opener_is_cut_after_eight_words() {
+        let text = "Yes absolutely we certainly do welcome brand new patients every day.";
+        let out = pieces(&words_of(text).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out[0], Piece { text: "Yes absolutely we certainly do welcome brand new".into(), continues: true });
+        assert_eq!(out[1].text, "patients every day.");
+    }
+
+    #[test]
+    fn short_sentences_are_not_cut_and_a_word_is_judged_whole() {
+        // Four words and the opener, but the sentence ends first.
+        assert_eq!(feed(&["We", " are", " open", " until", " nine."]), vec!["We are open until nine."]);
+        // "to" is not yet a word: it may still become "today".
+        let mut c = SentenceChunker::default();
+        assert!(c.push("Sure thing we can see to").is_empty());
+        assert_eq!(c.push("day at nine."), vec![Piece { text: "Sure thing we can see today".into(), continues: true }]);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! what it has synthesized plays on the next frame; if the caller goes on,
 //! it is dropped (and the local model goes back to its state before it).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::chunker::SentenceChunker;
+use crate::chunker::{Piece, SentenceChunker};
 use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
 use crate::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalConversation, Role};
@@ -396,7 +397,7 @@ impl Core {
                 }
                 None => {
                     tokio::spawn(async move {
-                        match synthesize(&engines, &config, Urgency::Now, &text).await {
+                        match synthesize(&engines, &config, Urgency::Now, &Piece::whole(&text)).await {
                             Ok(pcm) => {
                                 engines.greetings.put(key, Arc::new(pcm.clone()));
                                 let _ = tx.send(Work::Greeting(pcm));
@@ -777,7 +778,7 @@ impl Core {
             let pcm = if text.is_empty() {
                 Vec::new()
             } else {
-                synthesize(&engines, &config, Urgency::Now, &text).await.unwrap_or_else(|e| {
+                synthesize(&engines, &config, Urgency::Now, &Piece::whole(&text)).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "closing line synthesis failed");
                     Vec::new()
                 })
@@ -1016,7 +1017,7 @@ impl ReplyJob {
                 tracing::warn!(error = %e, "language model failed; saying the fallback line");
                 let line = self.engines.config.fallback_line.clone();
                 if !self.cancel.is_cancelled() {
-                    self.speak(&line).await;
+                    self.speak(&Piece::whole(&line)).await;
                 }
                 (line, false)
             }
@@ -1052,7 +1053,7 @@ impl ReplyJob {
         }
     }
 
-    async fn speak(&self, piece: &str) -> bool {
+    async fn speak(&self, piece: &Piece) -> bool {
         if self.cancel.is_cancelled() {
             return false;
         }
@@ -1062,7 +1063,7 @@ impl ReplyJob {
                 let tts_ms = started.elapsed().as_millis() as u32;
                 // Audio to play: the rest of this reply has slack.
                 self.urgent.store(false, Ordering::Relaxed);
-                self.tx.send(Work::Piece { reply: self.id, text: piece.to_string(), pcm, tts_ms }).is_ok()
+                self.tx.send(Work::Piece { reply: self.id, text: piece.text.clone(), pcm, tts_ms }).is_ok()
             }
             Ok(_) => false,
             Err(e) => {
@@ -1073,9 +1074,13 @@ impl ReplyJob {
     }
 }
 
-/// `text` in the agent's voice, 16 kHz.
-async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, urgency: Urgency, text: &str) -> Result<Vec<i16>, AgentError> {
-    engines.synthesize(urgency, &config.tts_model, config.voice.as_deref(), config.speed, text).await
+/// `piece` in the agent's voice, 16 kHz, ready to play: sound from the
+/// first frame on. A piece cut inside its sentence is voiced as going on
+/// (a comma's intonation and a short pause, not a full stop's).
+async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, urgency: Urgency, piece: &Piece) -> Result<Vec<i16>, AgentError> {
+    let voiced = if piece.continues { Cow::Owned(format!("{},", piece.text)) } else { Cow::Borrowed(piece.text.as_str()) };
+    let pcm = engines.synthesize(urgency, &config.tts_model, config.voice.as_deref(), config.speed, &voiced).await?;
+    Ok(crate::tts::trim_for_reply(pcm, piece.continues))
 }
 
 fn urgency_of(urgent: &AtomicBool) -> Urgency {

@@ -36,6 +36,32 @@ pub fn to_16k(pcm: &[i16], from: u32) -> Result<Vec<i16>, AgentError> {
     Ok(out.into_iter().skip(delay).take(want).collect())
 }
 
+/// Loudness (RMS, i16 scale) under which a 10 ms window of synthesized
+/// speech counts as silence: about -42 dBFS, below a voice's softest onset.
+const SILENT_RMS: f64 = 260.0;
+/// Silence kept before the first sound, so a soft onset is not clipped.
+const LEAD_KEPT: usize = 16 * 20;
+/// Silence kept after a piece that ends inside its sentence: a breath, not
+/// the full stop's pause the voice leaves.
+const PHRASE_PAUSE_KEPT: usize = 16 * 120;
+
+/// A reply piece as it should be played: the engine's leading silence cut
+/// (the caller waits for the first sound, not the first sample), and for
+/// a piece that ends inside its sentence (`continues`) the trailing pause
+/// shortened, so the phrases of one sentence run together.
+pub fn trim_for_reply(mut pcm: Vec<i16>, continues: bool) -> Vec<i16> {
+    const WINDOW: usize = 160;
+    let loud = |w: &[i16]| (w.iter().map(|s| f64::from(*s).powi(2)).sum::<f64>() / w.len() as f64).sqrt() >= SILENT_RMS;
+    let windows: Vec<bool> = pcm.chunks(WINDOW).map(loud).collect();
+    let Some(first) = windows.iter().position(|l| *l) else { return pcm };
+    if continues {
+        let last = windows.iter().rposition(|l| *l).unwrap_or(first);
+        pcm.truncate(((last + 1) * WINDOW + PHRASE_PAUSE_KEPT).min(pcm.len()));
+    }
+    pcm.drain(..(first * WINDOW).saturating_sub(LEAD_KEPT));
+    pcm
+}
+
 /// f32 samples in [-1, 1] to i16 with clipping.
 pub fn to_i16(pcm: &[f32]) -> Vec<i16> {
     pcm.iter().map(|s| (s.clamp(-1.0, 1.0) * 32767.0) as i16).collect()
@@ -44,6 +70,20 @@ pub fn to_i16(pcm: &[f32]) -> Vec<i16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_pieces_lose_leading_silence_and_phrases_their_long_pause() {
+        let tone = |ms: usize| -> Vec<i16> { (0..ms * 16).map(|i| ((i as f32 * 0.2).sin() * 3000.0) as i16).collect() };
+        let quiet = |ms: usize| vec![30i16; ms * 16];
+        let pcm: Vec<i16> = [quiet(100), tone(500), quiet(340)].concat();
+        let sentence = trim_for_reply(pcm.clone(), false);
+        assert_eq!(sentence.len(), (20 + 500 + 340) * 16, "20 ms kept before the sound, the full stop's pause after");
+        assert!(sentence[..16 * 20].iter().all(|s| *s == 30) && sentence[16 * 20] != 30);
+        let phrase = trim_for_reply(pcm, true);
+        assert_eq!(phrase.len(), (20 + 500 + 120) * 16);
+        // Silence alone is left alone.
+        assert_eq!(trim_for_reply(quiet(200), true).len(), 200 * 16);
+    }
 
     #[test]
     fn resampling_keeps_duration_and_tone() {
