@@ -34,6 +34,7 @@ use crate::engines::{Engines, GreetingCache, LOCAL_LLM, PIPER};
 use crate::error::AgentError;
 use crate::llm::{generate_sliced, prefill, ChatMessage, Generation, LocalConversation, Role};
 use crate::pool::Urgency;
+use crate::tts::{rms, trim_for_reply};
 use crate::turn::{ends_sentence, is_backchannel, TurnConfig};
 use crate::vad::VadStream;
 
@@ -1080,7 +1081,7 @@ impl ReplyJob {
 async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, urgency: Urgency, piece: &Piece) -> Result<Vec<i16>, AgentError> {
     let voiced = if piece.continues { Cow::Owned(format!("{},", piece.text)) } else { Cow::Borrowed(piece.text.as_str()) };
     let pcm = engines.synthesize(urgency, &config.tts_model, config.voice.as_deref(), config.speed, &voiced).await?;
-    Ok(crate::tts::trim_for_reply(pcm, piece.continues))
+    Ok(trim_for_reply(pcm, piece.continues))
 }
 
 fn urgency_of(urgent: &AtomicBool) -> Urgency {
@@ -1110,11 +1111,6 @@ fn heard_text(pieces: &[(String, usize)], played: usize) -> String {
         at += len;
     }
     out.join(" ")
-}
-
-fn rms(pcm: &[i16]) -> f32 {
-    let sum: f64 = pcm.iter().map(|s| f64::from(*s) * f64::from(*s)).sum();
-    (sum / pcm.len().max(1) as f64).sqrt() as f32
 }
 
 fn to_f32(pcm: &[i16]) -> Vec<f32> {

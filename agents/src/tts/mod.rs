@@ -38,7 +38,7 @@ pub fn to_16k(pcm: &[i16], from: u32) -> Result<Vec<i16>, AgentError> {
 
 /// Loudness (RMS, i16 scale) under which a 10 ms window of synthesized
 /// speech counts as silence: about -42 dBFS, below a voice's softest onset.
-const SILENT_RMS: f64 = 260.0;
+const SILENT_RMS: f32 = 260.0;
 /// Silence kept before the first sound, so a soft onset is not clipped.
 const LEAD_KEPT: usize = 16 * 20;
 /// Silence kept after a piece that ends inside its sentence: a breath, not
@@ -51,8 +51,7 @@ const PHRASE_PAUSE_KEPT: usize = 16 * 120;
 /// shortened, so the phrases of one sentence run together.
 pub fn trim_for_reply(mut pcm: Vec<i16>, continues: bool) -> Vec<i16> {
     const WINDOW: usize = 160;
-    let loud = |w: &[i16]| (w.iter().map(|s| f64::from(*s).powi(2)).sum::<f64>() / w.len() as f64).sqrt() >= SILENT_RMS;
-    let windows: Vec<bool> = pcm.chunks(WINDOW).map(loud).collect();
+    let windows: Vec<bool> = pcm.chunks(WINDOW).map(|w| rms(w) >= SILENT_RMS).collect();
     let Some(first) = windows.iter().position(|l| *l) else { return pcm };
     if continues {
         let last = windows.iter().rposition(|l| *l).unwrap_or(first);
@@ -60,6 +59,12 @@ pub fn trim_for_reply(mut pcm: Vec<i16>, continues: bool) -> Vec<i16> {
     }
     pcm.drain(..(first * WINDOW).saturating_sub(LEAD_KEPT));
     pcm
+}
+
+/// Root mean square of `pcm` on the i16 scale (0 for no samples).
+pub(crate) fn rms(pcm: &[i16]) -> f32 {
+    let sum: f64 = pcm.iter().map(|s| f64::from(*s) * f64::from(*s)).sum();
+    (sum / pcm.len().max(1) as f64).sqrt() as f32
 }
 
 /// f32 samples in [-1, 1] to i16 with clipping.
