@@ -2,16 +2,18 @@
 //! (the weights) per process, one state per decode: states are cheap next to
 //! the weights, and a fresh state keeps concurrent calls independent.
 //!
-//! Decodes share a budget of threads: a decode takes every thread free when
-//! it starts (alone, all of them: a turn's transcript comes ~1.5x sooner on
-//! two cores than on one), one that finds none free waits for a decode to
-//! end, and together they never use more, because more ggml threads than
-//! cores livelock on its spinning barriers. The budget is one thread unless
-//! configured (`asr_threads`): next to LLM and TTS work on the same cores a
-//! decode on two threads spins on its barriers and takes many times longer.
+//! Decodes share a budget of threads (`asr_threads`, default: the cores): a
+//! decode takes the free threads it is allowed when it starts, one that
+//! finds none free waits for a decode to end, and together they never use
+//! more, because more ggml threads than cores livelock on its spinning
+//! barriers. The caller says how many it may take: all of them when nothing
+//! else runs (a turn's transcript comes ~1.7x sooner on two cores than on
+//! one), one next to LLM and TTS work, since a decode on two threads next to
+//! them spins on its barriers and takes many times longer.
 
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
@@ -48,14 +50,15 @@ impl Threads {
         *self.free.lock().unwrap_or_else(|p| p.into_inner()) == 0
     }
 
-    /// Every free thread, at least one (waiting for one if none is free).
-    fn take(&self) -> Held<'_> {
+    /// Every free thread up to `max`, at least one (waiting for one if none
+    /// is free).
+    fn take(&self, max: usize) -> Held<'_> {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free == 0 {
             free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
         }
-        let n = *free;
-        *free = 0;
+        let n = (*free).min(max.max(1));
+        *free -= n;
         Held { threads: self, n }
     }
 }
@@ -89,18 +92,21 @@ impl Asr {
     /// Transcribes 16 kHz mono PCM in [-1, 1]. Blocking: call it from the
     /// inference pool.
     pub fn transcribe(&self, pcm: &[f32], language: &str) -> Result<String, AgentError> {
-        self.transcribe_scored(pcm, language).map(|(text, _)| text)
+        self.transcribe_scored(pcm, language, usize::MAX, None).map(|(text, _)| text)
     }
 
     /// Like [`Asr::transcribe`], with the mean probability of the text
     /// tokens: low on fragments that Whisper makes words of ("uh-huh" heard
-    /// as "and then then"), high on clear speech.
-    pub fn transcribe_scored(&self, pcm: &[f32], language: &str) -> Result<(String, f32), AgentError> {
+    /// as "and then then"), high on clear speech. The decode uses at most
+    /// `threads` of the free ones. Setting `abort` stops it early with an
+    /// error: a partial transcript that newer audio made useless gives its
+    /// thread back.
+    pub fn transcribe_scored(&self, pcm: &[f32], language: &str, threads: usize, abort: Option<Arc<AtomicBool>>) -> Result<(String, f32), AgentError> {
         let err = |e: whisper_rs::WhisperError| AgentError::Inference(format!("whisper: {e}"));
         let started = std::time::Instant::now();
         let mut state = self.ctx.create_state().map_err(err)?;
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
-        let threads = self.threads.take();
+        let threads = self.threads.take(threads);
         params.set_n_threads(threads.n as i32);
         params.set_language(Some(language));
         params.set_no_context(true);
@@ -117,6 +123,18 @@ impl Asr {
         // the bound stops a hallucination loop on noise early.
         params.set_temperature_inc(0.0);
         params.set_max_tokens(max_tokens_for(pcm.len()));
+        // whisper-rs's closure-taking setter reads its boxed closure as the
+        // wrong type (0.16: every decode aborts at once), so the flag is
+        // handed to whisper.cpp directly.
+        if let Some(flag) = &abort {
+            // SAFETY: `aborted` only reads the AtomicBool behind the
+            // pointer, and `abort` keeps it alive until this function
+            // returns, after `full` is done with `params`.
+            unsafe {
+                params.set_abort_callback(Some(aborted));
+                params.set_abort_callback_user_data(Arc::as_ptr(flag) as *mut std::ffi::c_void);
+            }
+        }
         // whisper.cpp refuses less than one second; pad short audio with
         // silence rather than lose a short answer ("yes").
         let mut padded;
@@ -146,6 +164,12 @@ impl Asr {
         tracing::debug!(samples = pcm.len(), elapsed_ms = started.elapsed().as_millis() as u64, confidence, text = %text, "transcribed");
         Ok((text, confidence))
     }
+}
+
+/// whisper.cpp's abort callback: the user data is an `AtomicBool`.
+unsafe extern "C" fn aborted(flag: *mut std::ffi::c_void) -> bool {
+    // SAFETY: set up by `transcribe_scored`, which keeps the flag alive.
+    unsafe { (*(flag as *const AtomicBool)).load(Ordering::Relaxed) }
 }
 
 /// Encoder window for `samples` of 16 kHz audio: the audio plus a margin of
@@ -246,18 +270,31 @@ mod tests {
     #[test]
     fn a_decode_alone_takes_every_thread_and_others_wait_for_one() {
         let threads = std::sync::Arc::new(Threads { free: Mutex::new(2), freed: Condvar::new() });
-        let first = threads.take();
+        let first = threads.take(usize::MAX);
         assert_eq!(first.n, 2);
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = {
             let threads = threads.clone();
-            std::thread::spawn(move || tx.send(threads.take().n).unwrap())
+            std::thread::spawn(move || tx.send(threads.take(usize::MAX).n).unwrap())
         };
         // The budget never goes over: the second decode waits.
         assert!(rx.recv_timeout(std::time::Duration::from_millis(100)).is_err());
         drop(first);
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 2);
         waiting.join().unwrap();
+        assert_eq!(*threads.free.lock().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_decode_next_to_other_work_takes_one_thread_and_leaves_the_rest() {
+        let threads = Threads { free: Mutex::new(2), freed: Condvar::new() };
+        let one = threads.take(1);
+        assert_eq!(one.n, 1);
+        assert!(!threads.all_taken());
+        let other = threads.take(usize::MAX);
+        assert_eq!(other.n, 1);
+        assert!(threads.all_taken());
+        drop((one, other));
         assert_eq!(*threads.free.lock().unwrap(), 2);
     }
 

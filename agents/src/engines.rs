@@ -5,6 +5,7 @@
 //! with an engine that is not there.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -31,13 +32,13 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads Whisper decodes use in all; default: 1. A decode takes
-    /// every thread free when it starts, one that finds none waits (more
-    /// ggml threads than cores make its spinning barriers livelock). More
-    /// than one only pays on a machine with cores the pool does not use:
-    /// a multi-threaded decode next to LLM and TTS work on the same cores
-    /// spins on its barriers (four calls on two cores: the final transcript
-    /// waited 1.3-1.9 s on average with 2, 32-40 ms with 1).
+    /// Threads Whisper decodes use in all; default: the cores. A decode
+    /// takes more than one only when no other inference job runs: next to
+    /// LLM and TTS work on the same cores a multi-threaded decode spins on
+    /// its barriers (four calls on two cores: the final transcript waited
+    /// 1.3-1.9 s on average with 2 threads each, 32-40 ms with 1); one that
+    /// finds no thread free waits (more ggml threads than cores make its
+    /// spinning barriers livelock).
     pub asr_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
@@ -144,7 +145,7 @@ impl Engines {
         whisper_rs::install_logging_hooks();
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
-        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(cores))?;
         let llm = optional("local LLM", LocalLlm::load(&paths.llm));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
@@ -159,6 +160,13 @@ impl Engines {
         let remote_llms = config.remote_llms.iter().cloned().map(|c| RemoteLlm::new(c, http.clone())).collect();
         let hosted_tts = config.hosted_tts().map(|(kind, c)| HostedTts::new(kind, c.clone(), http.clone())).collect();
         Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, embedder, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
+    }
+
+    /// Transcribes on the calling pool job with as many threads as may
+    /// help: every free one if this job is the only one running, else one.
+    pub(crate) fn transcribe(&self, pcm: &[f32], language: &str, abort: Option<Arc<AtomicBool>>) -> Result<(String, f32), AgentError> {
+        let alone = self.pool.idle_slots() + 1 >= self.pool.size();
+        self.asr.transcribe_scored(pcm, language, if alone { usize::MAX } else { 1 }, abort)
     }
 
     /// A fresh VAD stream for one call.

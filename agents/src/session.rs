@@ -316,7 +316,8 @@ struct Core {
     utterance: Option<Utterance>,
     next_id: u64,
     partial: Option<Partial>,
-    partial_busy: bool,
+    /// The partial decode in flight, by its abort flag.
+    partial_job: Option<Arc<AtomicBool>>,
     /// The utterance whose final transcript is awaited, and how it ended.
     finishing: Option<(Utterance, Instant)>,
     queue: VecDeque<i16>,
@@ -361,7 +362,7 @@ impl Core {
             utterance: None,
             next_id: 1,
             partial: None,
-            partial_busy: false,
+            partial_job: None,
             finishing: None,
             queue: VecDeque::new(),
             paused: false,
@@ -570,9 +571,16 @@ impl Core {
         // same words again during a pause would only hold up the pool the
         // reply is about to need.
         let new_speech = u.partial_covered < u.voiced_end;
-        let step = u.pcm.len() >= u.partial_len + PARTIAL_EVERY_MS as usize * 16;
+        // A step falls while the caller speaks: in a silence the pause's
+        // decode is due within 100 ms, and a step's would hold it up.
+        let step = u.silence_ms == 0 && u.pcm.len() >= u.partial_len + PARTIAL_EVERY_MS as usize * 16;
         let paused = u.silence_ms >= PAUSE_PARTIAL_MS;
-        if self.partial_busy || !new_speech || !(step || paused) || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
+        if paused {
+            // A step's decode that cannot cover the speech would hold the
+            // thread the pause's decode needs for ~200 ms.
+            abort_stale_partial(&self.partial_job, u);
+        }
+        if self.partial_job.is_some() || !new_speech || !(step || paused) || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
             return;
         }
         // Another call's decode holds every ASR thread: this one would take
@@ -590,12 +598,14 @@ impl Core {
         // become the final transcript (the pause brings a decode with it).
         let covered = if end >= u.voiced_end + PARTIAL_TAIL_SAMPLES { u.voiced_end } else { end.saturating_sub(PARTIAL_TAIL_SAMPLES) };
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
+        let abort = Arc::new(AtomicBool::new(false));
+        let flag = abort.clone();
         let job = move || {
-            let (text, confidence) = engines.asr.transcribe_scored(&audio, &lang).unwrap_or_default();
+            let (text, confidence) = engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default();
             let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
         };
         if self.engines.pool.try_run(job).is_some() {
-            self.partial_busy = true;
+            self.partial_job = Some(abort);
             u.partial_len = u.pcm.len();
             u.partial_covered = covered;
         }
@@ -612,17 +622,18 @@ impl Core {
         // A partial of all the speech is already being decoded: it will be
         // the final transcript (decoding the same words again would cost as
         // long once more).
-        if self.partial_busy && u.partial_covered >= u.voiced_end {
+        if self.partial_job.is_some() && u.partial_covered >= u.voiced_end {
             self.finishing = Some((u, decided));
             return;
         }
+        abort_stale_partial(&self.partial_job, &u);
         let audio = to_f32(&u.pcm[..(u.voiced_end + TAIL_SAMPLES).min(u.pcm.len())]);
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         self.finishing = Some((u, decided));
         tokio::spawn(async move {
             let started = Instant::now();
             let pool = engines.pool.clone();
-            let result = pool.run(Urgency::Now, move || engines.asr.transcribe_scored(&audio, &lang)).await;
+            let result = pool.run(Urgency::Now, move || engines.transcribe(&audio, &lang, None)).await;
             let (text, confidence) = match result {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) | Err(e) => {
@@ -830,7 +841,7 @@ impl Core {
     async fn on_work(&mut self, w: Work) -> bool {
         match w {
             Work::Partial { utterance, covered, text, confidence } => {
-                self.partial_busy = false;
+                self.partial_job = None;
                 if let Some((u, decided)) = self.finishing.take() {
                     if u.id == utterance && covered >= u.voiced_end {
                         let waited = ms_between(decided, Instant::now());
@@ -1126,6 +1137,17 @@ fn rand_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0x5eed);
     h.finish()
+}
+
+/// Stops the partial decode in flight if it cannot cover `u`'s speech (it
+/// was started before the last voiced frame): its text is of no use to the
+/// turn's end, and it holds the ASR thread a decode that can is waiting for.
+fn abort_stale_partial(job: &Option<Arc<AtomicBool>>, u: &Utterance) {
+    if let Some(abort) = job {
+        if u.partial_covered < u.voiced_end {
+            abort.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,3 +27,20 @@ fn short_partial_audio_returns_quickly() {
         assert!(started.elapsed().as_secs() < 10);
     }
 }
+
+#[test]
+fn a_decode_runs_to_its_text_unless_its_abort_flag_is_set() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let paths = common::models();
+    let asr = Asr::load(&paths.whisper, 1).unwrap();
+    let text = "What are your opening hours?";
+    let pcm = common::speak(text);
+    let flag = Arc::new(AtomicBool::new(false));
+    let (heard, _) = asr.transcribe_scored(&pcm, "en", 1, Some(flag.clone())).unwrap();
+    assert!(common::wer(text, &heard) <= 0.10, "{text:?} heard as {heard:?}");
+    flag.store(true, Ordering::Relaxed);
+    assert!(asr.transcribe_scored(&pcm, "en", 1, Some(flag)).is_err(), "an aborted decode returns no text");
+    // The aborted decode gave its thread back.
+    assert!(common::wer(text, &asr.transcribe(&pcm, "en").unwrap()) <= 0.10);
+}
