@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::chunker::{Piece, SentenceChunker};
@@ -1002,8 +1002,13 @@ struct ReplyJob {
 impl ReplyJob {
     async fn run(self) {
         let (text_tx, mut text_rx) = mpsc::channel::<String>(256);
+        // The local model pauses while the first piece is voiced: that audio
+        // is what the caller waits for, the rest of the text is not needed
+        // before it has played (a second or more), and on two cores the
+        // model's next tokens would slow the synthesis down.
+        let (hold_tx, hold_rx) = watch::channel(false);
         let started = Instant::now();
-        let generation = self.generate(text_tx);
+        let generation = self.generate(text_tx, hold_rx);
         let speak = async {
             let mut chunker = SentenceChunker::default();
             let mut first = true;
@@ -1014,11 +1019,11 @@ impl ReplyJob {
                     let _ = self.tx.send(Work::FirstToken { reply: self.id, ms: started.elapsed().as_millis() as u32 });
                 }
                 for piece in chunker.push(&text) {
-                    spoken |= self.speak(&piece).await;
+                    spoken |= self.speak(&piece, (!spoken).then_some(&hold_tx)).await;
                 }
             }
             if let Some(piece) = chunker.finish() {
-                spoken |= self.speak(&piece).await;
+                spoken |= self.speak(&piece, None).await;
             }
             spoken
         };
@@ -1029,7 +1034,7 @@ impl ReplyJob {
                 tracing::warn!(error = %e, "language model failed; saying the fallback line");
                 let line = self.engines.config.fallback_line.clone();
                 if !self.cancel.is_cancelled() {
-                    self.speak(&Piece::whole(&line)).await;
+                    self.speak(&Piece::whole(&line), None).await;
                 }
                 (line, false)
             }
@@ -1041,7 +1046,7 @@ impl ReplyJob {
     /// The reply's text, and whether the model asked to end the call (only
     /// remote models get the `end_call` tool; the local 135M model cannot
     /// call tools reliably and ends calls through end-call phrases).
-    async fn generate(&self, out: mpsc::Sender<String>) -> Result<(String, bool), AgentError> {
+    async fn generate(&self, out: mpsc::Sender<String>, hold: watch::Receiver<bool>) -> Result<(String, bool), AgentError> {
         match (&self.local, &self.engines.llm) {
             (Some(conv), Some(llm)) => {
                 let on_text = move |t: &str| {
@@ -1049,7 +1054,7 @@ impl ReplyJob {
                 };
                 let urgent = self.urgent.clone();
                 let urgency = move || urgency_of(&urgent);
-                let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, urgency, on_text).await?;
+                let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, urgency, Some(hold), on_text).await?;
                 Ok((reply.text, false))
             }
             _ => {
@@ -1065,12 +1070,20 @@ impl ReplyJob {
         }
     }
 
-    async fn speak(&self, piece: &Piece) -> bool {
+    /// Voices `piece` and queues its audio; `hold` is set meanwhile.
+    async fn speak(&self, piece: &Piece, hold: Option<&watch::Sender<bool>>) -> bool {
         if self.cancel.is_cancelled() {
             return false;
         }
         let started = Instant::now();
-        match synthesize(&self.engines, &self.config, urgency_of(&self.urgent), piece).await {
+        if let Some(h) = hold {
+            h.send_replace(true);
+        }
+        let synthesized = synthesize(&self.engines, &self.config, urgency_of(&self.urgent), piece).await;
+        if let Some(h) = hold {
+            h.send_replace(false);
+        }
+        match synthesized {
             Ok(pcm) if !pcm.is_empty() && !self.cancel.is_cancelled() => {
                 let tts_ms = started.elapsed().as_millis() as u32;
                 // Audio to play: the rest of this reply has slack.

@@ -93,7 +93,7 @@ async fn a_long_reply_lets_other_work_through_the_pool_between_its_slices() {
     };
     let generation = {
         let (pool, llm, conv) = (pool.clone(), llm.clone(), conv.clone());
-        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Later, on_text).await })
+        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Later, None, on_text).await })
     };
     first_rx.await.expect("the reply starts");
     // The only slot is the reply's; a short job queued now runs at the end
@@ -115,10 +115,47 @@ async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_ca
     let read = Arc::new(Mutex::new(llm.conversation(3)));
     prefill(&pool, &llm, &read, vec![system.clone()]).await.unwrap();
     let turn = vec![system, ChatMessage::new(Role::User, "Do you have pizza?")];
-    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, || Urgency::Now, |_| {}).await.unwrap();
+    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, || Urgency::Now, None, |_| {}).await.unwrap();
     let whole = llm.prompt_tokens(&turn).unwrap();
     assert!(whole > 128 && reply.read * 8 < whole, "read {} of a {whole}-token prompt", reply.read);
     // The same words as without the read-ahead.
     let cold = Arc::new(Mutex::new(llm.conversation(3)));
-    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, || Urgency::Now, |_| {}).await.unwrap().text, reply.text);
+    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, || Urgency::Now, None, |_| {}).await.unwrap().text, reply.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_reply_stops_after_its_current_token_and_goes_on_when_released() {
+    let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
+    let pool = InferencePool::new(2);
+    let conv = Arc::new(Mutex::new(llm.conversation(7)));
+    let messages = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, "Tell me everything about your menu, dish by dish.")];
+    let long = Generation { max_tokens: 48, temperature: 0.0, top_p: 1.0 };
+    let (hold, held) = tokio::sync::watch::channel(true);
+    let (text_tx, mut text) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let generation = {
+        let (pool, llm, conv) = (pool.clone(), llm.clone(), conv.clone());
+        let on_text = move |t: &str| {
+            let _ = text_tx.send(t.to_string());
+        };
+        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Now, Some(held), on_text).await })
+    };
+    let quiet = std::time::Duration::from_millis(400);
+    assert!(tokio::time::timeout(quiet, text.recv()).await.is_err(), "held from the start: nothing is generated");
+    hold.send_replace(false);
+    text.recv().await.expect("released: the reply starts");
+    hold.send_replace(true);
+    // The token in progress may still come out, then nothing.
+    tokio::time::sleep(quiet).await;
+    let mut before = 1;
+    while text.try_recv().is_ok() {
+        before += 1;
+    }
+    assert!(tokio::time::timeout(quiet, text.recv()).await.is_err(), "a held reply generates nothing");
+    hold.send_replace(false);
+    let reply = generation.await.unwrap().unwrap();
+    let mut after = 0;
+    while text.try_recv().is_ok() {
+        after += 1;
+    }
+    assert!(before <= 8 && after > 0, "released again, the reply goes on ({before} pieces before the hold, {after} after): {reply:?}");
 }

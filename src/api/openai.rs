@@ -245,7 +245,7 @@ async fn local_chat(
                     stop.cancel();
                 }
             };
-            let piece = match generate_sliced(engines.pool(), &llm, &conv, msgs, opts, &job_cancel, || Urgency::Later, on_text).await {
+            let piece = match generate_sliced(engines.pool(), &llm, &conv, msgs, opts, &job_cancel, || Urgency::Later, None, on_text).await {
                 Ok(r) => Piece::End { length: r.truncated, completion_tokens: r.tokens },
                 Err(e) => Piece::Failed(e.to_string()),
             };

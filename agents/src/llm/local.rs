@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use tokenizers::Tokenizer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatMessage, ChatTemplate, Role};
@@ -347,7 +348,10 @@ impl LocalLlm {
 /// Generates `conv`'s reply to `messages` on `pool`, [`SLICE_TOKENS`] at a
 /// time, each slice a job of its own so that the pool's other work runs in
 /// between, each queued with the `urgency` it has then; `on_text` gets each
-/// new piece of text as it comes.
+/// new piece of text as it comes. While `hold` reads true the generation
+/// pauses: the slice running ends after its current token and the next
+/// waits (the caller needs the cores for something more urgent, such as
+/// voicing the text already out).
 #[allow(clippy::too_many_arguments)]
 pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     pool: &InferencePool,
@@ -357,11 +361,16 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     opts: Generation,
     cancel: &CancellationToken,
     urgency: impl Fn() -> Urgency,
+    mut hold: Option<watch::Receiver<bool>>,
     on_text: F,
 ) -> Result<Reply, AgentError> {
     let mut next = Slice::Start(messages, on_text);
     loop {
-        let (llm, conv, cancel) = (llm.clone(), conv.clone(), cancel.clone());
+        if let Some(h) = hold.as_mut() {
+            // A dropped sender holds nothing.
+            let _ = h.wait_for(|held| !held).await;
+        }
+        let (llm, conv, cancel, held) = (llm.clone(), conv.clone(), cancel.clone(), hold.clone());
         let (g, on_text, done) = pool
             .run(urgency(), move || {
                 let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
@@ -369,7 +378,13 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
                     Slice::Start(messages, on_text) => (Box::new(llm.start(&mut conv, &messages, opts)?), on_text),
                     Slice::GoOn(g, on_text) => (g, on_text),
                 };
-                let done = llm.step(&mut conv, &mut g, SLICE_TOKENS, &cancel, &mut on_text)?;
+                let mut done = false;
+                for _ in 0..SLICE_TOKENS {
+                    done = llm.step(&mut conv, &mut g, 1, &cancel, &mut on_text)?;
+                    if done || held.as_ref().is_some_and(|h| *h.borrow()) {
+                        break;
+                    }
+                }
                 Ok::<_, AgentError>((g, on_text, done))
             })
             .await??;
