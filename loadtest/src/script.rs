@@ -97,8 +97,10 @@ impl Script {
             Mode::Agent => {
                 let mut audio = Vec::new();
                 for text in o.utterances.iter().filter(|u| !u.trim().is_empty()) {
+                    // A turn is timed from the caller's last sound, not
+                    // from the end of the silence espeak-ng adds after it.
                     let pcm = voxgate_agents::tts::espeak(text, "en-us", 1.0).await?;
-                    audio.push(pcm);
+                    audio.push(voxgate_agents::tts::trim_to_sound(pcm));
                 }
                 audio
             }

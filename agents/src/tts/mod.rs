@@ -49,13 +49,26 @@ const PHRASE_PAUSE_KEPT: usize = 16 * 120;
 /// (the caller waits for the first sound, not the first sample), and for
 /// a piece that ends inside its sentence (`continues`) the trailing pause
 /// shortened, so the phrases of one sentence run together.
-pub fn trim_for_reply(mut pcm: Vec<i16>, continues: bool) -> Vec<i16> {
+pub fn trim_for_reply(pcm: Vec<i16>, continues: bool) -> Vec<i16> {
+    trim(pcm, continues.then_some(PHRASE_PAUSE_KEPT))
+}
+
+/// Speech cut to its sound: the leading silence as for a reply, none
+/// after the last sound (espeak-ng ends every text with ~300 ms of it; a
+/// simulated caller's turn ends where its voice does).
+pub fn trim_to_sound(pcm: Vec<i16>) -> Vec<i16> {
+    trim(pcm, Some(0))
+}
+
+/// Cuts the leading silence to [`LEAD_KEPT`], and the trailing silence to
+/// `kept_after` samples when given.
+fn trim(mut pcm: Vec<i16>, kept_after: Option<usize>) -> Vec<i16> {
     const WINDOW: usize = 160;
     let windows: Vec<bool> = pcm.chunks(WINDOW).map(|w| rms(w) >= SILENT_RMS).collect();
     let Some(first) = windows.iter().position(|l| *l) else { return pcm };
-    if continues {
+    if let Some(kept) = kept_after {
         let last = windows.iter().rposition(|l| *l).unwrap_or(first);
-        pcm.truncate(((last + 1) * WINDOW + PHRASE_PAUSE_KEPT).min(pcm.len()));
+        pcm.truncate(((last + 1) * WINDOW + kept).min(pcm.len()));
     }
     pcm.drain(..(first * WINDOW).saturating_sub(LEAD_KEPT));
     pcm
@@ -88,6 +101,8 @@ mod tests {
         assert_eq!(phrase.len(), (20 + 500 + 120) * 16);
         // Silence alone is left alone.
         assert_eq!(trim_for_reply(quiet(200), true).len(), 200 * 16);
+        let utterance = trim_to_sound([quiet(100), tone(500), quiet(300)].concat());
+        assert_eq!(utterance.len(), (20 + 500) * 16, "nothing kept after the last sound");
     }
 
     #[test]
