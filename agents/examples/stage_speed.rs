@@ -4,7 +4,10 @@
 //! Piper's time to first audio and real-time factor. One thread or two for
 //! the stages that can use both cores. Prints Markdown tables.
 //!
-//!     cargo run --release -p voxgate-agents --example stage_speed -- [reps]
+//!     cargo run -p voxgate-agents --example stage_speed -- [reps]
+//!
+//! (The dev profile builds whisper.cpp, candle and ONNX Runtime's callers
+//! at opt-level 3, so it measures what a release build runs.)
 
 use std::process::Command;
 use std::time::{Duration, Instant};
