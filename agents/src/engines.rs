@@ -32,11 +32,14 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads Whisper decodes use in all; default: the cores. A decode
-    /// takes more than one only when no other inference job runs: next to
+    /// Threads Whisper decodes use in all; default: 1. With more, a decode
+    /// takes more than one only when no other inference job runs (next to
     /// LLM and TTS work on the same cores a multi-threaded decode spins on
-    /// its barriers (four calls on two cores: the final transcript waited
-    /// 1.3-1.9 s on average with 2 threads each, 32-40 ms with 1); one that
+    /// its barriers: four calls on two cores, the final transcript waited
+    /// 1.3-1.9 s on average with 2 threads each, 32-40 ms with 1), but
+    /// other calls' jobs may start during it: on two cores and four calls
+    /// that lengthened the slowest turns (p95) by 15-40 % for a shorter
+    /// median, so it pays only with cores the pool does not use. One that
     /// finds no thread free waits (more ggml threads than cores make its
     /// spinning barriers livelock).
     pub asr_threads: Option<usize>,
@@ -145,7 +148,7 @@ impl Engines {
         whisper_rs::install_logging_hooks();
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
-        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or_else(cores))?;
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
         let llm = optional("local LLM", LocalLlm::load(&paths.llm));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
