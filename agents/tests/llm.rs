@@ -159,3 +159,61 @@ async fn a_held_reply_stops_after_its_current_token_and_goes_on_when_released() 
     }
     assert!(before <= 8 && after > 0, "released again, the reply goes on ({before} pieces before the hold, {after} after): {reply:?}");
 }
+
+#[test]
+fn the_callers_words_read_while_they_speak_leave_the_reply_only_the_last_ones() {
+    let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
+    let never = CancellationToken::new();
+    let (mut listened, mut straight, mut history) = two_after_the_first_turn(&llm);
+
+    // Partial transcripts as the caller speaks, the first heard otherwise.
+    assert!(llm.listen_ahead(&mut listened, &history, "Do you half").unwrap() > 0);
+    assert!(llm.listen_ahead(&mut listened, &history, "Do you have a table for").unwrap() > 0);
+    assert_eq!(llm.listen_ahead(&mut listened, &history, "Do you have a table for").unwrap(), 0, "nothing new to read");
+
+    history.push(ChatMessage::new(Role::User, "Do you have a table for two people tonight?"));
+    let after_listening = llm.start(&mut listened, &history, GREEDY).unwrap();
+    let without = llm.start(&mut straight, &history, GREEDY).unwrap();
+    let (a, b) = (after_listening.reply(), without.reply());
+    assert_eq!(listened.tokens(), straight.tokens(), "the model has read the same prompt");
+    assert!(a.read * 2 < b.read, "read {} of the {} tokens the turn adds", a.read, b.read);
+    // (Read in pieces, the numbers differ in their last bits from one read
+    // at once, so the sampled words may differ: the same prompt, not the
+    // same reply, is what reading ahead keeps.)
+    let mut reply = after_listening;
+    while !llm.step(&mut listened, &mut reply, 8, &never, |_| {}).unwrap() {}
+    assert!(!reply.reply().text.trim().is_empty());
+}
+
+#[test]
+fn words_read_ahead_that_the_caller_did_not_say_and_a_reply_in_progress_are_left_alone() {
+    let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
+    let never = CancellationToken::new();
+    let (mut listened, mut straight, mut history) = two_after_the_first_turn(&llm);
+    // A second turn, so that there is an older state to go back to as well.
+    history.push(ChatMessage::new(Role::User, "Where are you?"));
+    let second = llm.generate_with(&mut listened, &history, GREEDY, &never, |_| {}).unwrap();
+    assert_eq!(llm.generate_with(&mut straight, &history, GREEDY, &never, |_| {}).unwrap(), second);
+    history.push(ChatMessage::new(Role::Assistant, second.text));
+
+    assert!(llm.listen_ahead(&mut listened, &history, "Do you have a table").unwrap() > 0);
+    // The turn ends on other words: the reply goes back to before the guess
+    // (not further: only the turn is read again).
+    history.push(ChatMessage::new(Role::User, "Can I bring my dog?"));
+    let mut reply = llm.start(&mut listened, &history, GREEDY).unwrap();
+    let plain = llm.start(&mut straight, &history, GREEDY).unwrap();
+    assert_eq!(listened.tokens(), straight.tokens(), "the guess is gone, the turn read as said");
+    assert!(reply.reply().read < plain.reply().read, "read {} tokens, {} without reading ahead", reply.reply().read, plain.reply().read);
+    assert!(!llm.step(&mut listened, &mut reply, 2, &never, |_| {}).unwrap(), "two tokens do not end the reply");
+    // While it is generated nothing else reads into the conversation.
+    let before = listened.tokens().to_vec();
+    assert_eq!(llm.listen_ahead(&mut listened, &history, "And what about").unwrap(), 0);
+    assert_eq!(listened.tokens(), &before[..]);
+    while !llm.step(&mut listened, &mut reply, 4, &never, |_| {}).unwrap() {}
+    assert!(reply.reply().tokens > 2, "the reply went on: {:?}", reply.reply());
+    // Once it is over, the caller's next words are read ahead again, after it.
+    history.push(ChatMessage::new(Role::Assistant, reply.reply().text));
+    let after_reply = listened.tokens().to_vec();
+    assert!(llm.listen_ahead(&mut listened, &history, "And what about").unwrap() > 0);
+    assert!(listened.tokens().starts_with(&after_reply), "read on from the reply, not again");
+}

@@ -42,6 +42,18 @@ impl ChatTemplate {
         self.render_with(messages, true)
     }
 
+    /// The prompt for `messages` followed by a user turn opened, up to where
+    /// the user's words go: every prompt answering that turn starts with it.
+    pub fn open_user_turn(&self, messages: &[ChatMessage]) -> Result<String, AgentError> {
+        // A character no transcript contains marks where the words go.
+        const MARK: &str = "\u{1}";
+        let mut with_turn = messages.to_vec();
+        with_turn.push(ChatMessage::new(Role::User, MARK));
+        let rendered = self.render_with(&with_turn, false)?;
+        let at = rendered.rfind(MARK).ok_or_else(|| AgentError::Inference("chat template drops the user's words".into()))?;
+        Ok(rendered[..at].to_string())
+    }
+
     /// `messages` alone, without opening the assistant's turn: the prefix
     /// every later prompt of the conversation starts with.
     pub fn render_with(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, AgentError> {

@@ -42,6 +42,10 @@ const SLICE_TOKENS: usize = 8;
 /// Prompt tokens a prefill reads per pool job: reading is cheaper per token
 /// than generating, so a slice of it takes about as long as one of a reply.
 const PREFILL_SLICE_TOKENS: usize = SLICE_TOKENS * 4;
+/// Tokens one [`LocalLlm::listen_ahead`] reads at most (a pool job of about
+/// a slice's length): more means the conversation so far is not read yet,
+/// which the prefill or the reply will do.
+const LISTEN_TOKENS: usize = PREFILL_SLICE_TOKENS;
 
 fn inference(e: candle_core::Error) -> AgentError {
     AgentError::Inference(format!("llm: {e}"))
@@ -115,10 +119,19 @@ pub struct LocalConversation {
     /// tensors are shared, not copied, so keeping it costs no copy, only the
     /// memory of the older cache while both live.
     before_last: Option<Checkpoint>,
-    /// Replies started on this conversation (the latest one owns it).
+    /// Replies started on this conversation (the latest one owns it), and
+    /// readers ahead of one (a prefill or a listen-ahead stops when this
+    /// moves on).
     replies: u64,
+    /// A reply is being generated: nothing else may read into the cache.
+    generating: bool,
+    /// The state at the start of the caller's turn last read ahead (see
+    /// [`LocalLlm::listen_ahead`]): where to go back to when the caller's
+    /// words turn out other than read.
+    heard: Option<Checkpoint>,
 }
 
+#[derive(Clone)]
 struct Checkpoint {
     model: ModelWeights,
     tokens: Vec<u32>,
@@ -159,7 +172,7 @@ impl LocalLlm {
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0 }
+        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -264,9 +277,10 @@ impl LocalLlm {
         let extends = |text: &str| !text.is_empty() && prompt.starts_with(text);
         if !extends(&conv.text) {
             // The last reply is not part of this prompt (it was dropped or
-            // cut short): go back to before it if that state still fits.
-            match conv.before_last.take().filter(|c| extends(&c.text)) {
-                Some(c) => (conv.model, conv.tokens, conv.text) = (c.model, c.tokens, c.text),
+            // cut short), or the caller's words read ahead were not what
+            // they said: go back to before them if that state still fits.
+            match conv.latest_checkpoint(|text| extends(text)) {
+                Some(c) => conv.restore(c),
                 None => conv.reset(&self.weights),
             }
         }
@@ -285,6 +299,7 @@ impl LocalLlm {
         conv.replies += 1;
         let logits = self.forward(conv, &new_tokens)?;
         conv.text = prompt;
+        conv.generating = true;
         conv.seed = conv.seed.wrapping_add(1);
         let sampling = if opts.temperature <= 0.0 { Sampling::ArgMax } else { Sampling::TopKThenTopP { k: 40, p: opts.top_p, temperature: opts.temperature } };
         Ok(Generating {
@@ -334,7 +349,65 @@ impl LocalLlm {
             }
             g.logits = Some(self.forward(conv, &[next])?);
         }
-        Ok(g.logits.is_none() || g.generated.len() >= g.budget || cancel.is_cancelled())
+        let over = g.logits.is_none() || g.generated.len() >= g.budget || cancel.is_cancelled();
+        if over && conv.replies == g.owner {
+            conv.generating = false;
+        }
+        Ok(over)
+    }
+
+    /// Reads the first `words` of the caller's turn, still being spoken (a
+    /// partial transcript), after `messages` (the conversation so far): the
+    /// reply to the finished turn then has only the last words left to
+    /// read. Words read ahead that the caller turns out not to have said are
+    /// undone by going back to the start of the turn. Does nothing while a
+    /// reply is generated, when the conversation is not read up to the turn
+    /// yet (more than [`LISTEN_TOKENS`] missing), or when it would not fit.
+    /// Returns the tokens read. Blocking: run it on the inference pool.
+    pub fn listen_ahead(&self, conv: &mut LocalConversation, messages: &[ChatMessage], words: &str) -> Result<usize, AgentError> {
+        if conv.generating || words.trim().is_empty() {
+            return Ok(0);
+        }
+        let turn = self.template.open_user_turn(messages)?;
+        let heard = format!("{turn}{words}");
+        // Read on from here, or from before words read ahead that the
+        // caller turned out not to say.
+        let back = if heard.starts_with(&conv.text) {
+            None
+        } else {
+            match conv.latest_checkpoint(|text| heard.starts_with(text)) {
+                Some(c) => Some(c),
+                None => return Ok(0),
+            }
+        };
+        let (from, held) = back.as_ref().map_or((conv.text.len(), conv.tokens.len()), |c| (c.text.len(), c.tokens.len()));
+        let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
+        // Up to the turn's start, then the words: the state in between is
+        // where words heard otherwise later go back to.
+        let at_turn = from <= turn.len();
+        let to_turn = if at_turn && from < turn.len() { encode(&turn[from..])? } else { Vec::new() };
+        let new_words = encode(if at_turn { words } else { &heard[from..] })?;
+        let read = to_turn.len() + new_words.len();
+        if read == 0 || read > LISTEN_TOKENS || held + read + MAX_REPLY_TOKENS > self.context {
+            return Ok(0);
+        }
+        if let Some(c) = back {
+            conv.restore(c);
+        }
+        // A prefill still reading stops: this reads what it would have.
+        conv.replies += 1;
+        if at_turn {
+            if !to_turn.is_empty() {
+                self.forward(conv, &to_turn)?;
+                conv.text = turn;
+            }
+            conv.heard = Some(Checkpoint { model: conv.model.clone(), tokens: conv.tokens.clone(), text: conv.text.clone() });
+        }
+        if !new_words.is_empty() {
+            self.forward(conv, &new_words)?;
+        }
+        conv.text = heard;
+        Ok(read)
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
@@ -439,12 +512,28 @@ enum Slice<F> {
 }
 
 impl LocalConversation {
+    /// The tokens the model has read (prompts and replies), in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Forgets everything read: the next prompt is read in full.
     fn reset(&mut self, weights: &ModelWeights) {
         self.model = weights.clone();
         self.tokens.clear();
         self.text.clear();
         self.before_last = None;
+        self.heard = None;
+    }
+
+    /// Of the states kept to go back to, the one that has read the most and
+    /// that `fits` (the text it holds starts the prompt to read).
+    fn latest_checkpoint(&self, fits: impl Fn(&str) -> bool) -> Option<Checkpoint> {
+        [self.before_last.as_ref(), self.heard.as_ref()].into_iter().flatten().filter(|c| fits(&c.text)).max_by_key(|c| c.tokens.len()).cloned()
+    }
+
+    fn restore(&mut self, c: Checkpoint) {
+        (self.model, self.tokens, self.text) = (c.model, c.tokens, c.text);
     }
 }
 
