@@ -100,13 +100,14 @@ fn tts(paths: &ModelPaths, reps: usize) {
     println!("| piece | audio | intra-op threads | espeak-ng phonemes | synthesis (= first audio) | RTF |");
     println!("|---|---|---|---|---|---|");
     ort::init_from(paths.onnxruntime.display().to_string()).commit().expect("ONNX Runtime (scripts/setup)");
+    let piper = Piper::load(&paths.piper, &paths.piper_config, 1, 2).expect("Piper voice (scripts/setup)");
     for threads in [1, 2] {
-        let piper = Piper::load(&paths.piper, &paths.piper_config, 1, threads).expect("Piper voice (scripts/setup)");
-        piper.synthesize(PIECES[0], 1.0).expect("warm-up synthesis");
+        let wide = threads > 1;
+        piper.synthesize(PIECES[0], 1.0, wide).expect("warm-up synthesis");
         for text in PIECES {
-            let secs = piper.synthesize(text, 1.0).expect("synthesis").len() as f64 / 16_000.0;
+            let secs = piper.synthesize(text, 1.0, wide).expect("synthesis").len() as f64 / 16_000.0;
             let phon = median((0..reps).map(|_| timed(|| Command::new("espeak-ng").args(["-q", "--ipa", "-v", "en-us", "--", text]).output().expect("espeak-ng")).1).collect());
-            let d = median((0..reps).map(|_| timed(|| piper.synthesize(text, 1.0).expect("synthesis")).1).collect());
+            let d = median((0..reps).map(|_| timed(|| piper.synthesize(text, 1.0, wide).expect("synthesis")).1).collect());
             println!("| {text} | {secs:.2} s | {threads} | {:.0} ms | {:.0} ms | {:.3} |", ms(phon), ms(d), d.as_secs_f64() / secs);
         }
     }

@@ -155,7 +155,7 @@ impl Engines {
                 .commit()
                 .map_err(|e| tracing::warn!(error = %e, "ONNX Runtime not available"))
                 .is_ok();
-        let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), 1))).flatten();
+        let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), pool.size()))).flatten();
         let vad = (onnx && paths.vad.is_file()).then(|| optional("Silero VAD (earshot used instead)", SileroModel::load(&paths.vad, 4))).flatten();
         let embedder = paths.embeddings.is_dir().then(|| optional("embeddings model", Embedder::load(&paths.embeddings))).flatten();
         let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -221,8 +221,9 @@ impl Engines {
         match tts_model {
             PIPER => {
                 let piper = self.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
-                let (text, speed) = (text.to_string(), speed);
-                self.pool.run(urgency, move || piper.synthesize(&text, speed)).await?
+                let (text, speed, pool) = (text.to_string(), speed, self.pool.clone());
+                // On every core when a caller waits for it and nothing else runs.
+                self.pool.run(urgency, move || piper.synthesize(&text, speed, urgency == Urgency::Now && pool.idle_slots() + 1 >= pool.size())).await?
             }
             ESPEAK => crate::tts::espeak(text, voice.unwrap_or("en-us"), speed).await,
             name => {

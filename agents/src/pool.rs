@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::error::AgentError;
 
@@ -36,6 +36,8 @@ struct Slots {
     free: usize,
     now: VecDeque<oneshot::Sender<Slot>>,
     later: VecDeque<oneshot::Sender<Slot>>,
+    /// Told whenever a slot goes back to the free ones.
+    freed: Arc<Notify>,
 }
 
 /// The right to run one job; dropped (wherever it is, also inside a
@@ -64,13 +66,14 @@ impl Drop for Slot {
             }
         }
         slots.free += 1;
+        slots.freed.notify_waiters();
     }
 }
 
 impl InferencePool {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
-        InferencePool { slots: Arc::new(Mutex::new(Slots { free: size, now: VecDeque::new(), later: VecDeque::new() })), size }
+        InferencePool { slots: Arc::new(Mutex::new(Slots { free: size, now: VecDeque::new(), later: VecDeque::new(), freed: Arc::new(Notify::new()) })), size }
     }
 
     pub fn size(&self) -> usize {
@@ -80,6 +83,25 @@ impl InferencePool {
     /// Jobs that could start now without waiting.
     pub fn idle_slots(&self) -> usize {
         self.lock().free
+    }
+
+    /// Waits until no job runs, for at most `timeout`; true if the pool is
+    /// idle by then.
+    pub async fn idle_within(&self, timeout: std::time::Duration) -> bool {
+        let freed = self.lock().freed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = freed.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a slot freed in between wakes it.
+            notified.as_mut().enable();
+            if self.idle_slots() >= self.size {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -185,6 +207,20 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["now 1", "now 2", "later 1", "later 2"]);
         assert_eq!(pool.idle_slots(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_the_pool_to_be_idle_ends_when_its_last_job_does() {
+        let pool = InferencePool::new(1);
+        assert!(pool.idle_within(Duration::ZERO).await, "nothing runs");
+        let (release, holder) = hold(&pool).await;
+        assert!(!pool.idle_within(Duration::from_millis(30)).await, "a job runs until released");
+        let p = pool.clone();
+        let waiting = tokio::spawn(async move { p.idle_within(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        assert!(waiting.await.unwrap(), "woken when the slot came back");
+        holder.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,10 @@ struct InferenceConfig {
 /// (`run` takes `&mut`), so the voice keeps a few and hands out a free one.
 pub struct Piper {
     sessions: Vec<Mutex<Session>>,
+    /// A session on every core, for a piece a caller waits for while
+    /// nothing else runs; its threads sleep rather than spin between
+    /// operators, so work that starts meanwhile gets the cores.
+    wide: Option<Mutex<Session>>,
     config: VoiceConfig,
 }
 
@@ -52,20 +56,22 @@ fn ort_err(e: ort::Error) -> AgentError {
 }
 
 impl Piper {
-    /// Loads the voice; `instances` sessions for that many concurrent
-    /// syntheses, `threads` intra-op threads each.
-    pub fn load(model: &Path, config: &Path, instances: usize, threads: usize) -> Result<Self, AgentError> {
+    /// Loads the voice; `instances` single-threaded sessions for that many
+    /// concurrent syntheses, and one on `wide_threads` threads when that is
+    /// more than one.
+    pub fn load(model: &Path, config: &Path, instances: usize, wide_threads: usize) -> Result<Self, AgentError> {
         let config: VoiceConfig = serde_json::from_slice(&std::fs::read(config)?).map_err(|e| AgentError::Model(format!("piper config: {e}")))?;
-        let sessions = (0..instances.max(1))
-            .map(|_| {
-                Session::builder()
-                    .and_then(|b| b.with_intra_threads(threads.max(1)))
-                    .and_then(|b| b.commit_from_file(model))
-                    .map(Mutex::new)
-                    .map_err(|e| AgentError::Model(format!("piper {}: {e}", model.display())))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Piper { sessions, config })
+        let session = |threads: usize| {
+            Session::builder()
+                .and_then(|b| b.with_intra_threads(threads))
+                .and_then(|b| b.with_intra_op_spinning(false))
+                .and_then(|b| b.commit_from_file(model))
+                .map(Mutex::new)
+                .map_err(|e| AgentError::Model(format!("piper {}: {e}", model.display())))
+        };
+        let sessions = (0..instances.max(1)).map(|_| session(1)).collect::<Result<_, _>>()?;
+        let wide = (wide_threads > 1).then(|| session(wide_threads)).transpose()?;
+        Ok(Piper { sessions, wide, config })
     }
 
     /// IPA phonemes of `text` from espeak-ng, one line per clause, with the
@@ -113,8 +119,10 @@ impl Piper {
     }
 
     /// Synthesizes `text` (one sentence or clause) as 16 kHz PCM. `speed`
-    /// > 1 speaks faster. Blocking: run it on the inference pool.
-    pub fn synthesize(&self, text: &str, speed: f32) -> Result<Vec<i16>, AgentError> {
+    /// > 1 speaks faster; `wide` runs it on every core (when the voice was
+    /// loaded with that session and it is free). Blocking: run it on the
+    /// inference pool.
+    pub fn synthesize(&self, text: &str, speed: f32, wide: bool) -> Result<Vec<i16>, AgentError> {
         let phonemes = self.phonemize(text)?;
         let ids = self.ids(&phonemes);
         if ids.len() <= 3 {
@@ -126,7 +134,7 @@ impl Piper {
         let lengths = Tensor::from_array(([1usize], vec![n as i64])).map_err(ort_err)?;
         let scales = Tensor::from_array(([3usize], vec![inf.noise_scale, inf.length_scale / speed.clamp(0.5, 2.0), inf.noise_w])).map_err(ort_err)?;
         let audio = {
-            let mut session = self.session();
+            let mut session = self.wide.as_ref().filter(|_| wide).and_then(|w| w.try_lock().ok()).unwrap_or_else(|| self.session());
             let outputs = session.run(ort::inputs!["input" => input, "input_lengths" => lengths, "scales" => scales]).map_err(ort_err)?;
             let (_, samples) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
             to_i16(samples)
