@@ -58,6 +58,12 @@ const PAUSE_PARTIAL_MS: u32 = 100;
 /// VAD has decided; the pause lifts after this many frames without speech.
 const ONSET_RMS: f32 = 500.0;
 const TENTATIVE_PAUSE_FRAMES: u32 = 8;
+/// A frame the VAD calls voiced that is 26 dB below the loudest of its
+/// utterance is the detector's tail after the speech, not speech.
+const TAIL_LEVEL: f32 = 0.05;
+/// Longest wait for the local model's token in progress to end (one token
+/// takes ~20-30 ms on two cores).
+const TOKEN_IN_PROGRESS: Duration = Duration::from_millis(40);
 
 /// An agent as the engine needs it.
 #[derive(Debug, Clone)]
@@ -237,6 +243,8 @@ struct Utterance {
     pcm: Vec<i16>,
     /// Samples up to the end of the last voiced frame.
     voiced_end: usize,
+    /// The loudest frame so far (RMS).
+    peak_rms: f32,
     preroll: usize,
     silence_ms: u32,
     last_voice_at: Instant,
@@ -471,7 +479,6 @@ impl Core {
             }
         };
         let voiced = probs.iter().any(|p| *p >= self.config.turn.threshold);
-        let silent = !probs.is_empty() && !voiced;
         // The VAD needs a window or two to be sure; a loud frame over the
         // agent pauses it at once, and it resumes if no speech follows.
         if self.utterance.is_none() && !self.paused && !self.queue.is_empty() && rms(&pcm) > ONSET_RMS {
@@ -500,6 +507,7 @@ impl Core {
                     preroll: preroll.len(),
                     pcm: preroll,
                     voiced_end: 0,
+                    peak_rms: rms(&pcm),
                     silence_ms: 0,
                     last_voice_at: at,
                     started_ms: self.now_ms().saturating_sub(FRAME_MS as u64),
@@ -527,13 +535,19 @@ impl Core {
             }
             Some(u) => {
                 u.pcm.extend_from_slice(&pcm);
-                if voiced {
+                let level = rms(&pcm);
+                u.peak_rms = u.peak_rms.max(level);
+                // Silero goes on hearing voice for 40-60 ms after the sound
+                // stops: a voiced frame this far below the utterance's
+                // loudest is that tail, and the pause is timed from before it.
+                let sounding = voiced && level >= u.peak_rms * TAIL_LEVEL;
+                if sounding {
                     u.silence_ms = 0;
                     u.voiced_end = u.pcm.len();
                     u.last_voice_at = at;
                     // The caller goes on: the reply started on the pause answers too little.
                     self.speculation.take_if(|s| s.covered < u.voiced_end);
-                } else if silent || probs.is_empty() {
+                } else {
                     u.silence_ms += FRAME_MS;
                 }
                 let speech_ms = ((u.voiced_end - u.preroll) / 16) as u32;
@@ -664,7 +678,7 @@ impl Core {
             }
             return;
         }
-        let end_ms = u.started_ms + (u.voiced_end as u64 / 16);
+        let end_ms = u.started_ms + ((u.voiced_end - u.preroll) as u64 / 16);
         self.emit(AgentEvent::Transcript(Transcript { speaker: Speaker::Caller, text: text.clone(), is_final: true, interrupted: false, start_ms: u.started_ms, end_ms }))
             .await;
         if let Some(r) = self.reply.take() {
@@ -732,6 +746,39 @@ impl Core {
         let reply = self.spawn_reply(messages, None, TurnMetrics::default());
         let cancel_on_drop = reply.cancel.clone().drop_guard();
         self.speculation = Some(Speculation { utterance, covered, text, reply, audio: VecDeque::new(), cancel_on_drop });
+    }
+
+    /// Reads the caller's words so far into the local model while they are
+    /// still speaking, on a free pool slot: the reply then only has the last
+    /// words to read when the turn ends. Not in a pause (the pause's decode
+    /// and the reply it starts need the cores and the model next).
+    fn listen_ahead(&mut self) {
+        let (Some(conv), Some(llm)) = (self.local.clone(), self.engines.llm.clone()) else { return };
+        if self.closing || self.reply.is_some() || self.speculation.is_some() || self.finishing.is_some() || !self.queue.is_empty() {
+            return;
+        }
+        let (Some(u), Some(p)) = (self.utterance.as_ref(), self.partial.as_ref()) else { return };
+        if p.utterance != u.id || u.over_agent || u.silence_ms >= PAUSE_PARTIAL_MS {
+            return;
+        }
+        // The last word may be cut off, or heard otherwise with more audio.
+        let Some((words, _)) = p.text.trim_end().rsplit_once(char::is_whitespace) else { return };
+        let (words, history) = (words.to_string(), self.history.clone());
+        let job = move || {
+            // Busy with a reply being dropped: not worth waiting for.
+            let Ok(mut conv) = conv.try_lock() else { return };
+            // The same oldest lines dropped as for the reply's prompt.
+            let mut messages = history;
+            messages.push(ChatMessage::new(Role::User, words.clone()));
+            let read = llm.trim(&mut messages).and_then(|()| {
+                messages.pop();
+                llm.listen_ahead(&mut conv, &messages, &words)
+            });
+            if let Err(e) = read {
+                tracing::debug!(error = %e, "listen-ahead failed");
+            }
+        };
+        let _ = self.engines.pool.try_run(job);
     }
 
     /// The caller took the turn: stop the agent now and keep what was heard.
@@ -857,6 +904,7 @@ impl Core {
                         .await;
                     self.partial = Some(Partial { utterance, covered, text, confidence });
                     self.maybe_speculate();
+                    self.listen_ahead();
                 }
             }
             Work::Final { utterance, text, confidence, asr_ms } => {
@@ -1078,6 +1126,14 @@ impl ReplyJob {
         let started = Instant::now();
         if let Some(h) = hold {
             h.send_replace(true);
+            // When the only other work is this reply's model (it holds its
+            // conversation while it runs), its token in progress ends
+            // first: the piece then runs on every core.
+            let pool = &self.engines.pool;
+            let model_running = self.local.as_ref().is_some_and(|c| c.try_lock().is_err());
+            if model_running && pool.size() > 1 && pool.idle_slots() + 1 >= pool.size() {
+                pool.idle_within(TOKEN_IN_PROGRESS).await;
+            }
         }
         let synthesized = synthesize(&self.engines, &self.config, urgency_of(&self.urgent), piece).await;
         if let Some(h) = hold {

@@ -40,11 +40,18 @@ async fn caller_question_is_transcribed_answered_and_spoken() {
 
     let question = "What are your opening hours?";
     let greeting_end = caller.log.len();
-    caller.push(&speak(question)).await;
+    let spoken = speak(question);
+    let sound_end_ms = caller.frames_pushed * 20 + spoken.iter().rposition(|s| s.abs() > 0.01).unwrap_or(0) / 16;
+    caller.push(&spoken).await;
     let reply_at = caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some_and(|t| t.text != GREETING.trim())).await;
 
-    let heard = caller.log.iter().find_map(|(_, e)| is_final(e, Speaker::Caller)).expect("caller transcript").text.clone();
+    let line = caller.log.iter().find_map(|(_, e)| is_final(e, Speaker::Caller)).expect("caller transcript").clone();
+    let heard = line.text.clone();
     assert!(wer(question, &heard) <= 0.10, "caller heard as {heard:?}: {:?}", caller.summary());
+    // The line ends where the caller's sound does, not where the VAD
+    // stops hearing voice (40-60 ms later).
+    let off = line.end_ms as i64 - sound_end_ms as i64;
+    assert!((-20..=20).contains(&off), "line ends at {} ms, the sound at {sound_end_ms} ms", line.end_ms);
     let reply = is_final(&caller.log[reply_at].1, Speaker::Agent).unwrap().clone();
     assert!(!reply.interrupted && !reply.text.is_empty());
     let metrics = caller.log.iter().find_map(|(_, e)| match e {
