@@ -614,11 +614,14 @@ impl Core {
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         let abort = Arc::new(AtomicBool::new(false));
         let flag = abort.clone();
-        let job = move || {
-            let (text, confidence) = engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default();
-            let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
-        };
-        if self.engines.pool.try_run(job).is_some() {
+        let job = move || engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default();
+        if let Some(decode) = self.engines.pool.try_run(job) {
+            // Sent once the decode's pool slot is free again: whoever reads
+            // it sees the pool as it is without it.
+            tokio::spawn(async move {
+                let (text, confidence) = decode.await.unwrap_or_default();
+                let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
+            });
             self.partial_job = Some(abort);
             u.partial_len = u.pcm.len();
             u.partial_covered = covered;
@@ -749,7 +752,7 @@ impl Core {
     }
 
     /// Reads the caller's words so far into the local model while they are
-    /// still speaking, on a free pool slot: the reply then only has the last
+    /// still speaking, when the pool is idle: the reply then only has the last
     /// words to read when the turn ends. Not in a pause (the pause's decode
     /// and the reply it starts need the cores and the model next).
     fn listen_ahead(&mut self) {
@@ -759,6 +762,11 @@ impl Core {
         }
         let (Some(u), Some(p)) = (self.utterance.as_ref(), self.partial.as_ref()) else { return };
         if p.utterance != u.id || u.over_agent || u.silence_ms >= PAUSE_PARTIAL_MS {
+            return;
+        }
+        // Only on a pool with nothing else to do: under load the slot is
+        // better left to a decode or a reply a caller waits for.
+        if self.engines.pool.idle_slots() < self.engines.pool.size() {
             return;
         }
         // The last word may be cut off, or heard otherwise with more audio.
