@@ -1134,12 +1134,14 @@ impl ReplyJob {
         let started = Instant::now();
         if let Some(h) = hold {
             h.send_replace(true);
-            // When the only other work is this reply's model (it holds its
-            // conversation while it runs), its token in progress ends
-            // first: the piece then runs on every core.
+            // With Piper on every core (`tts_threads`): when the only other
+            // work is this reply's model (it holds its conversation while
+            // it runs), its token in progress ends first, so the piece
+            // gets every core.
             let pool = &self.engines.pool;
             let model_running = self.local.as_ref().is_some_and(|c| c.try_lock().is_err());
-            if model_running && pool.size() > 1 && pool.idle_slots() + 1 >= pool.size() {
+            let wide_tts = self.engines.config.tts_threads.is_some_and(|t| t > 1);
+            if wide_tts && model_running && pool.size() > 1 && pool.idle_slots() + 1 >= pool.size() {
                 pool.idle_within(TOKEN_IN_PROGRESS).await;
             }
         }
