@@ -118,10 +118,10 @@ impl Piper {
         ids
     }
 
-    /// Synthesizes `text` (one sentence or clause) as 16 kHz PCM. `speed`
-    /// > 1 speaks faster; `wide` runs it on every core (when the voice was
-    /// loaded with that session and it is free). Blocking: run it on the
-    /// inference pool.
+    /// Synthesizes `text` (one sentence or clause) as 16 kHz PCM. A `speed`
+    /// above 1 speaks faster; `wide` runs it on every core (when the voice
+    /// was loaded with that session and it is free). Blocking: run it on
+    /// the inference pool.
     pub fn synthesize(&self, text: &str, speed: f32, wide: bool) -> Result<Vec<i16>, AgentError> {
         let phonemes = self.phonemize(text)?;
         let ids = self.ids(&phonemes);
