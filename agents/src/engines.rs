@@ -175,7 +175,7 @@ impl Engines {
     /// Transcribes on the calling pool job with as many threads as may
     /// help: every free one if this job is the only one running, else one.
     pub(crate) fn transcribe(&self, pcm: &[f32], language: &str, abort: Option<Arc<AtomicBool>>) -> Result<(String, f32), AgentError> {
-        let alone = self.pool.idle_slots() + 1 >= self.pool.size();
+        let alone = self.pool.idle_but_one();
         self.asr.transcribe_scored(pcm, language, if alone { usize::MAX } else { 1 }, abort)
     }
 
@@ -230,7 +230,7 @@ impl Engines {
                 let piper = self.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
                 let (text, speed, pool) = (text.to_string(), speed, self.pool.clone());
                 // On every core when a caller waits for it and nothing else runs.
-                self.pool.run(urgency, move || piper.synthesize(&text, speed, urgency == Urgency::Now && pool.idle_slots() + 1 >= pool.size())).await?
+                self.pool.run(urgency, move || piper.synthesize(&text, speed, urgency == Urgency::Now && pool.idle_but_one())).await?
             }
             ESPEAK => crate::tts::espeak(text, voice.unwrap_or("en-us"), speed).await,
             name => {

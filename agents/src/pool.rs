@@ -85,6 +85,17 @@ impl InferencePool {
         self.lock().free
     }
 
+    /// No job runs.
+    pub fn idle(&self) -> bool {
+        self.idle_slots() >= self.size
+    }
+
+    /// No job runs but (at most) the caller's own: called from a job, or
+    /// by the one whose work holds a slot, it means nothing else competes.
+    pub fn idle_but_one(&self) -> bool {
+        self.idle_slots() + 1 >= self.size
+    }
+
     /// Waits until no job runs, for at most `timeout`; true if the pool is
     /// idle by then.
     pub async fn idle_within(&self, timeout: std::time::Duration) -> bool {
@@ -95,7 +106,7 @@ impl InferencePool {
             tokio::pin!(notified);
             // Registered before the check: a slot freed in between wakes it.
             notified.as_mut().enable();
-            if self.idle_slots() >= self.size {
+            if self.idle() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

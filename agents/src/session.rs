@@ -766,7 +766,7 @@ impl Core {
         }
         // Only on a pool with nothing else to do: under load the slot is
         // better left to a decode or a reply a caller waits for.
-        if self.engines.pool.idle_slots() < self.engines.pool.size() {
+        if !self.engines.pool.idle() {
             return;
         }
         // The last word may be cut off, or heard otherwise with more audio.
@@ -1141,7 +1141,7 @@ impl ReplyJob {
             let pool = &self.engines.pool;
             let model_running = self.local.as_ref().is_some_and(|c| c.try_lock().is_err());
             let wide_tts = self.engines.config.tts_threads.is_some_and(|t| t > 1);
-            if wide_tts && model_running && pool.size() > 1 && pool.idle_slots() + 1 >= pool.size() {
+            if wide_tts && model_running && pool.size() > 1 && pool.idle_but_one() {
                 pool.idle_within(TOKEN_IN_PROGRESS).await;
             }
         }
