@@ -176,19 +176,24 @@ impl LocalLlm {
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| AgentError::Inference(e.to_string()))?.len())
+        Ok(self.encode(text)?.len())
+    }
+
+    /// The token ids of `text`, without special tokens added.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, AgentError> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| AgentError::Inference(e.to_string()))?.get_ids().to_vec())
     }
 
     /// A system prompt cut to [`SYSTEM_PROMPT_TOKENS`] on a token boundary,
     /// so that a 20,000-character prompt neither overflows the context nor
     /// takes seconds to prefill on a CPU.
     pub fn fit_system_prompt(&self, prompt: &str) -> Result<String, AgentError> {
-        let enc = self.tokenizer.encode(prompt, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        let ids = self.encode(prompt)?;
         let budget = SYSTEM_PROMPT_TOKENS.min(self.context / 2);
-        if enc.len() <= budget {
+        if ids.len() <= budget {
             return Ok(prompt.to_string());
         }
-        self.tokenizer.decode(&enc.get_ids()[..budget], false).map_err(|e| AgentError::Inference(e.to_string()))
+        self.tokenizer.decode(&ids[..budget], false).map_err(|e| AgentError::Inference(e.to_string()))
     }
 
     /// Drops the oldest exchanges (never the system prompt, never the last
@@ -217,7 +222,7 @@ impl LocalLlm {
             return Ok(None);
         }
         let prompt = self.template.render_with(messages, false)?;
-        let tokens = self.tokenizer.encode(prompt.as_str(), false).map_err(|e| AgentError::Inference(e.to_string()))?.get_ids().to_vec();
+        let tokens = self.encode(&prompt)?;
         if tokens.is_empty() || tokens.len() + MAX_REPLY_TOKENS > self.context {
             return Ok(None);
         }
@@ -273,7 +278,6 @@ impl LocalLlm {
     pub fn start(&self, conv: &mut LocalConversation, messages: &[ChatMessage], opts: Generation) -> Result<Generating, AgentError> {
         let budget = opts.max_tokens.clamp(1, self.context / 2);
         let prompt = self.template.render(messages)?;
-        let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
         let extends = |text: &str| !text.is_empty() && prompt.starts_with(text);
         if !extends(&conv.text) {
             // The last reply is not part of this prompt (it was dropped or
@@ -284,18 +288,18 @@ impl LocalLlm {
                 None => conv.reset(&self.weights),
             }
         }
-        let mut new_tokens = encode(&prompt[conv.text.len()..])?;
+        let mut new_tokens = self.encode(&prompt[conv.text.len()..])?;
         if conv.tokens.len() + new_tokens.len() + budget > self.context {
             if conv.tokens.is_empty() {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
             conv.reset(&self.weights);
-            new_tokens = encode(&prompt)?;
+            new_tokens = self.encode(&prompt)?;
             if new_tokens.len() + budget > self.context {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
         }
-        conv.before_last = Some(Checkpoint { model: conv.model.clone(), tokens: conv.tokens.clone(), text: conv.text.clone() });
+        conv.before_last = Some(conv.checkpoint());
         conv.replies += 1;
         let logits = self.forward(conv, &new_tokens)?;
         conv.text = prompt;
@@ -369,24 +373,21 @@ impl LocalLlm {
             return Ok(0);
         }
         let turn = self.template.open_user_turn(messages)?;
-        let heard = format!("{turn}{words}");
+        let so_far = format!("{turn}{words}");
         // Read on from here, or from before words read ahead that the
         // caller turned out not to say.
-        let back = if heard.starts_with(&conv.text) {
+        let back = if so_far.starts_with(&conv.text) {
             None
         } else {
-            match conv.latest_checkpoint(|text| heard.starts_with(text)) {
-                Some(c) => Some(c),
-                None => return Ok(0),
-            }
+            let Some(c) = conv.latest_checkpoint(|text| so_far.starts_with(text)) else { return Ok(0) };
+            Some(c)
         };
         let (from, held) = back.as_ref().map_or((conv.text.len(), conv.tokens.len()), |c| (c.text.len(), c.tokens.len()));
-        let encode = |s: &str| self.tokenizer.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| AgentError::Inference(e.to_string()));
         // Up to the turn's start, then the words: the state in between is
         // where words heard otherwise later go back to.
         let at_turn = from <= turn.len();
-        let to_turn = if at_turn && from < turn.len() { encode(&turn[from..])? } else { Vec::new() };
-        let new_words = encode(if at_turn { words } else { &heard[from..] })?;
+        let to_turn = if at_turn && from < turn.len() { self.encode(&turn[from..])? } else { Vec::new() };
+        let new_words = self.encode(if at_turn { words } else { &so_far[from..] })?;
         let read = to_turn.len() + new_words.len();
         if read == 0 || read > LISTEN_TOKENS || held + read + MAX_REPLY_TOKENS > self.context {
             return Ok(0);
@@ -401,12 +402,12 @@ impl LocalLlm {
                 self.forward(conv, &to_turn)?;
                 conv.text = turn;
             }
-            conv.heard = Some(Checkpoint { model: conv.model.clone(), tokens: conv.tokens.clone(), text: conv.text.clone() });
+            conv.heard = Some(conv.checkpoint());
         }
         if !new_words.is_empty() {
             self.forward(conv, &new_words)?;
         }
-        conv.text = heard;
+        conv.text = so_far;
         Ok(read)
     }
 
@@ -530,6 +531,10 @@ impl LocalConversation {
     /// that `fits` (the text it holds starts the prompt to read).
     fn latest_checkpoint(&self, fits: impl Fn(&str) -> bool) -> Option<Checkpoint> {
         [self.before_last.as_ref(), self.heard.as_ref()].into_iter().flatten().filter(|c| fits(&c.text)).max_by_key(|c| c.tokens.len()).cloned()
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint { model: self.model.clone(), tokens: self.tokens.clone(), text: self.text.clone() }
     }
 
     fn restore(&mut self, c: Checkpoint) {
