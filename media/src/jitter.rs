@@ -25,6 +25,11 @@ pub struct JitterConfig {
     pub clock_rate: u32,
     pub min_delay: Duration,
     pub max_delay: Duration,
+    /// The codec can rebuild a lost packet from the one after it (Opus's
+    /// in-band FEC): a packet found lost after its tick was concealed is
+    /// still played, one tick late, from the next packet, so the delay
+    /// grows by the one packet that FEC needs to be in time from then on.
+    pub wait_for_fec: bool,
 }
 
 impl Default for JitterConfig {
@@ -34,6 +39,7 @@ impl Default for JitterConfig {
             clock_rate: 8000,
             min_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
+            wait_for_fec: false,
         }
     }
 }
@@ -264,6 +270,15 @@ impl<T> JitterBuffer<T> {
                 self.stats.concealed += 1;
                 Playout::Lost
             }
+            None if self.held && self.cfg.wait_for_fec => {
+                // Concealed once while waiting for it, and the next packet is
+                // here: it is lost, and rebuilt from the next one's FEC in
+                // this tick, which the delay grows by.
+                self.held = false;
+                self.next = Some(next + 1);
+                self.stats.concealed += 1;
+                Playout::Lost
+            }
             None if self.held => {
                 // Already concealed while waiting for it, and later frames are
                 // here: it is lost; play the next one now.
@@ -278,6 +293,13 @@ impl<T> JitterBuffer<T> {
                 Playout::Lost
             }
         }
+    }
+
+    /// The frame the next `pop` plays, if it is here. Right after a `Lost`
+    /// it is the packet that follows the lost one, which carries Opus's
+    /// in-band copy of the lost audio.
+    pub fn peek(&self) -> Option<&T> {
+        self.next.and_then(|n| self.frames.get(&n))
     }
 
     /// Drops everything buffered (e.g. on a codec change or resume).
@@ -368,6 +390,47 @@ mod tests {
         let s = jb.stats();
         assert_eq!((s.concealed, s.late, s.lost), (1 + 2, 1, 1), "{s:?}");
         assert_eq!(s.out_of_order, 1, "packet 3 came after 5");
+    }
+
+    #[test]
+    fn after_a_lost_packet_peek_shows_the_one_that_follows_it() {
+        let mut jb = JitterBuffer::new(JitterConfig { min_delay: Duration::from_millis(60), ..JitterConfig::default() });
+        let t0 = Instant::now();
+        for seq in [0u16, 1, 3, 4] {
+            jb.push(seq, u32::from(seq) * 160, t0, seq);
+        }
+        assert_eq!(jb.peek(), None, "buffering: nothing is due yet");
+        assert_eq!((jb.pop(), jb.pop()), (Playout::Frame(0), Playout::Frame(1)));
+        assert_eq!(jb.peek(), None, "packet 2 never came");
+        assert_eq!(jb.pop(), Playout::Lost);
+        assert_eq!(jb.peek(), Some(&3));
+        assert_eq!(jb.pop(), Playout::Frame(3), "peeking takes nothing");
+    }
+
+    #[test]
+    fn with_fec_a_packet_lost_on_a_shallow_buffer_is_still_rebuilt_and_the_buffer_deepens() {
+        let mut jb = JitterBuffer::new(JitterConfig { wait_for_fec: true, ..JitterConfig::default() });
+        // 20 ms deep: packet 3 is missed in its tick before 4 comes, then
+        // packet 7 is lost too.
+        let packets: Vec<_> = (0..12u16).filter(|s| *s != 3 && *s != 7).map(|s| (s, usize::from(s), usize::from(s))).collect();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut peeked = Vec::new();
+        for tick in 0..14 {
+            for (seq, sent, _) in packets.iter().filter(|p| p.2 == tick) {
+                jb.push(*seq, *sent as u32 * 160, t0 + FRAME * tick as u32, *seq);
+            }
+            let p = jb.pop();
+            if p == Playout::Lost {
+                peeked.push(jb.peek().copied());
+            }
+            out.push(p);
+        }
+        assert_eq!(frames(&out), [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]);
+        // Packet 3: concealed while nothing followed it, then rebuilt from 4
+        // a tick late; packet 7: rebuilt in its own tick, 8 being there.
+        assert_eq!(peeked, [None, Some(4), Some(8), None], "the last is the end of the stream");
+        assert_eq!(&out[3..6], &[Playout::Lost, Playout::Lost, Playout::Frame(4)]);
     }
 
     #[test]

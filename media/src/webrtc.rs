@@ -34,10 +34,10 @@ use webrtc::track::track_local::TrackLocal;
 
 use crate::dtmf;
 use crate::error::MediaError;
-use crate::jitter::{JitterBuffer, JitterConfig, Playout};
+use crate::jitter::{JitterBuffer, JitterConfig};
 use crate::resample::frame_len;
 use crate::sdp::Codec;
-use crate::session::{AudioFrame, Codecs, Control, MediaControl, MediaEvent, MediaHandle, OpusComplexity, SessionStats, PIPELINE_RATE};
+use crate::session::{jitter_for, reported_loss, AudioFrame, Codecs, Control, MediaControl, MediaEvent, MediaHandle, OpusComplexity, Pulled, SessionStats, PIPELINE_RATE};
 use crate::streams::{StreamEnd, StreamEvent};
 
 const TICK: Duration = Duration::from_millis(20);
@@ -118,6 +118,8 @@ struct Leg {
 enum PeerEvent {
     State(RTCPeerConnectionState),
     Rtp { seq: u16, ts: u32, payload: Bytes },
+    /// The share of our stream the browser reports lost (RTCP), in percent.
+    Loss(f64),
 }
 
 /// A peer connection answering `offer`, with our Opus track on it.
@@ -148,10 +150,15 @@ async fn connect(offer: String, config: &WebRtcConfig, events: mpsc::Sender<Peer
     let pc = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
     let track = Arc::new(TrackLocalStaticSample::new(opus_capability(), "agent".into(), "voxgate".into()));
     let sender = pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal + Send + Sync>).await?;
-    // RTCP from the browser feeds the interceptors; it must be read.
+    // RTCP from the browser feeds the interceptors; it must be read. Its
+    // reports of our stream set how much FEC we code.
+    let on_rtcp = events.clone();
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 1500];
-        while sender.read(&mut buf).await.is_ok() {}
+        while let Ok((packets, _)) = sender.read_rtcp().await {
+            if let Some(percent) = reported_loss(&packets, None) {
+                let _ = on_rtcp.try_send(PeerEvent::Loss(percent));
+            }
+        }
     });
     let on_state = events.clone();
     pc.on_peer_connection_state_change(Box::new(move |s| {
@@ -248,7 +255,7 @@ impl Leg {
             Ok(c) => c,
             Err(e) => return StreamEnd::Failed(e.to_string()),
         };
-        let mut jitter: JitterBuffer<Bytes> = JitterBuffer::new(JitterConfig { clock_rate: 48_000, ..JitterConfig::default() });
+        let mut jitter: JitterBuffer<Bytes> = JitterBuffer::new(jitter_for(Codec::Opus, JitterConfig::default()));
         let frame = frame_len(PIPELINE_RATE);
         let mut started = false;
         let mut was_playing = false;
@@ -283,6 +290,10 @@ impl Leg {
                         return if started { StreamEnd::Stopped } else { StreamEnd::NotConnected };
                     }
                     Some(PeerEvent::State(_)) => {}
+                    Some(PeerEvent::Loss(percent)) => {
+                        self.stats.remote_loss_percent = Some(percent);
+                        codecs.set_expected_loss(percent.ceil() as u8);
+                    }
                     Some(PeerEvent::Rtp { seq, ts, payload }) => {
                         last_rx = Instant::now();
                         self.stats.packets_received += 1;
@@ -306,13 +317,11 @@ impl Leg {
                     let mut received_at = None;
                     while pcm_in.len() < frame {
                         let mut out = Vec::with_capacity(frame * 6);
-                        match jitter.pop() {
-                            Playout::Frame(p) => {
-                                codecs.decode(&p, frame, &mut out);
-                                received_at = Some(now);
-                            }
-                            Playout::Lost => codecs.decode(&[], frame, &mut out),
-                            Playout::Buffering => out.resize(frame - pcm_in.len(), 0),
+                        match codecs.pull(&mut jitter, frame, &mut out) {
+                            Pulled::Packet => received_at = Some(now),
+                            Pulled::Recovered => self.stats.fec_recovered += 1,
+                            Pulled::Concealed => {}
+                            Pulled::Buffering => out.resize(frame - pcm_in.len(), 0),
                         }
                         pcm_in.extend(out);
                     }
