@@ -244,6 +244,12 @@ impl Engines {
         }
     }
 
+    /// Whether `tts_model` can voice a piece on every core (Piper loaded
+    /// with `tts_threads` above 1).
+    pub fn wide_tts(&self, tts_model: &str) -> bool {
+        tts_model == PIPER && self.piper.as_ref().is_some_and(|p| p.has_wide_session())
+    }
+
     /// Refuses an LLM, TTS or language this process cannot serve, with a
     /// message that names it and says how to enable it.
     pub fn check(&self, llm_model: &str, tts_model: &str, language: &str) -> Result<(), AgentError> {

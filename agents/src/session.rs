@@ -1134,14 +1134,13 @@ impl ReplyJob {
         let started = Instant::now();
         if let Some(h) = hold {
             h.send_replace(true);
-            // With Piper on every core (`tts_threads`): when the only other
-            // work is this reply's model (it holds its conversation while
-            // it runs), its token in progress ends first, so the piece
-            // gets every core.
+            // With this agent's Piper on every core (`tts_threads`): when
+            // the only other work is this reply's model (it holds its
+            // conversation while it runs), its token in progress ends
+            // first, so the piece gets every core.
             let pool = &self.engines.pool;
             let model_running = self.local.as_ref().is_some_and(|c| c.try_lock().is_err());
-            let wide_tts = self.engines.config.tts_threads.is_some_and(|t| t > 1);
-            if wide_tts && model_running && pool.size() > 1 && pool.idle_but_one() {
+            if self.engines.wide_tts(&self.config.tts_model) && model_running && pool.size() > 1 && pool.idle_but_one() {
                 pool.idle_within(TOKEN_IN_PROGRESS).await;
             }
         }

@@ -118,6 +118,11 @@ impl Piper {
         ids
     }
 
+    /// Whether the voice was loaded with a session on every core.
+    pub fn has_wide_session(&self) -> bool {
+        self.wide.is_some()
+    }
+
     /// Synthesizes `text` (one sentence or clause) as 16 kHz PCM. A `speed`
     /// above 1 speaks faster; `wide` runs it on every core (when the voice
     /// was loaded with that session and it is free). Blocking: run it on
