@@ -68,7 +68,9 @@ async fn main() {
     for (name, mut v) in [
         ("endpoint (end of speech -> turn decided)", col(|m| m.endpoint_ms)),
         ("ASR final (0 = partial reused)", col(|m| m.asr_ms)),
+        ("end of speech -> reply started", col(|m| m.reply_start_ms)),
         ("LLM first token", col(|m| m.llm_first_token_ms)),
+        ("LLM first piece's text", col(|m| m.llm_first_piece_ms)),
         ("TTS first audio", col(|m| m.tts_first_audio_ms)),
         ("end of speech -> first agent frame", col(|m| m.voice_to_voice_ms)),
     ] {

@@ -132,7 +132,14 @@ pub struct TurnMetrics {
     /// Final transcription (0 when the last partial already covered it; the
     /// wait for it when it was still being decoded).
     pub asr_ms: u32,
+    /// End of speech to the reply's start on the transcript it answers (a
+    /// speculative reply starts on the pause's, before the turn is decided).
+    pub reply_start_ms: u32,
+    /// The reply's start to its first token.
     pub llm_first_token_ms: u32,
+    /// The reply's start to the text of its first piece (the tokens up to
+    /// the first phrase).
+    pub llm_first_piece_ms: u32,
     /// Synthesis of the first piece of the reply.
     pub tts_first_audio_ms: u32,
     /// End of caller speech to the first agent frame leaving the session.
@@ -225,6 +232,7 @@ enum Work {
     Greeting(Vec<i16>),
     Closing { text: String, pcm: Vec<i16> },
     FirstToken { reply: u64, ms: u32 },
+    FirstPiece { reply: u64, ms: u32 },
     Piece { reply: u64, text: String, pcm: Vec<i16>, tts_ms: u32 },
     /// `end_call`: the model asked to hang up after this reply.
     Done { reply: u64, text: String, end_call: bool },
@@ -265,6 +273,7 @@ struct Reply {
     done: bool,
     text: String,
     end_of_speech: Option<Instant>,
+    started: Instant,
     metrics: TurnMetrics,
     sent_first_frame: bool,
     started_ms: Option<u64>,
@@ -287,6 +296,7 @@ impl Reply {
             done: false,
             text: String::new(),
             end_of_speech,
+            started: Instant::now(),
             metrics,
             sent_first_frame: false,
             started_ms: None,
@@ -714,7 +724,14 @@ impl Core {
             reply.urgent.store(true, Ordering::Relaxed);
         }
         reply.end_of_speech = Some(end_of_speech);
-        reply.metrics = TurnMetrics { llm_first_token_ms: reply.metrics.llm_first_token_ms, tts_first_audio_ms: reply.metrics.tts_first_audio_ms, speculative: true, ..metrics };
+        let made = &reply.metrics;
+        reply.metrics = TurnMetrics {
+            llm_first_token_ms: made.llm_first_token_ms,
+            llm_first_piece_ms: made.llm_first_piece_ms,
+            tts_first_audio_ms: made.tts_first_audio_ms,
+            speculative: true,
+            ..metrics
+        };
         if reply.done && reply.ends_call {
             self.hangup_after_reply.get_or_insert(HangupReason::AgentEnded);
         }
@@ -942,6 +959,11 @@ impl Core {
                     r.metrics.llm_first_token_ms = ms;
                 }
             }
+            Work::FirstPiece { reply, ms } => {
+                if let Some((r, _)) = self.reply_by_id(reply) {
+                    r.metrics.llm_first_piece_ms = ms;
+                }
+            }
             Work::Piece { reply, text, pcm, tts_ms } => {
                 if let Some((r, audio)) = self.reply_by_id(reply) {
                     if r.pieces.is_empty() {
@@ -997,6 +1019,7 @@ impl Core {
                 r.sent_first_frame = true;
                 if let Some(eos) = r.end_of_speech {
                     r.metrics.voice_to_voice_ms = ms_between(eos, Instant::now());
+                    r.metrics.reply_start_ms = ms_between(eos, r.started);
                     first = Some(r.metrics.clone());
                 }
             }
@@ -1068,17 +1091,25 @@ impl ReplyJob {
         let speak = async {
             let mut chunker = SentenceChunker::default();
             let mut first = true;
+            let mut cut_one = false;
             let mut spoken = false;
+            let piece_cut = |cut_one: &mut bool| {
+                if !std::mem::replace(cut_one, true) {
+                    let _ = self.tx.send(Work::FirstPiece { reply: self.id, ms: started.elapsed().as_millis() as u32 });
+                }
+            };
             while let Some(text) = text_rx.recv().await {
                 if first {
                     first = false;
                     let _ = self.tx.send(Work::FirstToken { reply: self.id, ms: started.elapsed().as_millis() as u32 });
                 }
                 for piece in chunker.push(&text) {
+                    piece_cut(&mut cut_one);
                     spoken |= self.speak(&piece, (!spoken).then_some(&hold_tx)).await;
                 }
             }
             if let Some(piece) = chunker.finish() {
+                piece_cut(&mut cut_one);
                 spoken |= self.speak(&piece, None).await;
             }
             spoken

@@ -61,6 +61,11 @@ async fn caller_question_is_transcribed_answered_and_spoken() {
     let metrics = metrics.expect("turn metrics");
     assert_eq!(metrics.turn, 1);
     assert!(metrics.voice_to_voice_ms > 0 && metrics.llm_first_token_ms > 0 && metrics.tts_first_audio_ms > 0, "{metrics:?}");
+    // The stages follow one another: the reply starts, its first phrase is
+    // written (after its first token), voiced, and then heard.
+    assert!(metrics.llm_first_token_ms <= metrics.llm_first_piece_ms, "{metrics:?}");
+    let stages = metrics.reply_start_ms + metrics.llm_first_piece_ms + metrics.tts_first_audio_ms;
+    assert!(metrics.reply_start_ms > 0 && stages <= metrics.voice_to_voice_ms + 3, "{metrics:?}");
 
     // What the agent said, transcribed again, is what it meant to say.
     let pcm: Vec<f32> = caller.log[greeting_end..reply_at]

@@ -174,8 +174,20 @@ pub struct TurnLatency {
     /// End of speech to end of turn decided (the silence the endpointer waits).
     pub endpoint_ms: u32,
     pub asr_ms: u32,
+    /// End of speech to the reply's start on the transcript it answers.
+    #[serde(default)]
+    pub reply_start_ms: u32,
+    /// The reply's start to its first token.
     pub llm_first_token_ms: u32,
+    /// The reply's start to the text of its first piece.
+    #[serde(default)]
+    pub llm_first_piece_ms: u32,
+    /// Synthesis of the first piece.
     pub tts_first_audio_ms: u32,
+    /// The reply was started on the caller's pause, before the turn was
+    /// decided (reply start to first frame then overlaps the endpoint).
+    #[serde(default)]
+    pub speculative: bool,
 }
 
 /// The latency of a call's turns, summarised.

@@ -597,8 +597,11 @@ impl CallRun {
                         voice_to_voice_ms: m.voice_to_voice_ms,
                         endpoint_ms: m.endpoint_ms,
                         asr_ms: m.asr_ms,
+                        reply_start_ms: m.reply_start_ms,
                         llm_first_token_ms: m.llm_first_token_ms,
+                        llm_first_piece_ms: m.llm_first_piece_ms,
                         tts_first_audio_ms: m.tts_first_audio_ms,
+                        speculative: m.speculative,
                     }),
                     Some(AgentEvent::Hangup(reason)) => {
                         let why = match reason {
