@@ -5,11 +5,13 @@
 /// The first piece may end at a comma once it has this many words.
 const FIRST_CLAUSE_WORDS: usize = 3;
 /// Without a comma, the first piece ends before a word that opens a phrase
-/// ("to", "with", "and"...) once it has this many words, or at the last
-/// space once it has `FIRST_PHRASE_MAX_WORDS`: the caller waits in silence
-/// for the first piece, and its synthesis takes as long as its audio.
+/// ("to", "with", "and"...) once it has this many words, or after
+/// `FIRST_PHRASE_MAX_WORDS` (fewer when the last of them leans on the next:
+/// "the", "of", "our"...): the caller waits in silence for the first
+/// piece, its words are written one token at a time, and its synthesis
+/// takes as long as its audio.
 const FIRST_PHRASE_WORDS: usize = 4;
-const FIRST_PHRASE_MAX_WORDS: usize = 8;
+const FIRST_PHRASE_MAX_WORDS: usize = 6;
 /// A piece never grows past this many characters (cut at a space).
 const MAX_CHARS: usize = 160;
 
@@ -17,6 +19,11 @@ const MAX_CHARS: usize = 160;
 /// speaker could breathe.
 const PHRASE_OPENERS: &[&str] = &[
     "to", "with", "for", "and", "or", "but", "so", "because", "if", "when", "while", "at", "in", "on", "from", "by", "that", "which", "who", "where", "until", "before", "after", "as",
+];
+
+/// Words that lean on the word after them: a phrase is not cut after one.
+const LEANING: &[&str] = &[
+    "a", "an", "the", "of", "our", "your", "my", "their", "its", "his", "her", "this", "these", "those", "is", "are", "was", "were", "per", "to",
 ];
 
 /// A piece of the reply to synthesize. `continues` is true when the piece
@@ -80,21 +87,24 @@ impl SentenceChunker {
 
     /// The end of the first phrase of a sentence still without a comma:
     /// before the first phrase opener once `FIRST_PHRASE_WORDS` words are
-    /// said, else after `FIRST_PHRASE_MAX_WORDS` words. Only whole words
-    /// count (a word is whole once the space after it has arrived).
+    /// said, else after `FIRST_PHRASE_MAX_WORDS` words less those at the end
+    /// that lean on the next. Only whole words count (a word is whole once
+    /// the space after it has arrived).
     fn first_phrase(&self) -> Option<usize> {
-        let mut words = 0;
+        // (end, leans on the next word) of each whole word.
+        let mut words: Vec<(usize, bool)> = Vec::new();
         let mut word_start = None;
         for (pos, c) in self.buf.char_indices() {
             if c.is_whitespace() {
                 if let Some(start) = word_start.take() {
                     let word = self.buf[start..pos].trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-                    if words >= FIRST_PHRASE_WORDS && PHRASE_OPENERS.contains(&word.as_str()) {
+                    if words.len() >= FIRST_PHRASE_WORDS && PHRASE_OPENERS.contains(&word.as_str()) {
                         return Some(start);
                     }
-                    words += 1;
-                    if words >= FIRST_PHRASE_MAX_WORDS {
-                        return Some(pos);
+                    words.push((pos, LEANING.contains(&word.as_str())));
+                    if words.len() >= FIRST_PHRASE_MAX_WORDS {
+                        let keep = words.iter().rposition(|w| !w.1).map_or(0, |i| i + 1).max(FIRST_PHRASE_WORDS);
+                        return Some(words[keep - 1].0);
                     }
                 }
             } else if word_start.is_none() {
@@ -184,11 +194,21 @@ mod tests {
     }
 
     #[test]
-    fn a_first_sentence_without_a_phrase_opener_is_cut_after_eight_words() {
+    fn a_first_sentence_without_a_phrase_opener_is_cut_after_six_words() {
         let text = "Yes absolutely we certainly do welcome brand new patients every day.";
         let out = pieces(&words_of(text).iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(out[0], Piece { text: "Yes absolutely we certainly do welcome brand new".into(), continues: true });
-        assert_eq!(out[1].text, "patients every day.");
+        assert_eq!(out[0], Piece { text: "Yes absolutely we certainly do welcome".into(), continues: true });
+        assert_eq!(out[1].text, "brand new patients every day.");
+    }
+
+    #[test]
+    fn the_first_phrase_does_not_end_on_a_word_that_leans_on_the_next() {
+        let first = |text: &str| pieces(&words_of(text).iter().map(String::as_str).collect::<Vec<_>>()).remove(0).text;
+        assert_eq!(first("We're now in the process of opening our own clinic here."), "We're now in the process");
+        assert_eq!(first("We can offer two appointments per day to you."), "We can offer two appointments");
+        assert_eq!(first("We think that this is the best place."), "We think that this", "never fewer than four words");
+        // An opener still cuts first, once four words are said.
+        assert_eq!(first("We're currently open on Saturdays and Sundays."), "We're currently open on Saturdays");
     }
 
     #[test]
