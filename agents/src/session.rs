@@ -273,7 +273,8 @@ struct Reply {
     done: bool,
     text: String,
     end_of_speech: Option<Instant>,
-    started: Instant,
+    /// When its work began (`started_ms` is when it began to play).
+    spawned_at: Instant,
     metrics: TurnMetrics,
     sent_first_frame: bool,
     started_ms: Option<u64>,
@@ -296,7 +297,7 @@ impl Reply {
             done: false,
             text: String::new(),
             end_of_speech,
-            started: Instant::now(),
+            spawned_at: Instant::now(),
             metrics,
             sent_first_frame: false,
             started_ms: None,
@@ -1019,7 +1020,7 @@ impl Core {
                 r.sent_first_frame = true;
                 if let Some(eos) = r.end_of_speech {
                     r.metrics.voice_to_voice_ms = ms_between(eos, Instant::now());
-                    r.metrics.reply_start_ms = ms_between(eos, r.started);
+                    r.metrics.reply_start_ms = ms_between(eos, r.spawned_at);
                     first = Some(r.metrics.clone());
                 }
             }
