@@ -154,14 +154,23 @@ impl Caller {
     }
 }
 
-/// WER over the words only: tokens with digits and the am/pm markers are
-/// dropped from both sides, since how a voice renders "9:00 AM-12:30 PM" and
-/// how Whisper writes it back ("9am, 1230pm") vary more than the words do.
+/// WER over the words only: numbers (in digits or in words) and the am/pm
+/// markers are dropped from both sides, since how a voice renders
+/// "9:00 AM-12:30 PM" and how Whisper writes it back ("9am, 1230pm", "nine
+/// a.m.") vary more than the words do.
 pub fn word_wer(reference: &str, hyp: &str) -> f64 {
+    const NUMBERS: &[&str] = &[
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+        "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty", "fifty", "hundred", "thousand",
+    ];
     let words = |s: &str| -> String {
         s.split(|c: char| c.is_whitespace() || c == '-' || c == ',')
             .filter(|w| !w.chars().any(|c| c.is_ascii_digit()))
-            .filter(|w| !matches!(w.to_lowercase().trim_matches(|c: char| !c.is_alphanumeric()), "am" | "pm" | "a" | "p" | "m"))
+            .filter(|w| {
+                let w = w.to_lowercase();
+                let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+                !matches!(w, "am" | "pm" | "a" | "p" | "m") && !NUMBERS.contains(&w)
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
