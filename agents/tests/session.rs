@@ -38,7 +38,11 @@ async fn caller_question_is_transcribed_answered_and_spoken() {
     caller.silence_until(20_000, |e| is_final(e, Speaker::Agent).is_some()).await;
     assert!(matches!(caller.log.first(), Some((_, AgentEvent::AgentAudio(_)))), "{:?}", caller.summary());
 
-    let question = "What are your opening hours?";
+    // Whisper tiny.en's call on espeak-ng's "What are your opening hours?"
+    // is marginal ("What are" at p ~0.55 against "What's up", which wins
+    // when the machine's load shifts where the decodes cut the audio): a
+    // question it hears with margin, so that the test checks the pipeline.
+    let question = "I would like to book a table for two people tomorrow evening.";
     let greeting_end = caller.log.len();
     let spoken = speak(question);
     let sound_end_ms = caller.frames_pushed * 20 + spoken.iter().rposition(|s| s.abs() > 0.01).unwrap_or(0) / 16;
