@@ -270,21 +270,19 @@ impl<T> JitterBuffer<T> {
                 self.stats.concealed += 1;
                 Playout::Lost
             }
-            None if self.held && self.cfg.wait_for_fec => {
-                // Concealed once while waiting for it, and the next packet is
-                // here: it is lost, and rebuilt from the next one's FEC in
-                // this tick, which the delay grows by.
-                self.held = false;
-                self.next = Some(next + 1);
-                self.stats.concealed += 1;
-                Playout::Lost
-            }
             None if self.held => {
                 // Already concealed while waiting for it, and later frames are
-                // here: it is lost; play the next one now.
+                // here: it is lost. A codec with FEC rebuilds it from the next
+                // packet in this tick (the delay grows by it); otherwise the
+                // next one plays now.
                 self.held = false;
                 self.next = Some(next + 1);
-                self.pop()
+                if self.cfg.wait_for_fec {
+                    self.stats.concealed += 1;
+                    Playout::Lost
+                } else {
+                    self.pop()
+                }
             }
             None => {
                 self.next = Some(next + 1);

@@ -403,9 +403,9 @@ impl Codecs {
     /// Tells the encoder how much of its stream the far end loses (RTCP),
     /// in percent: libopus spends bits on in-band FEC in proportion, none
     /// at 0 %.
-    pub(crate) fn set_expected_loss(&mut self, percent: u8) {
+    pub(crate) fn set_expected_loss(&mut self, percent: f64) {
         if let CodecState::Opus { encoder, .. } = &mut self.state {
-            let _ = encoder.set_packet_loss_perc(i32::from(percent.min(100)));
+            let _ = encoder.set_packet_loss_perc(percent.ceil().clamp(0.0, 100.0) as i32);
         }
     }
 
@@ -660,7 +660,7 @@ impl Leg {
         if let Some(percent) = reported_loss(&packets, Some(self.ssrc)) {
             self.stats.remote_loss_percent = Some(percent);
             if let Some(codecs) = self.codecs.as_mut() {
-                codecs.set_expected_loss(percent.ceil() as u8);
+                codecs.set_expected_loss(percent);
             }
         }
     }
@@ -876,7 +876,7 @@ mod tests {
     /// does, rebuilding lost packets from FEC (`fec`) or concealing them.
     /// Returns the SNR in dB of the lost packets' 20 ms against the same
     /// stream decoded without loss, and how many were rebuilt.
-    fn opus_through_loss(speech: &[i16], loss_percent: u8, fec: bool) -> (f64, u64) {
+    fn opus_through_loss(speech: &[i16], loss_percent: f64, fec: bool) -> (f64, u64) {
         let opus = || Codecs::new(Codec::Opus, OpusComplexity::default()).unwrap();
         let (mut tx, mut clean, mut rx) = (opus(), opus(), opus());
         tx.set_expected_loss(loss_percent);
@@ -925,9 +925,9 @@ mod tests {
     fn opus_fec_rebuilds_lost_speech_that_concealment_only_guesses() {
         let speech = speech();
         let lost = (speech.len() / 320).div_ceil(5) as u64;
-        let (fec_snr, rebuilt) = opus_through_loss(&speech, 20, true);
-        let (plc_snr, _) = opus_through_loss(&speech, 20, false);
-        let (_, none) = opus_through_loss(&speech, 0, true);
+        let (fec_snr, rebuilt) = opus_through_loss(&speech, 20.0, true);
+        let (plc_snr, _) = opus_through_loss(&speech, 20.0, false);
+        let (_, none) = opus_through_loss(&speech, 0.0, true);
         eprintln!("lost {lost} of {} packets; SNR of the lost audio: FEC {fec_snr:.1} dB ({rebuilt} rebuilt), concealment {plc_snr:.1} dB", speech.len() / 320);
         assert!(rebuilt >= lost / 2, "the speech's lost packets come back from FEC: {rebuilt} of {lost}");
         assert!(fec_snr >= plc_snr + 6.0, "FEC {fec_snr:.1} dB vs concealment {plc_snr:.1} dB");
@@ -1076,7 +1076,7 @@ mod tests {
 
         // The other way: the phone codes FEC, every fifth packet is lost.
         let mut phone = Codecs::new(Codec::Opus, OpusComplexity::default()).unwrap();
-        phone.set_expected_loss(20);
+        phone.set_expected_loss(20.0);
         let mut tick = tokio::time::interval(TICK);
         for (i, frame) in speech.chunks_exact(320).take(150).enumerate() {
             let mut payload = Vec::new();

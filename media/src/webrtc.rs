@@ -292,7 +292,7 @@ impl Leg {
                     Some(PeerEvent::State(_)) => {}
                     Some(PeerEvent::Loss(percent)) => {
                         self.stats.remote_loss_percent = Some(percent);
-                        codecs.set_expected_loss(percent.ceil() as u8);
+                        codecs.set_expected_loss(percent);
                     }
                     Some(PeerEvent::Rtp { seq, ts, payload }) => {
                         last_rx = Instant::now();
