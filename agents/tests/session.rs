@@ -39,9 +39,9 @@ async fn caller_question_is_transcribed_answered_and_spoken() {
     assert!(matches!(caller.log.first(), Some((_, AgentEvent::AgentAudio(_)))), "{:?}", caller.summary());
 
     // Whisper tiny.en's call on espeak-ng's "What are your opening hours?"
-    // is marginal ("What are" at p ~0.55 against "What's up", which wins
-    // when the machine's load shifts where the decodes cut the audio): a
-    // question it hears with margin, so that the test checks the pipeline.
+    // is marginal ("What are" at p ~0.55 against "What's up", which won on
+    // a loaded machine, for a reason not found): a question it hears with
+    // margin, so that the test checks the pipeline.
     let question = "I would like to book a table for two people tomorrow evening.";
     let greeting_end = caller.log.len();
     let spoken = speak(question);
