@@ -460,8 +460,14 @@ pub(crate) fn jitter_for(codec: Codec, base: JitterConfig) -> JitterConfig {
 
 /// Whether an Opus packet carries FEC (LBRR) for the packet before it.
 fn has_lbrr(packet: &[u8]) -> bool {
+    // libopus reads the TOC byte before it looks at the length: an empty
+    // payload (the far end may send one) must not reach it.
+    if packet.is_empty() {
+        return false;
+    }
     let Ok(len) = i32::try_from(packet.len()) else { return false };
-    // SAFETY: libopus reads at most `len` bytes from the slice's pointer.
+    // SAFETY: the slice holds at least the TOC byte, and past it libopus
+    // reads at most `len` bytes from its pointer.
     unsafe { opusic_sys::opus_packet_has_lbrr(packet.as_ptr(), len) > 0 }
 }
 
@@ -919,6 +925,16 @@ mod tests {
             }
         }
         (10.0 * (signal / error.max(1.0)).log10(), rebuilt)
+    }
+
+    #[test]
+    fn an_empty_or_garbage_packet_after_a_lost_one_is_concealed_not_read_for_fec() {
+        let mut codecs = Codecs::new(Codec::Opus, OpusComplexity::default()).unwrap();
+        for next in [&[][..], &[0xFF][..], &[0x0B, 0xFF, 0xFF][..]] {
+            let mut out = Vec::new();
+            assert!(!codecs.recover(Some(next), 320, &mut out), "{next:?}");
+            assert_eq!(out.len(), 320, "the lost packet is concealed at its length");
+        }
     }
 
     #[test]
