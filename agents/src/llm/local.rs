@@ -7,7 +7,7 @@
 //! new tokens, so time to first token does not grow with the call. A reply
 //! that was thrown away (started on a guess of the caller's words, or cut
 //! off) is undone by going back to the state before it, not by reading the
-//! whole conversation again.
+//! whole conversation again. The forward pass is [`super::llama`]'s.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use tokenizers::Tokenizer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatMessage, ChatTemplate, Role};
+use super::llama::{KvCache, Llama};
 use super::{tokenizer, MAX_REPLY_TOKENS};
 use crate::error::AgentError;
 use crate::pool::{InferencePool, Urgency};
@@ -52,12 +52,11 @@ fn inference(e: candle_core::Error) -> AgentError {
 }
 
 pub struct LocalLlm {
-    weights: ModelWeights,
+    model: Llama,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     stop: Vec<u32>,
     context: usize,
-    device: Device,
 }
 
 /// A generated reply.
@@ -111,13 +110,13 @@ impl Generation {
 
 /// One call's state in the local model: the KV cache and what it holds.
 pub struct LocalConversation {
-    model: ModelWeights,
+    cache: KvCache,
+    /// The tokens read, a prefix of those the cache holds.
     tokens: Vec<u32>,
     text: String,
     seed: u64,
-    /// The state before the last reply's prompt was read. The KV cache's
-    /// tensors are shared, not copied, so keeping it costs no copy, only the
-    /// memory of the older cache while both live.
+    /// The state before the last reply's prompt was read (usable while the
+    /// cache still holds it: see [`KvCache::holds`]).
     before_last: Option<Checkpoint>,
     /// Replies started on this conversation (the latest one owns it), and
     /// readers ahead of one (a prefill or a listen-ahead stops when this
@@ -133,7 +132,6 @@ pub struct LocalConversation {
 
 #[derive(Clone)]
 struct Checkpoint {
-    model: ModelWeights,
     tokens: Vec<u32>,
     text: String,
 }
@@ -167,12 +165,12 @@ impl LocalLlm {
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .map_or(DEFAULT_CONTEXT, |c| (c as usize).min(DEFAULT_CONTEXT));
-        let weights = ModelWeights::from_gguf(content, &mut reader, &device).map_err(|e| AgentError::Model(format!("llm: {e}")))?;
-        Ok(LocalLlm { weights, tokenizer, template, stop, context, device })
+        let model = Llama::from_gguf(&content, &mut reader, &device).map_err(|e| AgentError::Model(format!("llm: {e}")))?;
+        Ok(LocalLlm { model, tokenizer, template, stop, context })
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { model: self.weights.clone(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
+        LocalConversation { cache: KvCache::new(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -226,7 +224,7 @@ impl LocalLlm {
         if tokens.is_empty() || tokens.len() + MAX_REPLY_TOKENS > self.context {
             return Ok(None);
         }
-        conv.reset(&self.weights);
+        conv.reset();
         Ok(Some((prompt, tokens)))
     }
 
@@ -285,7 +283,7 @@ impl LocalLlm {
             // they said: go back to before them if that state still fits.
             match conv.latest_checkpoint(|text| extends(text)) {
                 Some(c) => conv.restore(c),
-                None => conv.reset(&self.weights),
+                None => conv.reset(),
             }
         }
         let mut new_tokens = self.encode(&prompt[conv.text.len()..])?;
@@ -293,7 +291,7 @@ impl LocalLlm {
             if conv.tokens.is_empty() {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
-            conv.reset(&self.weights);
+            conv.reset();
             new_tokens = self.encode(&prompt)?;
             if new_tokens.len() + budget > self.context {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
@@ -412,10 +410,9 @@ impl LocalLlm {
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
-        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(inference)?;
-        let logits = conv.model.forward(&input, conv.tokens.len()).map_err(inference)?;
+        let logits = self.model.forward(&mut conv.cache, conv.tokens.len(), tokens).map_err(inference)?;
         conv.tokens.extend_from_slice(tokens);
-        logits.squeeze(0).map_err(inference)
+        Ok(logits)
     }
 }
 
@@ -519,26 +516,32 @@ impl LocalConversation {
     }
 
     /// Forgets everything read: the next prompt is read in full.
-    fn reset(&mut self, weights: &ModelWeights) {
-        self.model = weights.clone();
+    fn reset(&mut self) {
         self.tokens.clear();
         self.text.clear();
         self.before_last = None;
         self.heard = None;
     }
 
-    /// Of the states kept to go back to, the one that has read the most and
-    /// that `fits` (the text it holds starts the prompt to read).
+    /// Of the states kept to go back to, the one that has read the most,
+    /// that `fits` (the text it holds starts the prompt to read) and that
+    /// the cache still holds (going back to an earlier state and reading
+    /// other words overwrites a later one).
     fn latest_checkpoint(&self, fits: impl Fn(&str) -> bool) -> Option<Checkpoint> {
-        [self.before_last.as_ref(), self.heard.as_ref()].into_iter().flatten().filter(|c| fits(&c.text)).max_by_key(|c| c.tokens.len()).cloned()
+        [self.before_last.as_ref(), self.heard.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|c| fits(&c.text) && self.cache.holds(&c.tokens))
+            .max_by_key(|c| c.tokens.len())
+            .cloned()
     }
 
     fn checkpoint(&self) -> Checkpoint {
-        Checkpoint { model: self.model.clone(), tokens: self.tokens.clone(), text: self.text.clone() }
+        Checkpoint { tokens: self.tokens.clone(), text: self.text.clone() }
     }
 
     fn restore(&mut self, c: Checkpoint) {
-        (self.model, self.tokens, self.text) = (c.model, c.tokens, c.text);
+        (self.tokens, self.text) = (c.tokens, c.text);
     }
 }
 

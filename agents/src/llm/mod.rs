@@ -3,6 +3,7 @@
 //! stop as soon as the session cancels them (barge-in).
 
 mod chat;
+mod llama;
 mod local;
 mod remote;
 mod tokenizer;
