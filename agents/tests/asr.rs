@@ -44,3 +44,19 @@ fn a_decode_runs_to_its_text_unless_its_abort_flag_is_set() {
     // The aborted decode gave its thread back.
     assert!(common::wer(text, &asr.transcribe(&pcm, "en").unwrap()) <= 0.10);
 }
+
+#[test]
+fn a_decoder_state_used_again_hears_what_a_new_one_hears() {
+    let paths = common::models();
+    let asr = Asr::load(&paths.whisper, 1).unwrap();
+    let long = common::speak("I would like to book a table for two people tomorrow evening.");
+    let short = common::speak("Do you take new patients?");
+    // The first decode makes a state; the later ones run on it, after
+    // audio of another length (another encoder window).
+    let long_first = asr.transcribe(&long, "en").unwrap();
+    let short_again = asr.transcribe(&short, "en").unwrap();
+    let long_again = asr.transcribe(&long, "en").unwrap();
+    let fresh = Asr::load(&paths.whisper, 1).unwrap();
+    assert_eq!(short_again, fresh.transcribe(&short, "en").unwrap());
+    assert_eq!(long_again, long_first);
+}
