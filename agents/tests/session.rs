@@ -13,7 +13,7 @@ const GREETING: &str = "Hello, thank you for calling Luigi's restaurant. We are 
 /// A fixed sampling seed: the 135M model sometimes drifts into another
 /// language, which Whisper tiny.en cannot hear back; a fixed seed keeps
 /// these tests about the pipeline, not about the model's luck.
-const SEED: u64 = 7;
+const SEED: u64 = 1;
 
 fn config() -> AgentConfig {
     AgentConfig { system_prompt: PROMPT.into(), greeting: GREETING.into(), seed: Some(SEED), ..AgentConfig::default() }
