@@ -8,8 +8,9 @@
 //! cached token for every token generated, so a call's replies slowed from
 //! 58 to 31 tokens/s over 500 cached tokens. Here the cache is allocated
 //! ahead (growing by doubling), a token's keys and values are written into
-//! it, and the query heads of a group attend to their shared key head as
-//! one matrix product over a view of the cache: nothing is copied per
+//! it, and the query heads of a group attend to their shared key head over
+//! a view of the cache (one matrix product when a prompt is read, a loop
+//! over the cache's memory for one new token): nothing is copied per
 //! token. The weights and their quantized products are candle's.
 //!
 //! Because the cache is overwritten in place, a state to go back to is a
@@ -47,11 +48,10 @@ pub struct Llama {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// RoPE tables, (positions, head_dim / 2).
+    /// RoPE tables, (positions, head_dim / 2), for llama's interleaved
+    /// pairs (2i, 2i+1).
     cos: Tensor,
     sin: Tensor,
-    /// Pairs (i, i + d/2) rather than (2i, 2i+1) (llama.cpp's "NEOX" kind).
-    rope_neox: bool,
     device: Device,
 }
 
@@ -88,6 +88,11 @@ impl Llama {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(content: &gguf_file::Content, reader: &mut R, device: &Device) -> Result<Self> {
         let md = |key: &str| content.metadata.get(key).ok_or_else(|| candle_core::Error::Msg(format!("gguf metadata has no {key}")));
         let arch = md("general.architecture").and_then(|v| v.to_string().cloned()).unwrap_or_default();
+        // Other architectures name their metadata after themselves and
+        // differ in more than names (RoPE pairing, biases, norms).
+        if arch != "llama" {
+            candle_core::bail!("architecture {arch:?} is not supported (llama only)");
+        }
         if md("llama.expert_count").and_then(|v| v.to_u32()).unwrap_or(0) > 1 {
             candle_core::bail!("mixture-of-experts models are not supported");
         }
@@ -130,9 +135,7 @@ impl Llama {
                 ffn_norm: RmsNorm::from_qtensor(tensor(&name("ffn_norm"))?, eps)?,
             });
         }
-        // llama.cpp's mapping of architectures to RoPE kinds (as candle's).
-        let rope_neox = matches!(arch.as_str(), "qwen" | "qwen2" | "qwen3" | "falcon" | "phi2" | "phi3" | "stablelm" | "starcoder2" | "olmo2");
-        Ok(Llama { embeddings, layers, norm, output, heads, kv_heads, head_dim, cos, sin, rope_neox, device: device.clone() })
+        Ok(Llama { embeddings, layers, norm, output, heads, kv_heads, head_dim, cos, sin, device: device.clone() })
     }
 
     /// Reads `tokens` at positions `pos..` (the cache must hold the `pos`
@@ -159,8 +162,8 @@ impl Llama {
             let q = self.heads_of(&layer.wq.forward(&h)?, self.heads, seq)?;
             let k = self.heads_of(&layer.wk.forward(&h)?, self.kv_heads, seq)?;
             let v = self.heads_of(&layer.wv.forward(&h)?, self.kv_heads, seq)?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             k_cache.slice_set(&k, 2, pos)?;
             v_cache.slice_set(&v, 2, pos)?;
             let attended = if seq == 1 && self.device.is_cpu() {
@@ -221,14 +224,6 @@ impl Llama {
     /// (1, seq, n * head_dim) -> (1, n, seq, head_dim), contiguous.
     fn heads_of(&self, x: &Tensor, n: usize, seq: usize) -> Result<Tensor> {
         x.reshape((1, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if self.rope_neox {
-            candle_nn::rotary_emb::rope(x, cos, sin)
-        } else {
-            candle_nn::rotary_emb::rope_i(x, cos, sin)
-        }
     }
 
     /// Makes room for `end` positions, keeping what the cache holds.
