@@ -231,7 +231,7 @@ impl Llama {
         if end <= cache.capacity {
             return Ok(());
         }
-        let capacity = end.next_power_of_two().max(FIRST_CAPACITY).min(MAX_POSITIONS);
+        let capacity = end.next_power_of_two().clamp(FIRST_CAPACITY, MAX_POSITIONS);
         let held = cache.written.len();
         let mut layers = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
