@@ -57,6 +57,7 @@ pub struct Llama {
 
 /// One conversation's keys and values, per layer (1, kv_heads, capacity,
 /// head_dim), and the tokens they were computed from.
+#[derive(Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     capacity: usize,
@@ -67,20 +68,15 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new() -> Self {
-        KvCache { layers: Vec::new(), capacity: 0, written: Vec::new() }
+    /// The tokens whose keys and values the cache holds, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.written
     }
 
     /// The cache holds the keys and values of `tokens` (read from the
     /// start): a state that had read them can be gone back to.
     pub fn holds(&self, tokens: &[u32]) -> bool {
         self.written.starts_with(tokens)
-    }
-}
-
-impl Default for KvCache {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -390,7 +386,7 @@ mod tests {
     #[test]
     fn logits_match_candles_quantized_llama_across_growth_and_going_back() {
         let (mut theirs, ours) = both();
-        let mut cache = KvCache::new();
+        let mut cache = KvCache::default();
         // A prompt longer than the first allocation, read at once, then
         // tokens one by one past the point where the cache grows.
         let prompt: Vec<u32> = (0..250u32).map(|i| 200 + (i * 37) % 5000).collect();
@@ -414,7 +410,7 @@ mod tests {
         }
         // The bound tells a wrong cache apart: one token of 250 missing
         // (measured: correlation 0.956, a logit 3.75 off).
-        let mut short = KvCache::new();
+        let mut short = KvCache::default();
         ours.forward(&mut short, 0, &prompt[1..]).unwrap();
         let (_, correlation) = compare(&reference(&mut at_prompt.clone(), prompt.len(), &other[..1]), &ours.forward(&mut short, prompt.len() - 1, &other[..1]).unwrap());
         assert!(correlation < 0.995, "a cache one token short passes for right: {correlation}");
@@ -423,7 +419,7 @@ mod tests {
     #[test]
     fn a_forward_past_what_the_cache_holds_is_refused() {
         let (_, ours) = both();
-        let mut cache = KvCache::new();
+        let mut cache = KvCache::default();
         assert!(ours.forward(&mut cache, 1, &[5]).is_err());
         assert!(ours.forward(&mut cache, 0, &[]).is_err());
     }
@@ -437,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_cache_holds_the_prefixes_of_what_it_was_written_with() {
-        let mut cache = KvCache::new();
+        let mut cache = KvCache::default();
         cache.written = vec![1, 2, 3];
         assert!(cache.holds(&[]));
         assert!(cache.holds(&[1, 2]));

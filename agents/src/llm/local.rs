@@ -111,8 +111,9 @@ impl Generation {
 /// One call's state in the local model: the KV cache and what it holds.
 pub struct LocalConversation {
     cache: KvCache,
-    /// The tokens read, a prefix of those the cache holds.
-    tokens: Vec<u32>,
+    /// How many of the tokens the cache holds were read in this state (a
+    /// state gone back to leaves later ones in the cache).
+    read: usize,
     text: String,
     seed: u64,
     /// The state before the last reply's prompt was read (usable while the
@@ -170,7 +171,7 @@ impl LocalLlm {
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { cache: KvCache::new(), tokens: Vec::new(), text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
+        LocalConversation { cache: KvCache::default(), read: 0, text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -232,7 +233,7 @@ impl LocalLlm {
     /// records the text they are, so that a reply starting before the
     /// prefill is over reads only the rest.
     fn read_ahead(&self, conv: &mut LocalConversation, prompt: &str, tokens: &[u32]) -> Result<(), AgentError> {
-        let Some(new) = tokens.get(conv.tokens.len()..).filter(|t| !t.is_empty()) else { return Ok(()) };
+        let Some(new) = tokens.get(conv.read..).filter(|t| !t.is_empty()) else { return Ok(()) };
         self.forward(conv, new)?;
         let text = self.tokenizer.decode(tokens, false).map_err(|e| AgentError::Inference(e.to_string()))?;
         // A cut inside a character decodes to a replacement character: the
@@ -287,8 +288,8 @@ impl LocalLlm {
             }
         }
         let mut new_tokens = self.encode(&prompt[conv.text.len()..])?;
-        if conv.tokens.len() + new_tokens.len() + budget > self.context {
-            if conv.tokens.is_empty() {
+        if conv.read + new_tokens.len() + budget > self.context {
+            if conv.read == 0 {
                 return Err(AgentError::Inference("the prompt does not fit the model's context".into()));
             }
             conv.reset();
@@ -380,7 +381,7 @@ impl LocalLlm {
             let Some(c) = conv.latest_checkpoint(|text| so_far.starts_with(text)) else { return Ok(0) };
             Some(c)
         };
-        let (from, held) = back.as_ref().map_or((conv.text.len(), conv.tokens.len()), |c| (c.text.len(), c.tokens.len()));
+        let (from, held) = back.as_ref().map_or((conv.text.len(), conv.read), |c| (c.text.len(), c.tokens.len()));
         // Up to the turn's start, then the words: the state in between is
         // where words heard otherwise later go back to.
         let at_turn = from <= turn.len();
@@ -410,8 +411,8 @@ impl LocalLlm {
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
-        let logits = self.model.forward(&mut conv.cache, conv.tokens.len(), tokens).map_err(inference)?;
-        conv.tokens.extend_from_slice(tokens);
+        let logits = self.model.forward(&mut conv.cache, conv.read, tokens).map_err(inference)?;
+        conv.read += tokens.len();
         Ok(logits)
     }
 }
@@ -512,12 +513,12 @@ enum Slice<F> {
 impl LocalConversation {
     /// The tokens the model has read (prompts and replies), in order.
     pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+        &self.cache.tokens()[..self.read]
     }
 
     /// Forgets everything read: the next prompt is read in full.
     fn reset(&mut self) {
-        self.tokens.clear();
+        self.read = 0;
         self.text.clear();
         self.before_last = None;
         self.heard = None;
@@ -537,11 +538,14 @@ impl LocalConversation {
     }
 
     fn checkpoint(&self) -> Checkpoint {
-        Checkpoint { tokens: self.tokens.clone(), text: self.text.clone() }
+        Checkpoint { tokens: self.tokens().to_vec(), text: self.text.clone() }
     }
 
+    /// Goes back to `c`, one [`latest_checkpoint`](Self::latest_checkpoint)
+    /// found the cache still holds.
     fn restore(&mut self, c: Checkpoint) {
-        (self.tokens, self.text) = (c.tokens, c.text);
+        debug_assert!(self.cache.holds(&c.tokens));
+        (self.read, self.text) = (c.tokens.len(), c.text);
     }
 }
 
