@@ -66,32 +66,36 @@ fn asr(paths: &ModelPaths, reps: usize) {
 }
 
 fn llm(paths: &ModelPaths) {
-    println!("\n### LLM: SmolLM2-135M-Instruct Q8_0 (candle), one call's turns\n");
-    println!("| turn | tokens in cache before | prompt tokens read | first token | tokens | tokens/s after the first |");
-    println!("|---|---|---|---|---|---|");
-    let llm = LocalLlm::load(&paths.llm).expect("LLM model (scripts/setup)");
-    let mut conv = llm.conversation(7);
-    let mut messages = vec![ChatMessage::new(Role::System, SYSTEM)];
-    let opts = Generation { max_tokens: 64, temperature: 0.0, top_p: 1.0 };
-    let cancel = CancellationToken::new();
-    let mut cached = 0;
-    for (turn, q) in QUESTIONS.iter().cycle().take(8).enumerate() {
-        messages.push(ChatMessage::new(Role::User, *q));
-        let started = Instant::now();
-        let mut g = llm.start(&mut conv, &messages, opts).expect("prompt");
-        // The first token counts when its text is out, before the model
-        // reads it back for the next one.
-        let mut first = None;
-        while !llm.step(&mut conv, &mut g, 1, &cancel, |_| {
-            first.get_or_insert_with(|| started.elapsed());
-        }).expect("step") {}
-        let total = started.elapsed();
-        let reply = g.reply();
-        let first = first.unwrap_or(total);
-        let rate = (reply.tokens.saturating_sub(1)) as f64 / (total - first).as_secs_f64().max(1e-9);
-        println!("| {} | {cached} | {} | {:.0} ms | {} | {rate:.0} |", turn + 1, reply.read, ms(first), reply.tokens);
-        cached += reply.read + reply.tokens;
-        messages.push(ChatMessage::new(Role::Assistant, reply.text));
+    println!("\n### LLM: SmolLM2-135M-Instruct Q8_0, one call's turns\n");
+    println!("(A prompt is read with candle's product on CANDLE_NUM_THREADS threads; a generated token's products on one thread, or two with the spare thread.)\n");
+    println!("| spare thread | turn | tokens in cache before | prompt tokens read | first token | tokens | tokens/s after the first |");
+    println!("|---|---|---|---|---|---|---|");
+    for spare in [false, true] {
+        let llm = LocalLlm::load(&paths.llm).expect("LLM model (scripts/setup)").with_spare_core(move || spare);
+        let mut conv = llm.conversation(7);
+        let mut messages = vec![ChatMessage::new(Role::System, SYSTEM)];
+        let opts = Generation { max_tokens: 64, temperature: 0.0, top_p: 1.0 };
+        let cancel = CancellationToken::new();
+        let mut cached = 0;
+        for (turn, q) in QUESTIONS.iter().cycle().take(8).enumerate() {
+            messages.push(ChatMessage::new(Role::User, *q));
+            let started = Instant::now();
+            let mut g = llm.start(&mut conv, &messages, opts).expect("prompt");
+            // The first token counts when its text is out, before the model
+            // reads it back for the next one.
+            let mut first = None;
+            while !llm.step(&mut conv, &mut g, 1, &cancel, |_| {
+                first.get_or_insert_with(|| started.elapsed());
+            }).expect("step") {}
+            let total = started.elapsed();
+            let reply = g.reply();
+            let first = first.unwrap_or(total);
+            let rate = (reply.tokens.saturating_sub(1)) as f64 / (total - first).as_secs_f64().max(1e-9);
+            let spare = if spare { "yes" } else { "no" };
+            println!("| {spare} | {} | {cached} | {} | {:.0} ms | {} | {rate:.0} |", turn + 1, reply.read, ms(first), reply.tokens);
+            cached += reply.read + reply.tokens;
+            messages.push(ChatMessage::new(Role::Assistant, reply.text));
+        }
     }
 }
 

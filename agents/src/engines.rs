@@ -156,7 +156,10 @@ impl Engines {
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
         let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
-        let llm = optional("local LLM", LocalLlm::load(&paths.llm));
+        // A generated token takes the other core too while nothing else
+        // runs on the pool (its own job holds one slot).
+        let idle = pool.clone();
+        let llm = optional("local LLM", LocalLlm::load(&paths.llm).map(|l| l.with_spare_core(move || idle.size() > 1 && idle.idle_but_one())));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
                 .commit()

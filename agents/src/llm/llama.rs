@@ -16,26 +16,47 @@
 //! Because the cache is overwritten in place, a state to go back to is a
 //! token count, valid while the cache still holds those tokens
 //! ([`KvCache::holds`]).
+//!
+//! A generated token's products with Q8_0 weights are [`super::q8`]'s,
+//! which may share them with a spare thread while the other core is idle;
+//! a prompt's are candle's.
 
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::q8::{self, Q8Matrix, Spare};
+
 /// Positions the rotary tables cover: the most tokens a cache can hold.
 const MAX_POSITIONS: usize = 4096;
 /// Positions a cache holds when first written (it doubles when full).
 const FIRST_CAPACITY: usize = 256;
 
+/// A weight matrix: candle's, and, when it is Q8_0 in CPU memory, the
+/// same memory read for one token's products.
+struct Weight {
+    candle: QMatMul,
+    q8: Option<Q8Matrix>,
+}
+
+impl Weight {
+    fn new(tensor: candle_core::quantized::QTensor) -> Result<Self> {
+        let candle = QMatMul::from_qtensor(tensor)?;
+        let q8 = Q8Matrix::of(&candle);
+        Ok(Weight { candle, q8 })
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
     attention_norm: RmsNorm,
-    gate: QMatMul,
-    down: QMatMul,
-    up: QMatMul,
+    gate: Weight,
+    down: Weight,
+    up: Weight,
     ffn_norm: RmsNorm,
 }
 
@@ -44,7 +65,9 @@ pub struct Llama {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Weight,
+    /// Shares a token's products while the other core is idle (CPU only).
+    spare: Option<Spare>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -112,7 +135,7 @@ impl Llama {
         let embeddings = Embedding::new(embeddings_q.dequantize(device)?, hidden);
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
         // Models with tied embeddings (SmolLM2) have no output matrix.
-        let output = QMatMul::from_qtensor(match tensor("output.weight") {
+        let output = Weight::new(match tensor("output.weight") {
             Ok(t) => t,
             Err(_) => embeddings_q,
         })?;
@@ -120,23 +143,26 @@ impl Llama {
         for i in 0..blocks {
             let name = |part: &str| format!("blk.{i}.{part}.weight");
             layers.push(Layer {
-                wq: QMatMul::from_qtensor(tensor(&name("attn_q"))?)?,
-                wk: QMatMul::from_qtensor(tensor(&name("attn_k"))?)?,
-                wv: QMatMul::from_qtensor(tensor(&name("attn_v"))?)?,
-                wo: QMatMul::from_qtensor(tensor(&name("attn_output"))?)?,
+                wq: Weight::new(tensor(&name("attn_q"))?)?,
+                wk: Weight::new(tensor(&name("attn_k"))?)?,
+                wv: Weight::new(tensor(&name("attn_v"))?)?,
+                wo: Weight::new(tensor(&name("attn_output"))?)?,
                 attention_norm: RmsNorm::from_qtensor(tensor(&name("attn_norm"))?, eps)?,
-                gate: QMatMul::from_qtensor(tensor(&name("ffn_gate"))?)?,
-                down: QMatMul::from_qtensor(tensor(&name("ffn_down"))?)?,
-                up: QMatMul::from_qtensor(tensor(&name("ffn_up"))?)?,
+                gate: Weight::new(tensor(&name("ffn_gate"))?)?,
+                down: Weight::new(tensor(&name("ffn_down"))?)?,
+                up: Weight::new(tensor(&name("ffn_up"))?)?,
                 ffn_norm: RmsNorm::from_qtensor(tensor(&name("ffn_norm"))?, eps)?,
             });
         }
-        Ok(Llama { embeddings, layers, norm, output, heads, kv_heads, head_dim, cos, sin, device: device.clone() })
+        let spare = if device.is_cpu() { Some(Spare::new().map_err(|e| candle_core::Error::Msg(format!("the LLM's spare thread: {e}")))?) } else { None };
+        Ok(Llama { embeddings, layers, norm, output, spare, heads, kv_heads, head_dim, cos, sin, device: device.clone() })
     }
 
     /// Reads `tokens` at positions `pos..` (the cache must hold the `pos`
     /// tokens before them) and returns the logits after the last one.
-    pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32]) -> Result<Tensor> {
+    /// `wide`: a single token's products may use the spare thread too (the
+    /// other core is idle).
+    pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32], wide: bool) -> Result<Tensor> {
         let seq = tokens.len();
         if seq == 0 || pos > cache.written.len() {
             candle_core::bail!("forward of {seq} tokens at {pos} on a cache holding {}", cache.written.len());
@@ -155,9 +181,10 @@ impl Llama {
         let mut x = self.embeddings.forward(&input)?;
         for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
             let h = layer.attention_norm.forward(&x)?;
-            let q = self.heads_of(&layer.wq.forward(&h)?, self.heads, seq)?;
-            let k = self.heads_of(&layer.wk.forward(&h)?, self.kv_heads, seq)?;
-            let v = self.heads_of(&layer.wv.forward(&h)?, self.kv_heads, seq)?;
+            let [q, k, v] = self.products(wide, &h, [&layer.wq, &layer.wk, &layer.wv])?;
+            let q = self.heads_of(&q, self.heads, seq)?;
+            let k = self.heads_of(&k, self.kv_heads, seq)?;
+            let v = self.heads_of(&v, self.kv_heads, seq)?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             k_cache.slice_set(&k, 2, pos)?;
@@ -167,15 +194,36 @@ impl Llama {
             } else {
                 self.attend(&q, k_cache, v_cache, end, seq, mask.as_ref())?
             };
-            let x1 = (layer.wo.forward(&attended)? + &x)?;
+            let [out] = self.products(wide, &attended, [&layer.wo])?;
+            let x1 = (out + &x)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let mlp = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            let [gate, up] = self.products(wide, &h, [&layer.gate, &layer.up])?;
+            let [mlp] = self.products(wide, &(candle_nn::ops::silu(&gate)? * up)?, [&layer.down])?;
             x = (mlp + x1)?;
         }
-        let last = self.norm.forward(&x)?.i((.., seq - 1, ..))?;
-        let logits = self.output.forward(&last)?.squeeze(0)?;
+        let last = self.norm.forward(&x)?.i((.., seq - 1..seq, ..))?;
+        let [logits] = self.products(wide, &last, [&self.output])?;
+        let logits = logits.flatten_all()?;
         cache.written.extend_from_slice(tokens);
         Ok(logits)
+    }
+
+    /// `x` (1, rows, cols) times each of `weights`, as (1, rows, outputs):
+    /// for one row of Q8_0 weights on the CPU [`q8::products`] (with the
+    /// spare thread when `wide`), otherwise candle's products.
+    fn products<const N: usize>(&self, wide: bool, x: &Tensor, weights: [&Weight; N]) -> Result<[Tensor; N]> {
+        let ours: Option<Vec<&Q8Matrix>> = weights.iter().map(|w| w.q8.as_ref()).collect();
+        let tensors = match (ours, &self.spare) {
+            (Some(matrices), Some(spare)) if x.dim(1)? == 1 => {
+                let outs = q8::products(spare, wide, &x.flatten_all()?.to_vec1::<f32>()?, &matrices)?;
+                outs.into_iter().map(|o| {
+                    let n = o.len();
+                    Tensor::from_vec(o, (1, 1, n), &self.device)
+                }).collect::<Result<Vec<_>>>()?
+            }
+            _ => weights.iter().map(|w| w.candle.forward(x)).collect::<Result<Vec<_>>>()?,
+        };
+        tensors.try_into().map_err(|_| candle_core::Error::Msg("a product's outputs were lost".into()))
     }
 
     /// Attention of `seq` queries at positions `end - seq..end` (q: (1,
@@ -390,16 +438,19 @@ mod tests {
         // A prompt longer than the first allocation, read at once, then
         // tokens one by one past the point where the cache grows.
         let prompt: Vec<u32> = (0..250u32).map(|i| 200 + (i * 37) % 5000).collect();
-        let mut checks = vec![compare(&reference(&mut theirs, 0, &prompt), &ours.forward(&mut cache, 0, &prompt).unwrap())];
+        let mut checks = vec![compare(&reference(&mut theirs, 0, &prompt), &ours.forward(&mut cache, 0, &prompt, false).unwrap())];
         let at_prompt = theirs.clone();
+        // The installed model is Q8_0: single tokens take voxgate's
+        // products, on one thread and on two in turn.
+        assert!(ours.output.q8.is_some() && ours.layers.iter().all(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().all(|w| w.q8.is_some())));
         for (i, token) in (0..10u32).map(|i| 1000 + i * 7).enumerate() {
             let pos = prompt.len() + i;
-            checks.push(compare(&reference(&mut theirs, pos, &[token]), &ours.forward(&mut cache, pos, &[token]).unwrap()));
+            checks.push(compare(&reference(&mut theirs, pos, &[token]), &ours.forward(&mut cache, pos, &[token], i % 2 == 1).unwrap()));
         }
         assert!(cache.capacity > FIRST_CAPACITY && cache.holds(&prompt));
         // Back to the end of the prompt, and other tokens read there.
         let other = [4000u32, 4001, 4002];
-        checks.push(compare(&reference(&mut at_prompt.clone(), prompt.len(), &other), &ours.forward(&mut cache, prompt.len(), &other).unwrap()));
+        checks.push(compare(&reference(&mut at_prompt.clone(), prompt.len(), &other), &ours.forward(&mut cache, prompt.len(), &other, false).unwrap()));
         assert!(!cache.holds(&[prompt.clone(), vec![1000]].concat()), "the tokens read after the prompt are overwritten");
         // candle quantizes each layer's input to 8 bits, so a last-bit
         // difference in the attention's sums (the two do them in other
@@ -411,17 +462,32 @@ mod tests {
         // The bound tells a wrong cache apart: one token of 250 missing
         // (measured: correlation 0.956, a logit 3.75 off).
         let mut short = KvCache::default();
-        ours.forward(&mut short, 0, &prompt[1..]).unwrap();
-        let (_, correlation) = compare(&reference(&mut at_prompt.clone(), prompt.len(), &other[..1]), &ours.forward(&mut short, prompt.len() - 1, &other[..1]).unwrap());
+        ours.forward(&mut short, 0, &prompt[1..], false).unwrap();
+        let (_, correlation) = compare(&reference(&mut at_prompt.clone(), prompt.len(), &other[..1]), &ours.forward(&mut short, prompt.len() - 1, &other[..1], false).unwrap());
         assert!(correlation < 0.995, "a cache one token short passes for right: {correlation}");
+    }
+
+    #[test]
+    fn a_token_read_with_the_spare_thread_gives_the_logits_of_one_thread() {
+        let (_, ours) = both();
+        let (mut one, mut two) = (KvCache::default(), KvCache::default());
+        let prompt: Vec<u32> = (0..40u32).map(|i| 300 + i * 11).collect();
+        ours.forward(&mut one, 0, &prompt, false).unwrap();
+        ours.forward(&mut two, 0, &prompt, false).unwrap();
+        for (i, token) in (0..20u32).map(|i| 700 + i * 13).enumerate() {
+            let pos = prompt.len() + i;
+            let (a, b) = (ours.forward(&mut one, pos, &[token], false).unwrap(), ours.forward(&mut two, pos, &[token], true).unwrap());
+            // Each row's sum is the same whichever thread does it.
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "token {i}");
+        }
     }
 
     #[test]
     fn a_forward_past_what_the_cache_holds_is_refused() {
         let (_, ours) = both();
         let mut cache = KvCache::default();
-        assert!(ours.forward(&mut cache, 1, &[5]).is_err());
-        assert!(ours.forward(&mut cache, 0, &[]).is_err());
+        assert!(ours.forward(&mut cache, 1, &[5], false).is_err());
+        assert!(ours.forward(&mut cache, 0, &[], false).is_err());
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct LocalLlm {
     template: ChatTemplate,
     stop: Vec<u32>,
     context: usize,
+    /// Whether a generated token may use a second core now (see
+    /// [`LocalLlm::with_spare_core`]).
+    spare_core: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// A generated reply.
@@ -167,7 +170,17 @@ impl LocalLlm {
             .and_then(|v| v.to_u32().ok())
             .map_or(DEFAULT_CONTEXT, |c| (c as usize).min(DEFAULT_CONTEXT));
         let model = Llama::from_gguf(&content, &mut reader, &device).map_err(|e| AgentError::Model(format!("llm: {e}")))?;
-        Ok(LocalLlm { model, tokenizer, template, stop, context })
+        Ok(LocalLlm { model, tokenizer, template, stop, context, spare_core: Box::new(|| false) })
+    }
+
+    /// Lets each generated token's products use a second thread while
+    /// `idle` says the other core has nothing else to do (asked before each
+    /// token; without it, a token uses one thread). A second thread halves
+    /// a lone call's token time, but beside other work it waits for a
+    /// core that is taken.
+    pub fn with_spare_core(mut self, idle: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.spare_core = Box::new(idle);
+        self
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
@@ -411,7 +424,7 @@ impl LocalLlm {
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
-        let logits = self.model.forward(&mut conv.cache, conv.read, tokens).map_err(inference)?;
+        let logits = self.model.forward(&mut conv.cache, conv.read, tokens, (self.spare_core)()).map_err(inference)?;
         conv.read += tokens.len();
         Ok(logits)
     }

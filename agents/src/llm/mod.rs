@@ -5,6 +5,7 @@
 mod chat;
 mod llama;
 mod local;
+mod q8;
 mod remote;
 mod tokenizer;
 
