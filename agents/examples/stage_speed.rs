@@ -67,7 +67,7 @@ fn asr(paths: &ModelPaths, reps: usize) {
 
 fn llm(paths: &ModelPaths) {
     println!("\n### LLM: SmolLM2-135M-Instruct Q8_0, one call's turns\n");
-    println!("(A prompt is read with candle's product on CANDLE_NUM_THREADS threads; a generated token's products on one thread, or two with the spare thread.)\n");
+    println!("(The products with the Q8_0 weights, a prompt's and a token's, on one thread, or two with the spare thread.)\n");
     println!("| spare thread | turn | tokens in cache before | prompt tokens read | first token | tokens | tokens/s after the first |");
     println!("|---|---|---|---|---|---|---|");
     for spare in [false, true] {

@@ -49,6 +49,11 @@ pub struct EnginesConfig {
     /// work that starts during it ran slower and the slowest turns (p95)
     /// took ~30 % longer, as with `asr_threads`.
     pub tts_threads: Option<usize>,
+    /// Threads the local LLM's products take while no other inference job
+    /// runs (default 2: the calling one and a spare thread; 1: never
+    /// more). Asked before each product, so work that starts meanwhile
+    /// finds at most one product's share of a core taken.
+    pub llm_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
     /// OpenAI-compatible endpoints, each serving some `llmModel` names.
@@ -80,6 +85,7 @@ impl Default for EnginesConfig {
             pool_size: None,
             asr_threads: None,
             tts_threads: None,
+            llm_threads: None,
             fallback_line: "Sorry, I'm having trouble right now. Could you say that again?".into(),
             remote_llms: Vec::new(),
             elevenlabs: None,
@@ -156,10 +162,10 @@ impl Engines {
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
         let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
-        // A generated token takes the other core too while nothing else
-        // runs on the pool (its own job holds one slot).
-        let idle = pool.clone();
-        let llm = optional("local LLM", LocalLlm::load(&paths.llm).map(|l| l.with_spare_core(move || idle.size() > 1 && idle.idle_but_one())));
+        // The LLM's products take the other core too while nothing else
+        // runs on the pool (their own job holds one slot).
+        let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(2) > 1);
+        let llm = optional("local LLM", LocalLlm::load(&paths.llm).map(|l| l.with_spare_core(move || spare && idle.size() > 1 && idle.idle_but_one())));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())
                 .commit()

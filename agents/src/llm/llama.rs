@@ -17,9 +17,9 @@
 //! token count, valid while the cache still holds those tokens
 //! ([`KvCache::holds`]).
 //!
-//! A generated token's products with Q8_0 weights are [`super::q8`]'s,
-//! which may share them with a spare thread while the other core is idle;
-//! a prompt's are candle's.
+//! The products with Q8_0 weights are [`super::q8`]'s, which may share
+//! them with a spare thread while the other core is idle; candle's serve
+//! other weights.
 
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
@@ -160,8 +160,8 @@ impl Llama {
 
     /// Reads `tokens` at positions `pos..` (the cache must hold the `pos`
     /// tokens before them) and returns the logits after the last one.
-    /// `wide`: a single token's products may use the spare thread too (the
-    /// other core is idle).
+    /// `wide`: the products may use the spare thread too (the other core is
+    /// idle).
     pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32], wide: bool) -> Result<Tensor> {
         let seq = tokens.len();
         if seq == 0 || pos > cache.written.len() {
@@ -208,18 +208,21 @@ impl Llama {
         Ok(logits)
     }
 
-    /// `x` (1, rows, cols) times each of `weights`, as (1, rows, outputs):
-    /// for one row of Q8_0 weights on the CPU [`q8::products`] (with the
+    /// `x` (1, tokens, cols) times each of `weights`, as (1, tokens,
+    /// outputs): [`q8::products`] for Q8_0 weights on the CPU (with the
     /// spare thread when `wide`), otherwise candle's products.
     fn products<const N: usize>(&self, wide: bool, x: &Tensor, weights: [&Weight; N]) -> Result<[Tensor; N]> {
         let ours: Option<Vec<&Q8Matrix>> = weights.iter().map(|w| w.q8.as_ref()).collect();
         let tensors = match (ours, &self.spare) {
-            (Some(matrices), Some(spare)) if x.dim(1)? == 1 => {
-                let outs = q8::products(spare, wide, &x.flatten_all()?.to_vec1::<f32>()?, &matrices)?;
-                outs.into_iter().map(|o| {
-                    let n = o.len();
-                    Tensor::from_vec(o, (1, 1, n), &self.device)
-                }).collect::<Result<Vec<_>>>()?
+            (Some(matrices), Some(spare)) => {
+                let tokens = x.dim(1)?;
+                let outs = q8::products(spare, wide, &x.flatten_all()?.to_vec1::<f32>()?, tokens, &matrices)?;
+                outs.into_iter()
+                    .map(|o| {
+                        let n = o.len() / tokens;
+                        Tensor::from_vec(o, (1, tokens, n), &self.device)
+                    })
+                    .collect::<Result<Vec<_>>>()?
             }
             _ => weights.iter().map(|w| w.candle.forward(x)).collect::<Result<Vec<_>>>()?,
         };

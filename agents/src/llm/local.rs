@@ -57,7 +57,7 @@ pub struct LocalLlm {
     template: ChatTemplate,
     stop: Vec<u32>,
     context: usize,
-    /// Whether a generated token may use a second core now (see
+    /// Whether a forward pass may use a second core now (see
     /// [`LocalLlm::with_spare_core`]).
     spare_core: Box<dyn Fn() -> bool + Send + Sync>,
 }
@@ -173,11 +173,11 @@ impl LocalLlm {
         Ok(LocalLlm { model, tokenizer, template, stop, context, spare_core: Box::new(|| false) })
     }
 
-    /// Lets each generated token's products use a second thread while
-    /// `idle` says the other core has nothing else to do (asked before each
-    /// token; without it, a token uses one thread). A second thread halves
-    /// a lone call's token time, but beside other work it waits for a
-    /// core that is taken.
+    /// Lets the model's products use a second thread while `idle` says the
+    /// other core has nothing else to do (asked before each forward pass;
+    /// without it, one thread). A second thread nearly halves a lone call's
+    /// time per token, but beside other work it would wait for a core
+    /// that is taken.
     pub fn with_spare_core(mut self, idle: impl Fn() -> bool + Send + Sync + 'static) -> Self {
         self.spare_core = Box::new(idle);
         self

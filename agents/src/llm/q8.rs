@@ -1,5 +1,6 @@
-//! One token's quantized products: Q8_0 weights times one vector, on the
-//! calling thread alone or shared with a spare thread, chosen per token.
+//! The local model's quantized products: Q8_0 weights times a token's (or
+//! a prompt's) vectors, on the calling thread alone or shared with a spare
+//! thread, chosen per product.
 //!
 //! candle splits each of its quantized products over a fixed pool of
 //! threads and spin-waits for the other half. Beside another call's work on
@@ -13,9 +14,10 @@
 //! late to start, or finds its core taken, leaves its share to the caller
 //! instead of holding it up.
 //!
-//! Only products of one row are done here (a generated token's). A prompt's
-//! many rows go through candle's tiled product, which reads each weight
-//! once for a block of rows.
+//! A prompt's rows are done here too: each weight row is read from memory
+//! once for all of them (candle's tiled product does that as well, but
+//! converts every block's scale through a call, which made it as slow per
+//! token as generating).
 
 use std::borrow::Cow;
 use std::cell::UnsafeCell;
@@ -106,18 +108,23 @@ pub fn quantize(x: &[f32]) -> Vec<Block> {
         .collect()
 }
 
-/// `out[i] = row (rows.start + i) of w · x`.
-fn dot_rows(w: &[Block], row_blocks: usize, x: &[Block], rows: Range<usize>, out: &mut [f32]) {
-    debug_assert_eq!(out.len(), rows.len());
-    debug_assert_eq!(x.len(), row_blocks);
+/// Rows `rows` of `w` times every token of `xs` (`tokens` rows of
+/// `row_blocks` blocks), into `out[(r - rows.start) * tokens + t]`.
+fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, out: &mut [f32]) {
+    debug_assert_eq!(out.len() * row_blocks, rows.len() * xs.len());
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
         // SAFETY: the features it is compiled for were just detected.
-        unsafe { avx2::dot_rows(w, row_blocks, x, rows, out) };
+        unsafe { avx2::dot_chunk(w, row_blocks, xs, rows, out) };
         return;
     }
-    for (o, r) in out.iter_mut().zip(rows) {
-        *o = dot_scalar(&w[r * row_blocks..(r + 1) * row_blocks], x);
+    let mut out = out.iter_mut();
+    for r in rows {
+        for x in xs.chunks_exact(row_blocks) {
+            if let Some(o) = out.next() {
+                *o = dot_scalar(&w[r * row_blocks..(r + 1) * row_blocks], x);
+            }
+        }
     }
 }
 
@@ -142,17 +149,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)))
     }
 
-    /// The 32 byte products of a block pair summed into 8 lanes (ggml's
-    /// `mul_sum_i8_pairs`: |x| times w with x's sign; x's bytes are within
-    /// ±127, so no pair of products saturates the 16-bit sums).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn block_dot(abs_x: __m256i, x: __m256i, w: &Block) -> __m256 {
-        // SAFETY: qs is 32 bytes; the load is unaligned.
-        let w = unsafe { _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i) };
-        let pairs = _mm256_maddubs_epi16(abs_x, _mm256_sign_epi8(w, x));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
     #[target_feature(enable = "avx2,fma,f16c")]
     fn sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
@@ -160,51 +156,73 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Four rows at a time, so each block of `x` is loaded once for four.
+    /// Dots of each of the four rows `a` with `b`, each block of `b` loaded
+    /// once for the four. A block's 32 byte products are summed as ggml's
+    /// `mul_sum_i8_pairs` does (|b| times a with b's sign; quantized bytes
+    /// are within ±127, so no pair of products saturates the 16-bit sums).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_rows(w: &[Block], row_blocks: usize, x: &[Block], rows: Range<usize>, out: &mut [f32]) {
-        let mut row = rows.start;
-        let mut out = out.iter_mut();
-        while row < rows.end {
-            let n = (rows.end - row).min(4);
-            let w_rows: [&[Block]; 4] = std::array::from_fn(|i| {
-                let r = row + i.min(n - 1);
-                &w[r * row_blocks..(r + 1) * row_blocks]
-            });
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (b, xb) in x.iter().enumerate() {
-                // SAFETY: qs is 32 bytes; the load is unaligned.
-                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-                let abs_x = _mm256_sign_epi8(xv, xv);
-                let xd = scale(xb.d);
-                for i in 0..4 {
-                    let wb = &w_rows[i][b];
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale(wb.d) * xd), block_dot(abs_x, xv, wb), acc[i]);
+    #[inline]
+    fn dot4(a: [&[Block]; 4], b: &[Block]) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (k, bb) in b.iter().enumerate() {
+            // SAFETY: qs is 32 bytes; the loads are unaligned.
+            let bv = unsafe { _mm256_loadu_si256(bb.qs.as_ptr() as *const __m256i) };
+            let abs_b = _mm256_sign_epi8(bv, bv);
+            let bd = scale(bb.d);
+            for i in 0..4 {
+                let ab = &a[i][k];
+                let av = unsafe { _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i) };
+                let pairs = _mm256_maddubs_epi16(abs_b, _mm256_sign_epi8(av, bv));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale(ab.d) * bd), dot, acc[i]);
+            }
+        }
+        [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])]
+    }
+
+    /// See `super::dot_chunk`. One token: four weight rows at a time
+    /// against it. More: each weight row against four tokens at a time,
+    /// so a prompt reads each row from memory once, not once per token.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, out: &mut [f32]) {
+        let tokens = xs.len() / row_blocks;
+        let row = |r: usize| &w[r * row_blocks..(r + 1) * row_blocks];
+        let token = |t: usize| &xs[t * row_blocks..(t + 1) * row_blocks];
+        // Groups of four, the last filled up with its own last member.
+        let four = |start: usize, end: usize| (start..end).step_by(4).map(move |s| (s, (end - s).min(4)));
+        if tokens == 1 {
+            for (r, n) in four(rows.start, rows.end) {
+                let d = dot4(std::array::from_fn(|i| row(r + i.min(n - 1))), token(0));
+                let at = r - rows.start;
+                out[at..at + n].copy_from_slice(&d[..n]);
+            }
+        } else {
+            for r in rows.clone() {
+                for (t, n) in four(0, tokens) {
+                    let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r));
+                    let at = (r - rows.start) * tokens + t;
+                    out[at..at + n].copy_from_slice(&d[..n]);
                 }
             }
-            for a in acc.iter().take(n) {
-                if let Some(o) = out.next() {
-                    *o = sum(*a);
-                }
-            }
-            row += n;
         }
     }
 }
 
-/// Products of one input with several matrices, each output written to
-/// its own rows of one buffer (the matrices of one input, such as a layer's
-/// query, key and value, go as one job).
-pub fn products(spare: &Spare, wide: bool, x: &[f32], matrices: &[&Q8Matrix]) -> Result<Vec<Vec<f32>>> {
-    let xq = quantize(x);
+/// Products of `tokens` input rows (`x`, row after row) with several
+/// matrices: one output per matrix, (tokens, its rows) row after row. The
+/// matrices of one input, such as a layer's query, key and value, go as
+/// one job.
+pub fn products(spare: &Spare, wide: bool, x: &[f32], tokens: usize, matrices: &[&Q8Matrix]) -> Result<Vec<Vec<f32>>> {
     let mut weights = Vec::with_capacity(matrices.len());
     for m in matrices {
-        if m.row_blocks != xq.len() || x.len() % BLOCK != 0 {
-            candle_core::bail!("a product of {} values with a matrix of {} columns", x.len(), m.cols());
+        if tokens == 0 || x.len() != tokens * m.cols() {
+            candle_core::bail!("a product of {} values in {tokens} rows with a matrix of {} columns", x.len(), m.cols());
         }
         weights.push(m.blocks()?);
     }
-    let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0.0; m.rows]).collect();
+    let xq = quantize(x);
+    let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0.0; tokens * m.rows]).collect();
     // Chunk c of the job: matrix index and rows, matrices one after another.
     let chunks_of = |m: &Q8Matrix| m.rows.div_ceil(CHUNK_ROWS);
     let firsts: Vec<usize> = matrices.iter().scan(0, |n, m| Some(std::mem::replace(n, *n + chunks_of(m)))).collect();
@@ -215,11 +233,17 @@ pub fn products(spare: &Spare, wide: bool, x: &[f32], matrices: &[&Q8Matrix]) ->
         let m = matrices[i];
         let start = (c - firsts[i]) * CHUNK_ROWS;
         let rows = start..(start + CHUNK_ROWS).min(m.rows);
-        // SAFETY: chunk c is taken by exactly one thread (the counter hands
-        // each out once), its rows lie within the matrix's output buffer,
-        // and no two chunks overlap; the buffers outlive the job.
-        let out = unsafe { std::slice::from_raw_parts_mut(targets[i].0.add(rows.start), rows.len()) };
-        dot_rows(weights[i], m.row_blocks, &xq, rows, out);
+        let mut chunk = vec![0.0; rows.len() * tokens];
+        dot_chunk(weights[i], m.row_blocks, &xq, rows.clone(), &mut chunk);
+        for (at, r) in rows.enumerate() {
+            for t in 0..tokens {
+                // SAFETY: chunk c is taken by exactly one thread (the
+                // counter hands each out once), (t, r) lies within the
+                // matrix's output, and no two chunks share a row; the
+                // buffers outlive the job.
+                unsafe { *targets[i].0.add(t * m.rows + r) = chunk[at * tokens + t] };
+            }
+        }
     };
     spare.run(total, &work, wide)?;
     Ok(outs)
@@ -410,38 +434,53 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
+    /// candle's product of `x` (`tokens` rows) with `q`, row after row.
+    fn candles(q: &QMatMul, x: &[f32], tokens: usize) -> Vec<f32> {
+        let x = Tensor::from_vec(x.to_vec(), (tokens, x.len() / tokens), &Device::Cpu).unwrap();
+        q.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
     #[test]
-    fn products_match_candles_on_one_thread_and_on_two() {
+    fn products_match_candles_for_a_token_and_a_prompt_on_one_thread_and_on_two() {
         let spare = Spare::new().unwrap();
-        // Row counts not multiples of 4 or of a chunk, as the last rows of a
-        // matrix are handled apart.
+        // Row and token counts not multiples of 4 or of a chunk, as the
+        // last of each are handled apart.
         let (q1, m1) = matrix(203, 576, 1);
         let (q2, m2) = matrix(64, 576, 2);
-        let x = input(576);
-        let expected = |q: &QMatMul| q.forward(&Tensor::from_vec(x.clone(), (1, 576), &Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (e1, e2) = (expected(&q1), expected(&q2));
-        for wide in [false, true] {
-            for _ in 0..50 {
-                let outs = products(&spare, wide, &x, &[&m1, &m2]).unwrap();
-                assert!(max_diff(&outs[0], &e1) < 1e-4, "wide {wide}: {}", max_diff(&outs[0], &e1));
-                assert!(max_diff(&outs[1], &e2) < 1e-4, "wide {wide}: {}", max_diff(&outs[1], &e2));
+        for tokens in [1, 6] {
+            let x = input(576 * tokens);
+            let (e1, e2) = (candles(&q1, &x, tokens), candles(&q2, &x, tokens));
+            for wide in [false, true] {
+                for _ in 0..20 {
+                    let outs = products(&spare, wide, &x, tokens, &[&m1, &m2]).unwrap();
+                    assert!(max_diff(&outs[0], &e1) < 1e-4, "{tokens} tokens, wide {wide}: {}", max_diff(&outs[0], &e1));
+                    assert!(max_diff(&outs[1], &e2) < 1e-4, "{tokens} tokens, wide {wide}: {}", max_diff(&outs[1], &e2));
+                }
             }
+            // The bound is not loose: a product one row off is far from it.
+            let outs = products(&spare, true, &x, tokens, &[&m1]).unwrap();
+            assert!(max_diff(&outs[0][1..], &e1[..e1.len() - 1]) > 1e-2);
         }
-        // The bound is not loose: a product one row off is far from it.
-        let outs = products(&spare, true, &x, &[&m1]).unwrap();
-        assert!(max_diff(&outs[0][1..], &e1[..202]) > 1e-2);
+        // Inputs that do not fit the matrix are refused.
+        assert!(products(&spare, false, &input(575), 1, &[&m1]).is_err());
+        assert!(products(&spare, false, &input(576), 2, &[&m1]).is_err());
     }
 
     #[test]
     fn the_scalar_and_vector_dots_agree() {
         let (_, m) = matrix(9, 96, 3);
-        let xq = quantize(&input(96));
         let w = m.blocks().unwrap();
-        let mut out = vec![0.0; 9];
-        dot_rows(w, 3, &xq, 0..9, &mut out);
-        for (r, o) in out.iter().enumerate() {
-            let scalar = dot_scalar(&w[r * 3..(r + 1) * 3], &xq);
-            assert!((o - scalar).abs() < 1e-4, "row {r}: {o} vs {scalar}");
+        for tokens in [1, 5] {
+            let xq = quantize(&input(96 * tokens));
+            let mut out = vec![0.0; 9 * tokens];
+            dot_chunk(w, 3, &xq, 0..9, &mut out);
+            for r in 0..9 {
+                for t in 0..tokens {
+                    let scalar = dot_scalar(&w[r * 3..(r + 1) * 3], &xq[t * 3..(t + 1) * 3]);
+                    let o = out[r * tokens + t];
+                    assert!((o - scalar).abs() < 1e-4, "row {r} token {t}: {o} vs {scalar}");
+                }
+            }
         }
     }
 
@@ -454,10 +493,10 @@ mod tests {
             .map(|t| {
                 let (spare, m) = (spare.clone(), m.clone());
                 let x = input(256).iter().map(|v| v * (t + 1) as f32).collect::<Vec<_>>();
-                let expected = q.forward(&Tensor::from_vec(x.clone(), (1, 256), &Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let expected = candles(&q, &x, 1);
                 std::thread::spawn(move || {
                     for _ in 0..200 {
-                        let out = products(&spare, true, &x, &[&m]).unwrap();
+                        let out = products(&spare, true, &x, 1, &[&m]).unwrap();
                         assert!(max_diff(&out[0], &expected) < 1e-3);
                     }
                 })
