@@ -2,13 +2,13 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = voxgate::cli::Cli::parse();
-    // candle splits each of the local LLM's matrix products over every core
-    // and spin-waits for the halves; with other calls' inference on the
-    // same cores the waits dominate (docs/BENCHMARKS.md, session 15: two
-    // calls at once, p95 1.7 s with two threads, 1.0 s with one). The
-    // inference pool already runs one job per core, so one thread a
-    // product is the default; CANDLE_NUM_THREADS=2 makes a lone call's
-    // replies faster. Set here, before any thread exists to read the
+    // candle splits its matrix products over every core and spin-waits for
+    // the halves; with other calls' inference on the same cores the waits
+    // dominate (docs/BENCHMARKS.md, session 15: two calls at once, p95
+    // 1.7 s with two threads, 1.0 s with one). The local LLM's Q8_0
+    // products are voxgate's own (their threads: [agents] llm_threads);
+    // what is left to candle (a prompt's attention, weights of other
+    // kinds) runs on one thread unless CANDLE_NUM_THREADS says otherwise. Set here, before any thread exists to read the
     // environment, because candle reads it once, on first use.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -50,9 +50,12 @@ pub struct EnginesConfig {
     /// took ~30 % longer, as with `asr_threads`.
     pub tts_threads: Option<usize>,
     /// Threads the local LLM's products take while no other inference job
-    /// runs (default 2: the calling one and a spare thread; 1: never
-    /// more). Asked before each product, so work that starts meanwhile
-    /// finds at most one product's share of a core taken.
+    /// runs (default 1; 2: the calling one and a spare thread). Asked
+    /// before each forward pass. At one call 2 cut the turn by ~160 ms
+    /// (p50, two cores); at three and four calls work that started during
+    /// a two-thread pass ran slower and the slowest turns (p95) took
+    /// 18-25 % longer (docs/BENCHMARKS.md, session 16), as with
+    /// `asr_threads` and `tts_threads`.
     pub llm_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
@@ -162,9 +165,9 @@ impl Engines {
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
         let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
-        // The LLM's products take the other core too while nothing else
-        // runs on the pool (their own job holds one slot).
-        let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(2) > 1);
+        // With llm_threads = 2 the LLM's products take the other core too
+        // while nothing else runs on the pool (their own job holds one slot).
+        let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(1) > 1);
         let llm = optional("local LLM", LocalLlm::load(&paths.llm).map(|l| l.with_spare_core(move || spare && idle.size() > 1 && idle.idle_but_one())));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())

@@ -11,7 +11,7 @@
 //! it, and the query heads of a group attend to their shared key head over
 //! a view of the cache (one matrix product when a prompt is read, a loop
 //! over the cache's memory for one new token): nothing is copied per
-//! token. The weights and their quantized products are candle's.
+//! token. The weights are loaded by candle.
 //!
 //! Because the cache is overwritten in place, a state to go back to is a
 //! token count, valid while the cache still holds those tokens
@@ -34,7 +34,7 @@ const MAX_POSITIONS: usize = 4096;
 const FIRST_CAPACITY: usize = 256;
 
 /// A weight matrix: candle's, and, when it is Q8_0 in CPU memory, the
-/// same memory read for one token's products.
+/// same memory read in place for [`q8::products`].
 struct Weight {
     candle: QMatMul,
     q8: Option<Q8Matrix>,
@@ -66,7 +66,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Weight,
-    /// Shares a token's products while the other core is idle (CPU only).
+    /// Shares the products while the other core is idle (CPU only).
     spare: Option<Spare>,
     heads: usize,
     kv_heads: usize,

@@ -1,18 +1,22 @@
 //! The local model's quantized products: Q8_0 weights times a token's (or
 //! a prompt's) vectors, on the calling thread alone or shared with a spare
-//! thread, chosen per product.
+//! thread, chosen per forward pass.
 //!
 //! candle splits each of its quantized products over a fixed pool of
 //! threads and spin-waits for the other half. Beside another call's work on
 //! the other core that half comes late, so voxgate runs candle on one
 //! thread (`CANDLE_NUM_THREADS=1`), and a lone call paid for it: its
 //! replies came at two thirds of the speed two threads give. Here the
-//! choice is made for each token ([`Spare::run`]'s `wide`): while nothing
+//! choice is made for each forward pass, a token or a slice of a prompt
+//! ([`Spare::run`]'s `wide`; the server allows it with `[agents]
+//! llm_threads = 2`, off by default): while nothing
 //! else runs the spare thread takes rows too, and the calling thread never
 //! waits for more than the one chunk of rows the spare thread is working
 //! on, because both take chunks from one counter: a spare thread that is
 //! late to start, or finds its core taken, leaves its share to the caller
-//! instead of holding it up.
+//! instead of holding it up. It still takes the core from work that
+//! starts on it during a pass, which made concurrent calls' slowest turns
+//! slower (docs/BENCHMARKS.md, session 16): hence off by default.
 //!
 //! A prompt's rows are done here too: each weight row is read from memory
 //! once for all of them (candle's tiled product does that as well, but
@@ -34,12 +38,14 @@ use candle_core::Result;
 /// Values per Q8_0 block (ggml's `QK8_0`).
 const BLOCK: usize = 32;
 /// Output rows taken from the shared counter at a time: ~20 KB of
-/// SmolLM2-135M's weights, a few microseconds of work, so the last chunk
-/// the caller may wait for is short, and the counter is touched seldom.
+/// SmolLM2-135M's weights, a few microseconds of work for one token, so
+/// the last chunk the caller may wait for is short, and the counter is
+/// touched seldom.
 const CHUNK_ROWS: usize = 32;
 /// How long the spare thread keeps looking for the next product, spinning,
 /// before it sleeps: the products of one token follow each other within
-/// microseconds, the next token's after its sampling (well under this).
+/// microseconds; a longer gap (sampling a token, the pool's other jobs)
+/// ends in sleep, and the next post wakes it.
 const SPIN: Duration = Duration::from_micros(300);
 
 /// ggml's Q8_0 block: 32 signed bytes and their scale (an f16's bits).
