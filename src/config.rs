@@ -296,6 +296,7 @@ impl Config {
             anyhow::ensure!(!trunk.name.is_empty(), "sip.trunks: every trunk needs a name");
         }
         anyhow::ensure!(self.calls.stream_connect_secs > 0, "calls.stream_connect_secs must be at least 1");
+        anyhow::ensure!(matches!(self.agents.llm_threads, None | Some(1 | 2)), "agents.llm_threads must be 1 or 2");
         if let Some(url) = &self.public_url {
             let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("public_url: {e}"))?;
             anyhow::ensure!(
@@ -353,6 +354,23 @@ mod tests {
             jail.set_env("VOXGATE_RATE_LIMITS__READS__REQUESTS", "0");
             let err = Config::load(Path::new("missing.toml")).unwrap_err().to_string();
             assert!(err.contains("rate_limits.reads"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn llm_threads_is_1_or_2() {
+        for bad in ["0", "3"] {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("voxgate.toml", &format!("[agents]\nllm_threads = {bad}\n"))?;
+                let err = Config::load(Path::new("voxgate.toml")).unwrap_err().to_string();
+                assert!(err.contains("agents.llm_threads"), "{err}");
+                Ok(())
+            });
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("voxgate.toml", "[agents]\nllm_threads = 2\n")?;
+            assert_eq!(Config::load(Path::new("voxgate.toml")).unwrap().agents.llm_threads, Some(2));
             Ok(())
         });
     }

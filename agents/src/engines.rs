@@ -50,7 +50,7 @@ pub struct EnginesConfig {
     /// took ~30 % longer, as with `asr_threads`.
     pub tts_threads: Option<usize>,
     /// Threads the local LLM's products take while no other inference job
-    /// runs (default 1; 2: the calling one and a spare thread). Asked
+    /// runs: 1 (the default) or 2, the calling one and a spare thread. Asked
     /// before each forward pass. At one call 2 cut the turn by ~160 ms
     /// (p50, two cores); at three and four calls work that started during
     /// a two-thread pass ran slower and the slowest turns (p95) took
