@@ -51,11 +51,11 @@ pub struct EnginesConfig {
     pub tts_threads: Option<usize>,
     /// Threads the local LLM's products take while no other inference job
     /// runs: 1 (the default) or 2, the calling one and a spare thread. Asked
-    /// before each forward pass. At one call 2 cut the turn by ~160 ms
-    /// (p50, two cores); at three and four calls work that started during
-    /// a two-thread pass ran slower and the slowest turns (p95) took
-    /// 18-25 % longer (docs/BENCHMARKS.md, session 16), as with
-    /// `asr_threads` and `tts_threads`.
+    /// before each product. At one call 2 cut the turn by ~160 ms (p50, two
+    /// cores); at three and four calls, when it was asked per forward pass,
+    /// work that started during a two-thread pass ran slower and the
+    /// slowest turns (p95) took 18-25 % longer (docs/BENCHMARKS.md, session
+    /// 16), as with `asr_threads` and `tts_threads`.
     pub llm_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,

@@ -160,9 +160,11 @@ impl Llama {
 
     /// Reads `tokens` at positions `pos..` (the cache must hold the `pos`
     /// tokens before them) and returns the logits after the last one.
-    /// `wide`: the products may use the spare thread too (the other core is
-    /// idle).
-    pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32], wide: bool) -> Result<Tensor> {
+    /// `wide`, asked before each product: it may use the spare thread too
+    /// (the other core is idle). Asked per product rather than per pass, a
+    /// job that starts on the other core meets the spare thread for one
+    /// product at most, not for the rest of a prompt slice.
+    pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32], wide: &dyn Fn() -> bool) -> Result<Tensor> {
         let seq = tokens.len();
         if seq == 0 || pos > cache.written.len() {
             candle_core::bail!("forward of {seq} tokens at {pos} on a cache holding {}", cache.written.len());
@@ -210,13 +212,13 @@ impl Llama {
 
     /// `x` (1, tokens, cols) times each of `weights`, as (1, tokens,
     /// outputs): [`q8::products`] for Q8_0 weights on the CPU (with the
-    /// spare thread when `wide`), otherwise candle's products.
-    fn products<const N: usize>(&self, wide: bool, x: &Tensor, weights: [&Weight; N]) -> Result<[Tensor; N]> {
+    /// spare thread when `wide()` says so), otherwise candle's products.
+    fn products<const N: usize>(&self, wide: &dyn Fn() -> bool, x: &Tensor, weights: [&Weight; N]) -> Result<[Tensor; N]> {
         let ours: Option<Vec<&Q8Matrix>> = weights.iter().map(|w| w.q8.as_ref()).collect();
         let tensors = match (ours, &self.spare) {
             (Some(matrices), Some(spare)) => {
                 let tokens = x.dim(1)?;
-                let outs = q8::products(spare, wide, &x.flatten_all()?.to_vec1::<f32>()?, tokens, &matrices)?;
+                let outs = q8::products(spare, wide(), &x.flatten_all()?.to_vec1::<f32>()?, tokens, &matrices)?;
                 outs.into_iter()
                     .map(|o| {
                         let n = o.len() / tokens;
@@ -441,32 +443,33 @@ mod tests {
         // A prompt longer than the first allocation, read at once, then
         // tokens one by one past the point where the cache grows.
         let prompt: Vec<u32> = (0..250u32).map(|i| 200 + (i * 37) % 5000).collect();
-        let mut checks = vec![compare(&reference(&mut theirs, 0, &prompt), &ours.forward(&mut cache, 0, &prompt, false).unwrap())];
+        let mut checks = vec![compare(&reference(&mut theirs, 0, &prompt), &ours.forward(&mut cache, 0, &prompt, &|| false).unwrap())];
         let at_prompt = theirs.clone();
         // The installed model is Q8_0: single tokens take voxgate's
         // products, on one thread and on two in turn.
         assert!(ours.output.q8.is_some() && ours.layers.iter().all(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().all(|w| w.q8.is_some())));
         for (i, token) in (0..10u32).map(|i| 1000 + i * 7).enumerate() {
             let pos = prompt.len() + i;
-            checks.push(compare(&reference(&mut theirs, pos, &[token]), &ours.forward(&mut cache, pos, &[token], i % 2 == 1).unwrap()));
+            checks.push(compare(&reference(&mut theirs, pos, &[token]), &ours.forward(&mut cache, pos, &[token], &|| i % 2 == 1).unwrap()));
         }
         assert!(cache.capacity > FIRST_CAPACITY && cache.holds(&prompt));
         // Back to the end of the prompt, and other tokens read there.
         let other = [4000u32, 4001, 4002];
-        checks.push(compare(&reference(&mut at_prompt.clone(), prompt.len(), &other), &ours.forward(&mut cache, prompt.len(), &other, false).unwrap()));
+        checks.push(compare(&reference(&mut at_prompt.clone(), prompt.len(), &other), &ours.forward(&mut cache, prompt.len(), &other, &|| false).unwrap()));
         assert!(!cache.holds(&[prompt.clone(), vec![1000]].concat()), "the tokens read after the prompt are overwritten");
         // candle quantizes each layer's input to 8 bits, so a last-bit
         // difference in the attention's sums (the two do them in other
-        // groupings) can move a rounding and a logit by up to ~1; a wrong
-        // position, head or cached token moves them all.
+        // groupings, and candle's gemm picks its kernel by the CPU: 1.63
+        // on an AVX-512 machine) can move a rounding and a logit by up to
+        // ~1.5; a wrong position, head or cached token moves them all.
         for (i, (diff, correlation)) in checks.into_iter().enumerate() {
-            assert!(diff < 1.5 && correlation > 0.995, "step {i}: logits differ by up to {diff}, correlation {correlation}");
+            assert!(diff < 2.5 && correlation > 0.995, "step {i}: logits differ by up to {diff}, correlation {correlation}");
         }
         // The bound tells a wrong cache apart: one token of 250 missing
         // (measured: correlation 0.956, a logit 3.75 off).
         let mut short = KvCache::default();
-        ours.forward(&mut short, 0, &prompt[1..], false).unwrap();
-        let (_, correlation) = compare(&reference(&mut at_prompt.clone(), prompt.len(), &other[..1]), &ours.forward(&mut short, prompt.len() - 1, &other[..1], false).unwrap());
+        ours.forward(&mut short, 0, &prompt[1..], &|| false).unwrap();
+        let (_, correlation) = compare(&reference(&mut at_prompt.clone(), prompt.len(), &other[..1]), &ours.forward(&mut short, prompt.len() - 1, &other[..1], &|| false).unwrap());
         assert!(correlation < 0.995, "a cache one token short passes for right: {correlation}");
     }
 
@@ -475,11 +478,11 @@ mod tests {
         let (_, ours) = both();
         let (mut one, mut two) = (KvCache::default(), KvCache::default());
         let prompt: Vec<u32> = (0..40u32).map(|i| 300 + i * 11).collect();
-        ours.forward(&mut one, 0, &prompt, false).unwrap();
-        ours.forward(&mut two, 0, &prompt, false).unwrap();
+        ours.forward(&mut one, 0, &prompt, &|| false).unwrap();
+        ours.forward(&mut two, 0, &prompt, &|| false).unwrap();
         for (i, token) in (0..20u32).map(|i| 700 + i * 13).enumerate() {
             let pos = prompt.len() + i;
-            let (a, b) = (ours.forward(&mut one, pos, &[token], false).unwrap(), ours.forward(&mut two, pos, &[token], true).unwrap());
+            let (a, b) = (ours.forward(&mut one, pos, &[token], &|| false).unwrap(), ours.forward(&mut two, pos, &[token], &|| true).unwrap());
             // Each row's sum is the same whichever thread does it.
             assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "token {i}");
         }
@@ -489,8 +492,8 @@ mod tests {
     fn a_forward_past_what_the_cache_holds_is_refused() {
         let (_, ours) = both();
         let mut cache = KvCache::default();
-        assert!(ours.forward(&mut cache, 1, &[5], false).is_err());
-        assert!(ours.forward(&mut cache, 0, &[], false).is_err());
+        assert!(ours.forward(&mut cache, 1, &[5], &|| false).is_err());
+        assert!(ours.forward(&mut cache, 0, &[], &|| false).is_err());
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct LocalLlm {
     template: ChatTemplate,
     stop: Vec<u32>,
     context: usize,
-    /// Whether a forward pass may use a second core now (see
+    /// Whether a product may use a second core now (see
     /// [`LocalLlm::with_spare_core`]).
     spare_core: Box<dyn Fn() -> bool + Send + Sync>,
 }
@@ -174,7 +174,7 @@ impl LocalLlm {
     }
 
     /// Lets the model's products use a second thread while `idle` says the
-    /// other core has nothing else to do (asked before each forward pass;
+    /// other core has nothing else to do (asked before each product;
     /// without it, one thread). A second thread nearly halves a lone call's
     /// time per token, but beside other work it would wait for a core
     /// that is taken.
@@ -424,7 +424,7 @@ impl LocalLlm {
     }
 
     fn forward(&self, conv: &mut LocalConversation, tokens: &[u32]) -> Result<Tensor, AgentError> {
-        let logits = self.model.forward(&mut conv.cache, conv.read, tokens, (self.spare_core)()).map_err(inference)?;
+        let logits = self.model.forward(&mut conv.cache, conv.read, tokens, &*self.spare_core).map_err(inference)?;
         conv.read += tokens.len();
         Ok(logits)
     }

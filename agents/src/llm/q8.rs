@@ -1,13 +1,13 @@
 //! The local model's quantized products: Q8_0 weights times a token's (or
 //! a prompt's) vectors, on the calling thread alone or shared with a spare
-//! thread, chosen per forward pass.
+//! thread, chosen per product.
 //!
 //! candle splits each of its quantized products over a fixed pool of
 //! threads and spin-waits for the other half. Beside another call's work on
 //! the other core that half comes late, so voxgate runs candle on one
 //! thread (`CANDLE_NUM_THREADS=1`), and a lone call paid for it: its
 //! replies came at two thirds of the speed two threads give. Here the
-//! choice is made for each forward pass, a token or a slice of a prompt
+//! choice is made for each product of a token or a slice of a prompt
 //! ([`Spare::run`]'s `wide`; the server allows it with `[agents]
 //! llm_threads = 2`, off by default): while nothing
 //! else runs the spare thread takes rows too, and the calling thread never
@@ -15,8 +15,9 @@
 //! on, because both take chunks from one counter: a spare thread that is
 //! late to start, or finds its core taken, leaves its share to the caller
 //! instead of holding it up. It still takes the core from work that
-//! starts on it during a pass, which made concurrent calls' slowest turns
-//! slower (docs/BENCHMARKS.md, session 16): hence off by default.
+//! starts on it during a product (when the choice was made per forward
+//! pass, for a whole prompt slice, that made concurrent calls' slowest
+//! turns slower: docs/BENCHMARKS.md, session 16).
 //!
 //! A prompt's rows are done here too: each weight row is read from memory
 //! once for all of them (candle's tiled product does that as well, but
