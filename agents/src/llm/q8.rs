@@ -121,8 +121,13 @@ fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, o
     debug_assert_eq!(out.len() * row_blocks, rows.len() * xs.len());
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-        // SAFETY: the features it is compiled for were just detected.
-        unsafe { avx2::dot_chunk(w, row_blocks, xs, rows, out) };
+        if std::is_x86_feature_detected!("avxvnni") {
+            // SAFETY: the features it is compiled for were just detected.
+            unsafe { vnni::dot_chunk(w, row_blocks, xs, rows, out) };
+        } else {
+            // SAFETY: as above.
+            unsafe { avx2::dot_chunk(w, row_blocks, xs, rows, out) };
+        }
         return;
     }
     let mut out = out.iter_mut();
@@ -145,76 +150,89 @@ fn dot_scalar(w: &[Block], x: &[Block]) -> f32 {
         .sum()
 }
 
+/// The vector kernels, once per instruction set: `$features` for
+/// `#[target_feature]`, and how a block's 32 byte products (|b| against a
+/// with b's sign) become eight 32-bit sums.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::Block;
-    use std::arch::x86_64::*;
-    use std::ops::Range;
+macro_rules! q8_kernels {
+    ($module:ident, $features:literal, |$abs:ident, $signed:ident| $sums:expr) => {
+        mod $module {
+            use super::Block;
+            use std::arch::x86_64::*;
+            use std::ops::Range;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scale(d: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// Dots of each of the four rows `a` with `b`, each block of `b` loaded
-    /// once for the four. A block's 32 byte products are summed as ggml's
-    /// `mul_sum_i8_pairs` does (|b| times a with b's sign; quantized bytes
-    /// are within ±127, so no pair of products saturates the 16-bit sums).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn dot4(a: [&[Block]; 4], b: &[Block]) -> [f32; 4] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (k, bb) in b.iter().enumerate() {
-            // SAFETY: qs is 32 bytes; the loads are unaligned.
-            let bv = unsafe { _mm256_loadu_si256(bb.qs.as_ptr() as *const __m256i) };
-            let abs_b = _mm256_sign_epi8(bv, bv);
-            let bd = scale(bb.d);
-            for i in 0..4 {
-                let ab = &a[i][k];
-                let av = unsafe { _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i) };
-                let pairs = _mm256_maddubs_epi16(abs_b, _mm256_sign_epi8(av, bv));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale(ab.d) * bd), dot, acc[i]);
+            #[target_feature(enable = $features)]
+            fn scale(d: u16) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)))
             }
-        }
-        [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])]
-    }
 
-    /// See `super::dot_chunk`. One token: four weight rows at a time
-    /// against it. More: each weight row against four tokens at a time,
-    /// so a prompt reads each row from memory once, not once per token.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, out: &mut [f32]) {
-        let tokens = xs.len() / row_blocks;
-        let row = |r: usize| &w[r * row_blocks..(r + 1) * row_blocks];
-        let token = |t: usize| &xs[t * row_blocks..(t + 1) * row_blocks];
-        // Groups of four, the last filled up with its own last member.
-        let four = |start: usize, end: usize| (start..end).step_by(4).map(move |s| (s, (end - s).min(4)));
-        if tokens == 1 {
-            for (r, n) in four(rows.start, rows.end) {
-                let d = dot4(std::array::from_fn(|i| row(r + i.min(n - 1))), token(0));
-                let at = r - rows.start;
-                out[at..at + n].copy_from_slice(&d[..n]);
+            #[target_feature(enable = $features)]
+            fn sum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
             }
-        } else {
-            for r in rows.clone() {
-                for (t, n) in four(0, tokens) {
-                    let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r));
-                    let at = (r - rows.start) * tokens + t;
-                    out[at..at + n].copy_from_slice(&d[..n]);
+
+            /// Dots of each of the four rows `a` with `b`, each block of `b` loaded
+            /// once for the four.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn dot4(a: [&[Block]; 4], b: &[Block]) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (k, bb) in b.iter().enumerate() {
+                    // SAFETY: qs is 32 bytes; the loads are unaligned.
+                    let bv = unsafe { _mm256_loadu_si256(bb.qs.as_ptr() as *const __m256i) };
+                    let abs_b = _mm256_sign_epi8(bv, bv);
+                    let bd = scale(bb.d);
+                    for i in 0..4 {
+                        let ab = &a[i][k];
+                        let av = unsafe { _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i) };
+                        let ($abs, $signed) = (abs_b, _mm256_sign_epi8(av, bv));
+                        let dot = _mm256_cvtepi32_ps($sums);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale(ab.d) * bd), dot, acc[i]);
+                    }
+                }
+                [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])]
+            }
+
+            /// See `super::dot_chunk`. One token: four weight rows at a time
+            /// against it. More: each weight row against four tokens at a time,
+            /// so a prompt reads each row from memory once, not once per token.
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, out: &mut [f32]) {
+                let tokens = xs.len() / row_blocks;
+                let row = |r: usize| &w[r * row_blocks..(r + 1) * row_blocks];
+                let token = |t: usize| &xs[t * row_blocks..(t + 1) * row_blocks];
+                // Groups of four, the last filled up with its own last member.
+                let four = |start: usize, end: usize| (start..end).step_by(4).map(move |s| (s, (end - s).min(4)));
+                if tokens == 1 {
+                    for (r, n) in four(rows.start, rows.end) {
+                        let d = dot4(std::array::from_fn(|i| row(r + i.min(n - 1))), token(0));
+                        let at = r - rows.start;
+                        out[at..at + n].copy_from_slice(&d[..n]);
+                    }
+                } else {
+                    for r in rows.clone() {
+                        for (t, n) in four(0, tokens) {
+                            let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r));
+                            let at = (r - rows.start) * tokens + t;
+                            out[at..at + n].copy_from_slice(&d[..n]);
+                        }
+                    }
                 }
             }
         }
-    }
+    };
 }
+
+// ggml's `mul_sum_i8_pairs`: quantized bytes are within ±127, so no pair
+// of products saturates the 16-bit sums.
+#[cfg(target_arch = "x86_64")]
+q8_kernels!(avx2, "avx2,fma,f16c", |abs, signed| _mm256_madd_epi16(_mm256_maddubs_epi16(abs, signed), _mm256_set1_epi16(1)));
+// AVX-VNNI sums four byte products into each 32-bit lane in one
+// instruction (ggml's `mul_sum_us8_pairs_float` with `__AVXVNNI__`).
+#[cfg(target_arch = "x86_64")]
+q8_kernels!(vnni, "avx2,fma,f16c,avxvnni", |abs, signed| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs, signed));
 
 /// Products of `tokens` input rows (`x`, row after row) with several
 /// matrices: one output per matrix, (tokens, its rows) row after row. The
@@ -473,19 +491,37 @@ mod tests {
         assert!(products(&spare, false, &input(576), 2, &[&m1]).is_err());
     }
 
+    type Kernel = fn(&[Block], usize, &[Block], Range<usize>, &mut [f32]);
+
+    /// Each vector kernel this CPU can run, beside the one chosen for it.
+    fn kernels() -> Vec<(&'static str, Kernel)> {
+        let mut kernels: Vec<(&'static str, Kernel)> = vec![("chosen", dot_chunk)];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the features each is compiled for are detected.
+            kernels.push(("avx2", |w, n, xs, rows, out| unsafe { avx2::dot_chunk(w, n, xs, rows, out) }));
+            if std::is_x86_feature_detected!("avxvnni") {
+                kernels.push(("avxvnni", |w, n, xs, rows, out| unsafe { vnni::dot_chunk(w, n, xs, rows, out) }));
+            }
+        }
+        kernels
+    }
+
     #[test]
     fn the_scalar_and_vector_dots_agree() {
         let (_, m) = matrix(9, 96, 3);
         let w = m.blocks().unwrap();
         for tokens in [1, 5] {
             let xq = quantize(&input(96 * tokens));
-            let mut out = vec![0.0; 9 * tokens];
-            dot_chunk(w, 3, &xq, 0..9, &mut out);
-            for r in 0..9 {
-                for t in 0..tokens {
-                    let scalar = dot_scalar(&w[r * 3..(r + 1) * 3], &xq[t * 3..(t + 1) * 3]);
-                    let o = out[r * tokens + t];
-                    assert!((o - scalar).abs() < 1e-4, "row {r} token {t}: {o} vs {scalar}");
+            for (kernel, dot) in kernels() {
+                let mut out = vec![0.0; 9 * tokens];
+                dot(w, 3, &xq, 0..9, &mut out);
+                for r in 0..9 {
+                    for t in 0..tokens {
+                        let scalar = dot_scalar(&w[r * 3..(r + 1) * 3], &xq[t * 3..(t + 1) * 3]);
+                        let o = out[r * tokens + t];
+                        assert!((o - scalar).abs() < 1e-4, "{kernel}: row {r} token {t}: {o} vs {scalar}");
+                    }
                 }
             }
         }
