@@ -174,12 +174,18 @@ macro_rules! q8_kernels {
             }
 
             /// Dots of each of the four rows `a` with `b`, each block of `b` loaded
-            /// once for the four.
+            /// once for the four. `ahead`: the four rows that come next (or
+            /// nothing), fetched into the cache meanwhile, block for block.
             #[target_feature(enable = $features)]
             #[inline]
-            fn dot4(a: [&[Block]; 4], b: &[Block]) -> [f32; 4] {
+            fn dot4(a: [&[Block]; 4], b: &[Block], ahead: &[Block]) -> [f32; 4] {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for (k, bb) in b.iter().enumerate() {
+                    for i in 0..4 {
+                        if let Some(next) = ahead.get(i * b.len() + k) {
+                            _mm_prefetch::<_MM_HINT_T0>(next as *const Block as *const i8);
+                        }
+                    }
                     // SAFETY: qs is 32 bytes; the loads are unaligned.
                     let bv = unsafe { _mm256_loadu_si256(bb.qs.as_ptr() as *const __m256i) };
                     let abs_b = _mm256_sign_epi8(bv, bv);
@@ -207,14 +213,19 @@ macro_rules! q8_kernels {
                 let four = |start: usize, end: usize| (start..end).step_by(4).map(move |s| (s, (end - s).min(4)));
                 if tokens == 1 {
                     for (r, n) in four(rows.start, rows.end) {
-                        let d = dot4(std::array::from_fn(|i| row(r + i.min(n - 1))), token(0));
+                        // A token's products wait on memory (each weight is read
+                        // once): fetching the next four rows while these are
+                        // summed gave ~1.5x tokens/s (docs/BENCHMARKS.md,
+                        // session 17). A prompt reads each row for many tokens.
+                        let ahead = w.get((r + 4) * row_blocks..((r + 8) * row_blocks).min(w.len())).unwrap_or(&[]);
+                        let d = dot4(std::array::from_fn(|i| row(r + i.min(n - 1))), token(0), ahead);
                         let at = r - rows.start;
                         out[at..at + n].copy_from_slice(&d[..n]);
                     }
                 } else {
                     for r in rows.clone() {
                         for (t, n) in four(0, tokens) {
-                            let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r));
+                            let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r), &[]);
                             let at = (r - rows.start) * tokens + t;
                             out[at..at + n].copy_from_slice(&d[..n]);
                         }
