@@ -50,12 +50,12 @@ pub struct EnginesConfig {
     /// took ~30 % longer, as with `asr_threads`.
     pub tts_threads: Option<usize>,
     /// Threads the local LLM's products take while no other inference job
-    /// runs: 1 (the default) or 2, the calling one and a spare thread. Asked
-    /// before each product. At one call 2 cut the turn by ~160 ms (p50, two
-    /// cores); at three and four calls, when it was asked per forward pass,
-    /// work that started during a two-thread pass ran slower and the
-    /// slowest turns (p95) took 18-25 % longer (docs/BENCHMARKS.md, session
-    /// 16), as with `asr_threads` and `tts_threads`.
+    /// runs: 2 (the default), the calling one and a spare thread, or 1.
+    /// Asked before each product, so work that starts on the other core
+    /// meets the spare thread for one product at most. At one to four calls
+    /// on two cores 2 was faster at p50 and p95 (docs/BENCHMARKS.md,
+    /// session 17; asked per forward pass instead, it made the slowest
+    /// turns of three and four calls 18-25 % slower, session 16).
     pub llm_threads: Option<usize>,
     /// What the agent says when its language model fails mid-call.
     pub fallback_line: String,
@@ -167,7 +167,7 @@ impl Engines {
         let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
         // With llm_threads = 2 the LLM's products take the other core too
         // while nothing else runs on the pool (their own job holds one slot).
-        let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(1) > 1);
+        let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(2) > 1);
         let llm = optional("local LLM", LocalLlm::load(&paths.llm).map(|l| l.with_spare_core(move || spare && idle.size() > 1 && idle.idle_but_one())));
         let onnx = paths.onnxruntime.is_file()
             && ort::init_from(paths.onnxruntime.display().to_string())

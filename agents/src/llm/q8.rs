@@ -8,8 +8,8 @@
 //! thread (`CANDLE_NUM_THREADS=1`), and a lone call paid for it: its
 //! replies came at two thirds of the speed two threads give. Here the
 //! choice is made for each product of a token or a slice of a prompt
-//! ([`Spare::run`]'s `wide`; the server allows it with `[agents]
-//! llm_threads = 2`, off by default): while nothing
+//! ([`Spare::run`]'s `wide`; the server's `[agents] llm_threads`, 2 by
+//! default, 1 turns it off): while nothing
 //! else runs the spare thread takes rows too, and the calling thread never
 //! waits for more than the one chunk of rows the spare thread is working
 //! on, because both take chunks from one counter: a spare thread that is
