@@ -120,7 +120,7 @@ pub fn quantize(x: &[f32]) -> Vec<Block> {
 fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, out: &mut [f32]) {
     debug_assert_eq!(out.len() * row_blocks, rows.len() * xs.len());
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+    if has_avx2() {
         if std::is_x86_feature_detected!("avxvnni") {
             // SAFETY: the features it is compiled for were just detected.
             unsafe { vnni::dot_chunk(w, row_blocks, xs, rows, out) };
@@ -138,6 +138,12 @@ fn dot_chunk(w: &[Block], row_blocks: usize, xs: &[Block], rows: Range<usize>, o
             }
         }
     }
+}
+
+/// What the `avx2` kernels are compiled for (the `vnni` ones add avxvnni).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
 }
 
 fn dot_scalar(w: &[Block], x: &[Block]) -> f32 {
@@ -508,7 +514,7 @@ mod tests {
     fn kernels() -> Vec<(&'static str, Kernel)> {
         let mut kernels: Vec<(&'static str, Kernel)> = vec![("chosen", dot_chunk)];
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if has_avx2() {
             // SAFETY: the features each is compiled for are detected.
             kernels.push(("avx2", |w, n, xs, rows, out| unsafe { avx2::dot_chunk(w, n, xs, rows, out) }));
             if std::is_x86_feature_detected!("avxvnni") {
