@@ -8,8 +8,9 @@ fn main() -> std::process::ExitCode {
     // 1.7 s with two threads, 1.0 s with one). The local LLM's Q8_0
     // products are voxgate's own (their threads: [agents] llm_threads);
     // what is left to candle (a prompt's attention, weights of other
-    // kinds) runs on one thread unless CANDLE_NUM_THREADS says otherwise. Set here, before any thread exists to read the
-    // environment, because candle reads it once, on first use.
+    // kinds) runs on one thread unless CANDLE_NUM_THREADS says otherwise.
+    // Set here, before any thread exists to read the environment, because
+    // candle reads it once, on first use.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
