@@ -2,13 +2,14 @@
 //! (the weights) per process, one state per decode: states are cheap next to
 //! the weights, and a fresh state keeps concurrent calls independent.
 //!
-//! Decodes share a budget of threads (`asr_threads`, default 1): a decode
-//! takes the free threads it is allowed when it starts, one that finds none
-//! free waits for a decode to end, and together they never use more,
-//! because more ggml threads than cores livelock on its spinning barriers.
-//! The caller says how many it may take: all of them when nothing else runs
-//! (a turn's transcript comes ~1.7x sooner on two cores than on one), one
-//! next to LLM and TTS work, since a decode on two threads next to them
+//! Decodes share a budget of threads (`asr_threads`, default the pool's
+//! size): a decode takes the free threads it is allowed when it starts, one
+//! that finds none free waits for a decode to end, and together they never
+//! use more, because more ggml threads than cores livelock on its spinning
+//! barriers. The caller says how many it may take: one for its pool slot
+//! and one for each other slot it found free and holds while it decodes (a
+//! turn's transcript comes ~1.7x sooner on two cores than on one), never
+//! one next to LLM or TTS work, since a decode on two threads next to them
 //! spins on its barriers and takes many times longer.
 
 use std::path::Path;

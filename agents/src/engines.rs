@@ -32,22 +32,18 @@ pub struct EnginesConfig {
     pub models_dir: PathBuf,
     /// Inference jobs (ASR, LLM, TTS) that may run at once; default: cores.
     pub pool_size: Option<usize>,
-    /// Threads Whisper decodes use in all; default: 1. With more, a decode
-    /// takes more than one only when no other inference job runs (next to
-    /// LLM and TTS work on the same cores a multi-threaded decode spins on
-    /// its barriers: four calls on two cores, the final transcript waited
-    /// 1.3-1.9 s on average with 2 threads each, 32-40 ms with 1), but
-    /// other calls' jobs may start during it: on two cores and four calls
-    /// that lengthened the slowest turns (p95) by 15-40 % for a shorter
-    /// median, so it pays only with cores the pool does not use. One that
-    /// finds no thread free waits (more ggml threads than cores make its
-    /// spinning barriers livelock).
+    /// Threads Whisper decodes use in all; default: the pool's size. A
+    /// decode runs on one thread, and on more only with the pool slots it
+    /// found free (taken for as long as it runs, so no other job starts on
+    /// those cores meanwhile: next to LLM and TTS work a multi-threaded
+    /// decode spins on its barriers, and four calls on two cores waited
+    /// 1.3-1.9 s for a final transcript when other jobs could start during
+    /// it). One that finds no thread free waits (more ggml threads than
+    /// cores make its spinning barriers livelock).
     pub asr_threads: Option<usize>,
-    /// Threads of the Piper session a caller's first words take when the
-    /// pool is otherwise idle (default 1: none). At one call, 2 cut the
-    /// first piece's synthesis by ~20-30 %; at four calls on two cores,
-    /// work that starts during it ran slower and the slowest turns (p95)
-    /// took ~30 % longer, as with `asr_threads`.
+    /// Threads of the Piper session a caller's first words take when they
+    /// find pool slots free (taken meanwhile, as for `asr_threads`);
+    /// default: the pool's size, 1 for none.
     pub tts_threads: Option<usize>,
     /// Threads the local LLM's products take while no other inference job
     /// runs: 2 (the default), the calling one and a spare thread, or 1.
@@ -164,7 +160,7 @@ impl Engines {
         whisper_rs::install_logging_hooks();
         let paths = ModelPaths::new(&config.models_dir);
         let pool = InferencePool::new(config.pool_size.unwrap_or_else(cores));
-        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(1))?;
+        let asr = Asr::load(&paths.whisper, config.asr_threads.unwrap_or(pool.size()))?;
         // With llm_threads = 2 the LLM's products take the other core too
         // while nothing else runs on the pool (their own job holds one slot).
         let (idle, spare) = (pool.clone(), config.llm_threads.unwrap_or(2) > 1);
@@ -174,7 +170,7 @@ impl Engines {
                 .commit()
                 .map_err(|e| tracing::warn!(error = %e, "ONNX Runtime not available"))
                 .is_ok();
-        let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), config.tts_threads.unwrap_or(1)))).flatten();
+        let piper = (onnx && paths.piper.is_file()).then(|| optional("Piper", Piper::load(&paths.piper, &paths.piper_config, pool.size(), config.tts_threads.unwrap_or(pool.size())))).flatten();
         let vad = (onnx && paths.vad.is_file()).then(|| optional("Silero VAD (earshot used instead)", SileroModel::load(&paths.vad, 4))).flatten();
         let embedder = paths.embeddings.is_dir().then(|| optional("embeddings model", Embedder::load(&paths.embeddings))).flatten();
         let espeak = std::process::Command::new("espeak-ng").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -184,11 +180,12 @@ impl Engines {
         Ok(Arc::new(Engines { config, pool, asr, llm, piper, espeak, vad, embedder, remote_llms, hosted_tts, greetings: GreetingCache::default() }))
     }
 
-    /// Transcribes on the calling pool job with as many threads as may
-    /// help: every free one if this job is the only one running, else one.
+    /// Transcribes on the calling pool job, on one thread and one more for
+    /// each other pool slot free now (held until the decode ends).
     pub(crate) fn transcribe(&self, pcm: &[f32], language: &str, abort: Option<Arc<AtomicBool>>) -> Result<(String, f32), AgentError> {
-        let alone = self.pool.idle_but_one();
-        self.asr.transcribe_scored(pcm, language, if alone { usize::MAX } else { 1 }, abort)
+        let most = self.config.asr_threads.unwrap_or(usize::MAX).saturating_sub(1);
+        let extra = self.pool.try_extra(most);
+        self.asr.transcribe_scored(pcm, language, extra.cores(), abort)
     }
 
     /// A fresh VAD stream for one call.
@@ -241,8 +238,15 @@ impl Engines {
             PIPER => {
                 let piper = self.piper.clone().ok_or_else(|| AgentError::Unavailable("piper is not installed".into()))?;
                 let (text, speed, pool) = (text.to_string(), speed, self.pool.clone());
-                // On every core when a caller waits for it and nothing else runs.
-                self.pool.run(urgency, move || piper.synthesize(&text, speed, urgency == Urgency::Now && pool.idle_but_one())).await?
+                // On the wide session when a caller waits for it and the
+                // other slots are free (held meanwhile).
+                let most = if urgency == Urgency::Now && piper.has_wide_session() { self.config.tts_threads.unwrap_or(self.pool.size()).saturating_sub(1) } else { 0 };
+                self.pool
+                    .run(urgency, move || {
+                        let extra = pool.try_extra(most);
+                        piper.synthesize(&text, speed, extra.cores() > 1)
+                    })
+                    .await?
             }
             ESPEAK => crate::tts::espeak(text, voice.unwrap_or("en-us"), speed).await,
             name => {
@@ -256,8 +260,8 @@ impl Engines {
         }
     }
 
-    /// Whether `tts_model` can voice a piece on every core (Piper loaded
-    /// with `tts_threads` above 1).
+    /// Whether `tts_model` can voice a piece on more than one core (Piper
+    /// loaded with `tts_threads` above 1).
     pub fn wide_tts(&self, tts_model: &str) -> bool {
         tts_model == PIPER && self.piper.as_ref().is_some_and(|p| p.has_wide_session())
     }

@@ -70,6 +70,22 @@ impl Drop for Slot {
     }
 }
 
+/// Slots a running job took besides its own: while they are held no other
+/// job starts on the cores they stand for, so the job may run threads there
+/// (a multi-threaded decode or synthesis next to another job spins on its
+/// barriers and takes many times longer). Dropped, they go to the next
+/// waiters.
+pub struct Extra {
+    slots: Vec<Slot>,
+}
+
+impl Extra {
+    /// Cores the job may use: its own and the ones taken.
+    pub fn cores(&self) -> usize {
+        1 + self.slots.len()
+    }
+}
+
 impl InferencePool {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
@@ -147,6 +163,22 @@ impl InferencePool {
             rx
         };
         waiting.await.map_err(|_| AgentError::Closed)
+    }
+
+    /// Up to `most` more slots, for a job that runs on this pool and could
+    /// use more cores: those free now (a slot is free only while no job
+    /// waits, so this never delays one that is queued). Never waits.
+    pub fn try_extra(&self, most: usize) -> Extra {
+        let mut slots = self.lock();
+        let mut taken = Vec::new();
+        while taken.len() < most {
+            match self.take_free(&mut slots) {
+                Some(slot) => taken.push(slot),
+                None => break,
+            }
+        }
+        drop(slots);
+        Extra { slots: taken }
     }
 
     /// Runs `job` once a slot is free for work of this `urgency`.
@@ -232,6 +264,38 @@ mod tests {
         release.send(()).unwrap();
         assert!(waiting.await.unwrap(), "woken when the slot came back");
         holder.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_takes_the_other_free_slots_and_work_that_comes_meanwhile_waits() {
+        let pool = InferencePool::new(3);
+        let (release, holder) = hold(&pool).await;
+        let (p, inside) = (pool.clone(), pool.clone());
+        let (wide_tx, wide_rx) = std::sync::mpsc::channel::<()>();
+        let (cores_tx, cores) = oneshot::channel();
+        let wide = tokio::spawn(async move {
+            p.run(Urgency::Now, move || {
+                let extra = inside.try_extra(usize::MAX);
+                let _ = cores_tx.send(extra.cores());
+                let _ = wide_rx.recv();
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(cores.await.unwrap(), 2, "its own slot and the one left free");
+        assert_eq!(pool.idle_slots(), 0);
+        let p = pool.clone();
+        let queued = tokio::spawn(async move { p.run(Urgency::Now, || 5).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!queued.is_finished(), "no slot until a job ends");
+        assert_eq!(pool.try_extra(usize::MAX).cores(), 1, "nothing free to take");
+        wide_tx.send(()).unwrap();
+        wide.await.unwrap();
+        assert_eq!(queued.await.unwrap(), 5);
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        assert_eq!(pool.idle_slots(), 3, "every slot came back");
+        assert_eq!(pool.try_extra(1).cores(), 2, "at most the number asked for");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
