@@ -5,6 +5,7 @@
 
 mod espeak;
 mod hosted;
+mod phonemes;
 mod piper;
 
 pub use espeak::espeak;

@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
 use ort::session::Session;
 use ort::value::Tensor;
 use serde::Deserialize;
 
+use super::phonemes::Phonemizer;
 use super::{to_16k, to_i16};
 use crate::error::AgentError;
 
@@ -44,10 +44,11 @@ struct InferenceConfig {
 /// (`run` takes `&mut`), so the voice keeps a few and hands out a free one.
 pub struct Piper {
     sessions: Vec<Mutex<Session>>,
-    /// A session on every core, for a piece a caller waits for while
-    /// nothing else runs; its threads sleep rather than spin between
-    /// operators, so work that starts meanwhile gets the cores.
+    /// A session on more than one thread, for a piece a caller waits for
+    /// that found other pool slots free (it holds them meanwhile); its
+    /// threads sleep rather than spin between operators.
     wide: Option<Mutex<Session>>,
+    phonemes: Phonemizer,
     config: VoiceConfig,
 }
 
@@ -71,22 +72,15 @@ impl Piper {
         };
         let sessions = (0..instances.max(1)).map(|_| session(1)).collect::<Result<_, _>>()?;
         let wide = (wide_threads > 1).then(|| session(wide_threads)).transpose()?;
-        Ok(Piper { sessions, wide, config })
+        let phonemes = Phonemizer::new(&config.espeak.voice, instances.max(1) + usize::from(wide.is_some()));
+        Ok(Piper { sessions, wide, phonemes, config })
     }
 
     /// IPA phonemes of `text` from espeak-ng, one line per clause, with the
     /// clause punctuation (which the program drops) put back: Piper voices
     /// use it for prosody.
     fn phonemize(&self, text: &str) -> Result<String, AgentError> {
-        let out = Command::new("espeak-ng")
-            .args(["-q", "--ipa", "-v", &self.config.espeak.voice, "--", text])
-            .output()
-            .map_err(|e| AgentError::Unavailable(format!("espeak-ng could not be run ({e}); install the espeak-ng package")))?;
-        if !out.status.success() {
-            return Err(AgentError::Inference(format!("espeak-ng: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        let ipa = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = ipa.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let lines = self.phonemes.phonemize(text)?;
         let marks: Vec<char> = clause_marks(text);
         let mut phonemes = String::new();
         for (i, line) in lines.iter().enumerate() {
