@@ -15,12 +15,23 @@ pub async fn espeak(text: &str, voice: &str, speed: f32) -> Result<Vec<i16>, Age
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| AgentError::Unavailable(format!("espeak-ng could not be run ({e}); install the espeak-ng package")))?;
-    if !out.status.success() {
-        return Err(AgentError::Inference(format!("espeak-ng: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    let (rate, pcm) = parse_wav(&out.stdout)?;
+        .map_err(not_run)?;
+    let (rate, pcm) = parse_wav(&succeeded(out)?.stdout)?;
     to_16k(&pcm, rate)
+}
+
+/// espeak-ng could not be started.
+pub(crate) fn not_run(e: std::io::Error) -> AgentError {
+    AgentError::Unavailable(format!("espeak-ng could not be run ({e}); install the espeak-ng package"))
+}
+
+/// A run of espeak-ng that exited well, or what it said on failing.
+pub(crate) fn succeeded(out: std::process::Output) -> Result<std::process::Output, AgentError> {
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(AgentError::Inference(format!("espeak-ng: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
 }
 
 /// The RIFF/WAVE that espeak-ng writes to a pipe: 16-bit mono PCM, with the

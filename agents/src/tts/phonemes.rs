@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
+use super::espeak::{not_run, succeeded};
 use crate::error::AgentError;
 
 /// Words no reply is expected to say as a clause of its own.
@@ -38,10 +39,6 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn unavailable(e: std::io::Error) -> AgentError {
-    AgentError::Unavailable(format!("espeak-ng could not be run ({e}); install the espeak-ng package"))
 }
 
 impl Phonemizer {
@@ -92,15 +89,15 @@ impl Phonemizer {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(unavailable)?;
+            .map_err(not_run)?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             return Err(AgentError::Inference("espeak-ng: no pipes".into()));
         };
         let mut running = Running { child, stdin, stdout: BufReader::new(stdout), sentinel: String::new() };
-        writeln!(running.stdin, "{SENTINEL}").and_then(|()| running.stdin.flush()).map_err(unavailable)?;
+        writeln!(running.stdin, "{SENTINEL}").and_then(|()| running.stdin.flush()).map_err(not_run)?;
         let mut sentinel = String::new();
-        running.stdout.read_line(&mut sentinel).map_err(unavailable)?;
+        running.stdout.read_line(&mut sentinel).map_err(not_run)?;
         running.sentinel = sentinel.trim().to_string();
         if running.sentinel.is_empty() {
             return Err(AgentError::Inference(format!("espeak-ng -v {} gave no phonemes", self.voice)));
@@ -109,10 +106,7 @@ impl Phonemizer {
     }
 
     fn one_off(&self, text: &str) -> Result<Vec<String>, AgentError> {
-        let out = Command::new("espeak-ng").args(["-q", "--ipa", "-v", &self.voice, "--", text]).output().map_err(unavailable)?;
-        if !out.status.success() {
-            return Err(AgentError::Inference(format!("espeak-ng: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
+        let out = succeeded(Command::new("espeak-ng").args(["-q", "--ipa", "-v", &self.voice, "--", text]).output().map_err(not_run)?)?;
         Ok(clauses(String::from_utf8_lossy(&out.stdout).lines()))
     }
 }
