@@ -8,7 +8,7 @@
 //! use more, because more ggml threads than cores livelock on its spinning
 //! barriers. The caller says how many it may take: one for its pool slot
 //! and one for each other slot it found free and holds while it decodes (a
-//! turn's transcript comes ~1.7x sooner on two cores than on one), never
+//! turn's transcript comes ~1.7x sooner on two cores than on one), and only
 //! one next to LLM or TTS work, since a decode on two threads next to them
 //! spins on its barriers and takes many times longer.
 

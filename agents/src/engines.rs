@@ -243,8 +243,10 @@ impl Engines {
                 let most = if urgency == Urgency::Now && piper.has_wide_session() { self.config.tts_threads.unwrap_or(self.pool.size()).saturating_sub(1) } else { 0 };
                 self.pool
                     .run(urgency, move || {
-                        let extra = pool.try_extra(most);
-                        piper.synthesize(&text, speed, extra.cores() > 1)
+                        // The wide session's threads want every slot they
+                        // stand for; short of them, the slots go back.
+                        let extra = Some(pool.try_extra(most)).filter(|e| most > 0 && e.cores() > most);
+                        piper.synthesize(&text, speed, extra.is_some())
                     })
                     .await?
             }
