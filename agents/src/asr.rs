@@ -34,6 +34,8 @@ const IDLE_STATES: usize = 4;
 /// A loaded Whisper model.
 pub struct Asr {
     ctx: WhisperContext,
+    /// Threads decodes may use in all.
+    budget: usize,
     threads: Threads,
     /// States of finished decodes: whisper.cpp allocates a state's buffers
     /// and plans its graphs when it is made (4-12 ms for tiny.en on this
@@ -89,7 +91,13 @@ impl Asr {
         }
         let ctx = WhisperContext::new_with_params(path_str, WhisperContextParameters::default())
             .map_err(|e| AgentError::Model(format!("whisper: {e}")))?;
-        Ok(Asr { ctx, threads: Threads { free: Mutex::new(threads.max(1)), freed: Condvar::new() }, idle: Mutex::new(Vec::new()) })
+        let budget = threads.max(1);
+        Ok(Asr { ctx, budget, threads: Threads { free: Mutex::new(budget), freed: Condvar::new() }, idle: Mutex::new(Vec::new()) })
+    }
+
+    /// Threads decodes may use in all (`asr_threads`).
+    pub fn threads(&self) -> usize {
+        self.budget
     }
 
     /// Every thread is taken by a decode: optional work (a partial

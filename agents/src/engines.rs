@@ -183,8 +183,7 @@ impl Engines {
     /// Transcribes on the calling pool job, on one thread and one more for
     /// each other pool slot free now (held until the decode ends).
     pub(crate) fn transcribe(&self, pcm: &[f32], language: &str, abort: Option<Arc<AtomicBool>>) -> Result<(String, f32), AgentError> {
-        let most = self.config.asr_threads.unwrap_or(usize::MAX).saturating_sub(1);
-        let extra = self.pool.try_extra(most);
+        let extra = self.pool.try_extra(self.asr.threads() - 1);
         self.asr.transcribe_scored(pcm, language, extra.cores(), abort)
     }
 
@@ -240,7 +239,7 @@ impl Engines {
                 let (text, speed, pool) = (text.to_string(), speed, self.pool.clone());
                 // On the wide session when a caller waits for it and the
                 // other slots are free (held meanwhile).
-                let most = if urgency == Urgency::Now && piper.has_wide_session() { self.config.tts_threads.unwrap_or(self.pool.size()).saturating_sub(1) } else { 0 };
+                let most = if urgency == Urgency::Now { piper.wide_threads() - 1 } else { 0 };
                 self.pool
                     .run(urgency, move || {
                         // The wide session's threads want every slot they
@@ -265,7 +264,7 @@ impl Engines {
     /// Whether `tts_model` can voice a piece on more than one core (Piper
     /// loaded with `tts_threads` above 1).
     pub fn wide_tts(&self, tts_model: &str) -> bool {
-        tts_model == PIPER && self.piper.as_ref().is_some_and(|p| p.has_wide_session())
+        tts_model == PIPER && self.piper.as_ref().is_some_and(|p| p.wide_threads() > 1)
     }
 
     /// Refuses an LLM, TTS or language this process cannot serve, with a

@@ -50,8 +50,7 @@ impl Phonemizer {
     /// The phonemes of `text`, one entry per clause as espeak-ng splits it.
     /// Blocking.
     pub fn phonemize(&self, text: &str) -> Result<Vec<String>, AgentError> {
-        // One line: a line end inside would end a clause there.
-        let line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let line = one_line(text);
         if line.to_lowercase().contains(SENTINEL) {
             return self.one_off(&line);
         }
@@ -111,6 +110,11 @@ impl Phonemizer {
     }
 }
 
+/// `text` as one line: a line end inside would end a clause there.
+fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
 /// The non-empty lines, trimmed.
 fn clauses<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
     lines.map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
@@ -161,8 +165,7 @@ mod tests {
             "émigré café",
         ];
         for text in texts {
-            let line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-            assert_eq!(p.phonemize(text).unwrap(), p.one_off(&line).unwrap(), "{text:?}");
+            assert_eq!(p.phonemize(text).unwrap(), p.one_off(&one_line(text)).unwrap(), "{text:?}");
         }
         assert!(!p.phonemize("zebra").unwrap().is_empty());
     }

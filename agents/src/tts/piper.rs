@@ -48,6 +48,8 @@ pub struct Piper {
     /// that found other pool slots free (it holds them meanwhile); its
     /// threads sleep rather than spin between operators.
     wide: Option<Mutex<Session>>,
+    /// The wide session's threads; 1 without one.
+    wide_threads: usize,
     phonemes: Phonemizer,
     config: VoiceConfig,
 }
@@ -73,7 +75,8 @@ impl Piper {
         let sessions = (0..instances.max(1)).map(|_| session(1)).collect::<Result<_, _>>()?;
         let wide = (wide_threads > 1).then(|| session(wide_threads)).transpose()?;
         let phonemes = Phonemizer::new(&config.espeak.voice, instances.max(1) + usize::from(wide.is_some()));
-        Ok(Piper { sessions, wide, phonemes, config })
+        let wide_threads = if wide.is_some() { wide_threads } else { 1 };
+        Ok(Piper { sessions, wide, wide_threads, phonemes, config })
     }
 
     /// IPA phonemes of `text` from espeak-ng, one line per clause, with the
@@ -112,9 +115,10 @@ impl Piper {
         ids
     }
 
-    /// Whether the voice was loaded with a session on every core.
-    pub fn has_wide_session(&self) -> bool {
-        self.wide.is_some()
+    /// Threads of the session a piece may run on when `wide`: 1 when the
+    /// voice was loaded without one.
+    pub fn wide_threads(&self) -> usize {
+        self.wide_threads
     }
 
     /// Synthesizes `text` (one sentence or clause) as 16 kHz PCM. A `speed`
