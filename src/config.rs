@@ -10,7 +10,7 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use voxgate_agents::EnginesConfig;
+use voxgate_agents::{EnginesConfig, TurnConfig};
 use voxgate_sip::SipConfig;
 
 use crate::jobs::channels::ChannelConfig;
@@ -109,6 +109,9 @@ pub struct CallsConfig {
     /// caller's audio straight back instead of running the agent (no models
     /// are needed). Never for real callers.
     pub echo: bool,
+    /// Turn-taking of every agent's calls (`[calls.turn]`): the silence
+    /// that ends a caller's turn, and the pause a reply is started on.
+    pub turn: TurnConfig,
 }
 
 impl Default for CallsConfig {
@@ -124,6 +127,7 @@ impl Default for CallsConfig {
             stream_connect_secs: 60,
             webrtc_loopback_only: false,
             echo: false,
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -281,6 +285,7 @@ impl Config {
         anyhow::ensure!(calls.hourly_limit > 0, "calls.hourly_limit must be at least 1");
         anyhow::ensure!(calls.minute_secs > 0, "calls.minute_secs must be at least 1");
         anyhow::ensure!(calls.credits_per_minute > 0, "calls.credits_per_minute must be at least 1");
+        calls.turn.validate().map_err(|e| anyhow::anyhow!("calls.turn.{e}"))?;
         anyhow::ensure!(self.webhooks.timeout_secs > 0, "webhooks.timeout_secs must be at least 1");
         anyhow::ensure!(self.webhooks.poll_interval_ms > 0, "webhooks.poll_interval_ms must be at least 1");
         anyhow::ensure!(
@@ -354,6 +359,23 @@ mod tests {
             jail.set_env("VOXGATE_RATE_LIMITS__READS__REQUESTS", "0");
             let err = Config::load(Path::new("missing.toml")).unwrap_err().to_string();
             assert!(err.contains("rate_limits.reads"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn turn_taking_is_read_from_calls_turn_and_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("voxgate.toml", "[calls.turn]\npause_ms = 60\n")?;
+            jail.set_env("VOXGATE_CALLS__TURN__END_SILENCE_MS", "700");
+            let turn = Config::load(Path::new("voxgate.toml")).unwrap().calls.turn;
+            assert_eq!((turn.pause_ms, turn.end_silence_ms, turn.early_end_silence_ms), (60, 700, 240));
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("voxgate.toml", "[calls.turn]\npause_ms = 300\n")?;
+            let err = Config::load(Path::new("voxgate.toml")).unwrap_err().to_string();
+            assert_eq!(err, "calls.turn.pause_ms must be 40-240 ms (got 300)");
             Ok(())
         });
     }

@@ -48,12 +48,9 @@ const PARTIAL_MIN_MS: usize = 800;
 /// Silence kept after the last voiced frame for the final transcription:
 /// Whisper places the last word better with a little room after it.
 const TAIL_SAMPLES: usize = 16 * 200;
-/// Trailing audio given to a partial decode after the last voiced frame.
+/// Most trailing audio given to a partial decode after the last voiced
+/// frame (a pause's decode gets the pause, `TurnConfig::pause_ms`).
 const PARTIAL_TAIL_SAMPLES: usize = 16 * 100;
-/// A pause this long gets a partial at once, whatever the 400 ms step: it
-/// lets the turn end early on a finished sentence, and it is the final
-/// transcript if the caller does not go on.
-const PAUSE_PARTIAL_MS: u32 = 100;
 /// A frame this loud (about -36 dBFS) over the agent pauses it before the
 /// VAD has decided; the pause lifts after this many frames without speech.
 const ONSET_RMS: f32 = 500.0;
@@ -597,9 +594,10 @@ impl Core {
         // reply is about to need.
         let new_speech = u.partial_covered < u.voiced_end;
         // A step falls while the caller speaks: in a silence the pause's
-        // decode is due within 100 ms, and a step's would hold it up.
+        // decode is due within `pause_ms`, and a step's would hold it up.
         let step = u.silence_ms == 0 && u.pcm.len() >= u.partial_len + PARTIAL_EVERY_MS as usize * 16;
-        let paused = u.silence_ms >= PAUSE_PARTIAL_MS;
+        let pause_ms = self.config.turn.pause_ms;
+        let paused = u.silence_ms >= pause_ms;
         if paused {
             // A step's decode that cannot cover the speech would hold the
             // thread the pause's decode needs for ~200 ms.
@@ -613,15 +611,17 @@ impl Core {
         if self.engines.asr.busy() {
             return;
         }
-        // Up to 100 ms past the last voiced frame when it has arrived: a
-        // window cut right at the end of speech clips the last phoneme, and
-        // the decode of a sentence's end changes with where the cut falls.
-        let end = (u.voiced_end + PARTIAL_TAIL_SAMPLES).min(u.pcm.len()).max(u.partial_len.min(u.pcm.len()));
+        // Up to the pause (at most 100 ms) past the last voiced frame when it
+        // has arrived: a window cut right at the end of speech clips the last
+        // phoneme, and the decode of a sentence's end changes with where the
+        // cut falls.
+        let tail = (pause_ms as usize * 16).min(PARTIAL_TAIL_SAMPLES);
+        let end = (u.voiced_end + tail).min(u.pcm.len()).max(u.partial_len.min(u.pcm.len()));
         let audio = to_f32(&u.pcm[..end]);
         // Only speech heard with its tail counts as covered: a partial cut
         // on the last voiced frame may have lost the last word, and must not
         // become the final transcript (the pause brings a decode with it).
-        let covered = if end >= u.voiced_end + PARTIAL_TAIL_SAMPLES { u.voiced_end } else { end.saturating_sub(PARTIAL_TAIL_SAMPLES) };
+        let covered = if end >= u.voiced_end + tail { u.voiced_end } else { end.saturating_sub(tail) };
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         let abort = Arc::new(AtomicBool::new(false));
         let flag = abort.clone();
@@ -748,7 +748,7 @@ impl Core {
             return;
         }
         let (Some(u), Some(p)) = (self.utterance.as_ref(), self.partial.as_ref()) else { return };
-        if p.utterance != u.id || p.covered < u.voiced_end || u.silence_ms < PAUSE_PARTIAL_MS || u.over_agent || p.text.trim().is_empty() {
+        if p.utterance != u.id || p.covered < u.voiced_end || u.silence_ms < self.config.turn.pause_ms || u.over_agent || p.text.trim().is_empty() {
             return;
         }
         if self.speculation.as_ref().is_some_and(|s| s.utterance == u.id && s.text == p.text) {
@@ -779,7 +779,7 @@ impl Core {
             return;
         }
         let (Some(u), Some(p)) = (self.utterance.as_ref(), self.partial.as_ref()) else { return };
-        if p.utterance != u.id || u.over_agent || u.silence_ms >= PAUSE_PARTIAL_MS {
+        if p.utterance != u.id || u.over_agent || u.silence_ms >= self.config.turn.pause_ms {
             return;
         }
         // Only on a pool with nothing else to do: under load the slot is

@@ -2,14 +2,22 @@
 //! VAD probabilities and the partial transcript, and which short utterances
 //! are backchannels that must not interrupt the agent.
 
+use serde::{Deserialize, Serialize};
+
 /// Tuning of one agent's turn-taking.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
     /// Silence that ends the caller's turn.
     pub end_silence_ms: u32,
     /// Silence that ends it early when the partial transcript already ends
     /// a sentence ("...opening hours?").
     pub early_end_silence_ms: u32,
+    /// A pause this long gets a partial transcript at once, whatever the
+    /// 400 ms step (the reply is speculated on it, and it is the final
+    /// transcript if the caller does not go on). The decode hears the
+    /// pause as the audio after the last word, up to 100 ms of it.
+    pub pause_ms: u32,
     /// Speech probability above which a VAD window counts as speech.
     pub threshold: f32,
     /// Caller speech longer than this while the agent speaks is a barge-in
@@ -27,7 +35,37 @@ pub struct TurnConfig {
 
 impl Default for TurnConfig {
     fn default() -> Self {
-        TurnConfig { end_silence_ms: 500, early_end_silence_ms: 240, threshold: 0.5, backchannel_max_ms: 600, preroll_ms: 200, speculate: true }
+        TurnConfig {
+            end_silence_ms: 500,
+            early_end_silence_ms: 240,
+            pause_ms: 100,
+            threshold: 0.5,
+            backchannel_max_ms: 600,
+            preroll_ms: 200,
+            speculate: true,
+        }
+    }
+}
+
+impl TurnConfig {
+    /// Checks the bounds, naming the field that breaks one.
+    pub fn validate(&self) -> Result<(), String> {
+        let within = |name: &str, ms: u32, min: u32, max: u32| {
+            if ms < min || ms > max {
+                Err(format!("{name} must be {min}-{max} ms (got {ms})"))
+            } else {
+                Ok(())
+            }
+        };
+        within("end_silence_ms", self.end_silence_ms, 100, 5_000)?;
+        within("early_end_silence_ms", self.early_end_silence_ms, 40, self.end_silence_ms)?;
+        within("pause_ms", self.pause_ms, 40, self.early_end_silence_ms)?;
+        within("backchannel_max_ms", self.backchannel_max_ms, 0, 5_000)?;
+        within("preroll_ms", self.preroll_ms, 0, 1_000)?;
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return Err(format!("threshold must be between 0 and 1 (got {})", self.threshold));
+        }
+        Ok(())
     }
 }
 
@@ -77,6 +115,22 @@ mod tests {
             assert!(!is_backchannel(t, 0.9), "{t}");
         }
         assert!(is_backchannel("And then then.", 0.45));
+    }
+
+    #[test]
+    fn a_config_out_of_bounds_names_the_field() {
+        assert_eq!(TurnConfig::default().validate(), Ok(()));
+        let bad = |f: fn(&mut TurnConfig)| {
+            let mut c = TurnConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(bad(|c| c.pause_ms = 20), "pause_ms must be 40-240 ms (got 20)");
+        assert_eq!(bad(|c| c.pause_ms = 300), "pause_ms must be 40-240 ms (got 300)");
+        assert_eq!(bad(|c| c.early_end_silence_ms = 600), "early_end_silence_ms must be 40-500 ms (got 600)");
+        assert_eq!(bad(|c| c.end_silence_ms = 50), "end_silence_ms must be 100-5000 ms (got 50)");
+        assert_eq!(bad(|c| c.threshold = 1.0), "threshold must be between 0 and 1 (got 1)");
+        assert_eq!(bad(|c| c.threshold = f32::NAN), "threshold must be between 0 and 1 (got NaN)");
     }
 
     #[test]

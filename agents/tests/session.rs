@@ -158,6 +158,22 @@ async fn empty_and_very_long_system_prompts_still_get_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_pause_still_hears_the_last_word() {
+    let engines = engines();
+    // The pause's decode, which becomes the final transcript, hears 60 ms
+    // after the last word instead of 100.
+    let mut config = AgentConfig { greeting: String::new(), ..config() };
+    config.turn.pause_ms = 60;
+    let mut caller = Caller::answer(engines, config).await;
+    let question = "I would like to book a table for two people tomorrow evening.";
+    caller.push(&speak(question)).await;
+    caller.silence_until(30_000, |e| is_final(e, Speaker::Agent).is_some()).await;
+    let heard = caller.log.iter().find_map(|(_, e)| is_final(e, Speaker::Caller)).expect("caller transcript").text.clone();
+    assert!(wer(question, &heard) <= 0.10, "caller heard as {heard:?}: {:?}", caller.summary());
+    assert!(!audio_frames(&caller.log).is_empty(), "{:?}", caller.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_inside_a_request_is_not_answered_before_the_request_ends() {
     let engines = engines();
     // Only a long silence ends this turn, so the pause is long enough for a

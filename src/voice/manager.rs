@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use voxgate_agents::{AgentEvent, HangupReason, Session, Speaker};
+use voxgate_agents::{AgentConfig, AgentEvent, HangupReason, Session, Speaker};
 use voxgate_media::session::{MediaEvent, MediaHandle};
 use voxgate_media::streams::StreamEvent;
 use voxgate_sip::{Call, CallEvent, CallStatus, Dial, EndReason, Outcome, SipAgent};
@@ -290,7 +290,7 @@ impl CallManager {
             None
         } else {
             let engines = inner.engines.get().await?;
-            let agent_config = agent.engine_config();
+            let agent_config = AgentConfig { turn: inner.config.turn.clone(), ..agent.engine_config() };
             engines
                 .check(&agent_config.llm_model, &agent_config.tts_model, &agent_config.language)
                 .map_err(|e| Error::bad_request(e.to_string()))?;
