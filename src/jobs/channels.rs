@@ -14,7 +14,11 @@
 //! Routing tries the channels serving a model by priority (highest first),
 //! by weight at random within one priority, and moves on to the next on a
 //! 5xx, a 429, a timeout or a connection error; a 4xx other than 429 is the
-//! request's fault and fails the job at once. Channel URLs and keys come
+//! request's fault and fails the job at once. Every submission carries an
+//! `Idempotency-Key` that is the same for every run of one job, so a
+//! process that dies after the upstream took the task but before the task
+//! id was saved does not buy the task twice from an upstream that honours
+//! the header (OpenAI's API and most gateways do). Channel URLs and keys come
 //! from the operator, not from users, so they do not pass the SSRF guard;
 //! the keys are never logged.
 
@@ -257,16 +261,25 @@ impl Channels {
         r
     }
 
-    /// Submits the job to `c`. Images on an `openai` channel answer at once
-    /// ([`Poll::Done`] in the second slot); everything else is a task.
-    pub async fn submit(&self, c: &ChannelConfig, kind: JobKind, model: &str, input: &Value) -> Result<(Submitted, Option<Poll>), UpstreamError> {
+    /// Submits the job to `c` under `idempotency_key`. Images on an `openai`
+    /// channel answer at once ([`Poll::Done`] in the second slot); everything
+    /// else is a task.
+    pub async fn submit(
+        &self,
+        c: &ChannelConfig,
+        kind: JobKind,
+        model: &str,
+        input: &Value,
+        idempotency_key: &str,
+    ) -> Result<(Submitted, Option<Poll>), UpstreamError> {
         let upstream = c.upstream_model(model);
+        let post = |path: &str| self.request(c, reqwest::Method::POST, path).header("Idempotency-Key", idempotency_key);
         let submitted = |task_id: String| Submitted { channel: c.name.clone(), task_id };
         match c.style {
             ChannelStyle::Openai if kind == JobKind::Image => {
                 let size = format!("{}x{}", input["width"].as_u64().unwrap_or(1024), input["height"].as_u64().unwrap_or(1024));
                 let body = json!({ "model": upstream, "prompt": input["prompt"], "n": 1, "size": size });
-                let v = send_json(self.request(c, reqwest::Method::POST, "images/generations").json(&body)).await?;
+                let v = send_json(post("images/generations").json(&body)).await?;
                 let first = &v["data"][0];
                 let fetch = if let Some(url) = first["url"].as_str() {
                     Fetch::Url { url: url.to_string(), authorized: false }
@@ -291,7 +304,7 @@ impl Channels {
                 if let Some(s) = input["duration"].as_u64() {
                     body["seconds"] = json!(s.to_string());
                 }
-                let v = send_json(self.request(c, reqwest::Method::POST, "videos").json(&body)).await?;
+                let v = send_json(post("videos").json(&body)).await?;
                 let id = v["id"].as_str().ok_or_else(|| UpstreamError::Permanent("videos: the answer has no id".into()))?;
                 Ok((submitted(id.to_string()), None))
             }
@@ -299,7 +312,7 @@ impl Channels {
                 let mut body_input = input.clone();
                 body_input["kind"] = json!(kind.as_str());
                 let path = format!("models/{upstream}/predictions");
-                let v = send_json(self.request(c, reqwest::Method::POST, &path).json(&json!({ "input": body_input }))).await?;
+                let v = send_json(post(&path).json(&json!({ "input": body_input }))).await?;
                 let id = v["id"].as_str().ok_or_else(|| UpstreamError::Permanent("predictions: the answer has no id".into()))?;
                 Ok((submitted(id.to_string()), None))
             }

@@ -252,10 +252,13 @@ impl Jobs {
         if route.is_empty() {
             return Err(permanent(format!("no channel serves model '{}' any more", job.model)));
         }
+        // One key for every run of the job: after a crash between the
+        // upstream's answer and `set_upstream`, the next run gets the same task.
+        let key = format!("voxgate-job-{}", job.id);
         let mut last = UpstreamError::Retryable("no channel was tried".into());
         for channel in route {
             for attempt in 0..=channel.retries {
-                match self.channels.submit(channel, job.kind, &job.model, &job.input).await {
+                match self.channels.submit(channel, job.kind, &job.model, &job.input, &key).await {
                     Ok((s, immediate)) => {
                         tracing::info!(channel = %channel.name, task = %s.task_id, "submitted upstream");
                         if !s.task_id.is_empty() && !queue::set_upstream(&self.db, &job.id, &self.node, &s).await.unwrap_or(false) {

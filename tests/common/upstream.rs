@@ -3,7 +3,8 @@
 //! and `/content` routes) and `/v1/chat/completions`, and Replicate's
 //! `/r/models/{m}/predictions` with `/r/predictions/{id}`. It counts what
 //! it is asked, can fail on demand, and can hold tasks "processing" until
-//! released.
+//! released. Like OpenAI's API it honours `Idempotency-Key`: a submission
+//! that repeats a key gets the task of the first one back.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -36,11 +37,15 @@ pub struct Upstream {
     pub hits: HashMap<String, usize>,
     /// Answer 500 to this many submissions (of any kind) before behaving.
     pub fail_submissions: usize,
-    /// Tasks stay processing until this is true (or polls run out).
+    /// Tasks stay processing while this is true, and a submission whose
+    /// input says "stall-submit" makes its task but answers only after it is
+    /// false (as if the answer were lost in a crash).
     pub hold: bool,
     /// Polls a task answers "processing" before it ends.
     pub polls_needed: usize,
     tasks: HashMap<String, Task>,
+    /// Idempotency-Key -> the task it made.
+    keys: HashMap<String, String>,
     next: usize,
 }
 
@@ -90,6 +95,11 @@ impl FakeUpstream {
         self.state.lock().unwrap().hits.get(what).copied().unwrap_or(0)
     }
 
+    /// How many tasks were made (a replayed Idempotency-Key makes none).
+    pub fn tasks(&self) -> usize {
+        self.state.lock().unwrap().tasks.len()
+    }
+
     pub fn set(&self, f: impl FnOnce(&mut Upstream)) {
         f(&mut self.state.lock().unwrap());
     }
@@ -130,20 +140,43 @@ async fn image(State(s): Shared, headers: HeaderMap, Json(body): Json<Value>) ->
     Json(json!({"created": 1, "data": [{"b64_json": base64::engine::general_purpose::STANDARD.encode(PNG)}]})).into_response()
 }
 
-fn new_task(s: &mut Upstream, kind: &str, input: Value) -> String {
+/// The task for this submission: the one an earlier submission with the
+/// same Idempotency-Key made, or a new one.
+fn new_task(s: &mut Upstream, headers: &HeaderMap, kind: &str, input: Value) -> String {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(id) = key.as_ref().and_then(|k| s.keys.get(k)).cloned() {
+        hit(s, "replayed submission");
+        return id;
+    }
     s.next += 1;
     let id = format!("task{}", s.next);
     s.tasks.insert(id.clone(), Task { kind: kind.into(), input, polls: 0 });
+    if let Some(k) = key {
+        s.keys.insert(k, id.clone());
+    }
     id
 }
 
-async fn video_submit(State(s): Shared, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    let mut s = s.lock().unwrap();
-    hit(&mut s, "POST /v1/videos");
-    if let Some(r) = refuse_or_fail(&mut s, &headers) {
-        return r;
+/// Holds the answer to a "stall-submit" submission while `hold` is set.
+async fn stall(state: &Arc<Mutex<Upstream>>, input: &Value) {
+    if !input.to_string().contains("stall-submit") {
+        return;
     }
-    let id = new_task(&mut s, "video", body);
+    while state.lock().unwrap().hold {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn video_submit(State(state): Shared, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let id = {
+        let mut s = state.lock().unwrap();
+        hit(&mut s, "POST /v1/videos");
+        if let Some(r) = refuse_or_fail(&mut s, &headers) {
+            return r;
+        }
+        new_task(&mut s, &headers, "video", body.clone())
+    };
+    stall(&state, &body).await;
     Json(json!({"id": id, "object": "video", "status": "queued", "progress": 0})).into_response()
 }
 
@@ -179,15 +212,18 @@ async fn chat(State(s): Shared, headers: HeaderMap, Json(body): Json<Value>) -> 
     .into_response()
 }
 
-async fn predict(State(s): Shared, headers: HeaderMap, Path(model): Path<String>, Json(body): Json<Value>) -> Response {
-    let mut s = s.lock().unwrap();
-    hit(&mut s, format!("submit {model}"));
-    if let Some(r) = refuse_or_fail(&mut s, &headers) {
-        return r;
-    }
+async fn predict(State(state): Shared, headers: HeaderMap, Path(model): Path<String>, Json(body): Json<Value>) -> Response {
     let input = body["input"].clone();
-    let kind = input["kind"].as_str().unwrap_or("").to_string();
-    let id = new_task(&mut s, &kind, input);
+    let id = {
+        let mut s = state.lock().unwrap();
+        hit(&mut s, format!("submit {model}"));
+        if let Some(r) = refuse_or_fail(&mut s, &headers) {
+            return r;
+        }
+        let kind = input["kind"].as_str().unwrap_or("").to_string();
+        new_task(&mut s, &headers, &kind, input.clone())
+    };
+    stall(&state, &input).await;
     Json(json!({"id": id, "status": "starting", "urls": {"get": format!("/r/predictions/{id}")}})).into_response()
 }
 
