@@ -105,7 +105,10 @@ async fn the_twilio_websocket_transport_plays_the_provider_and_measures_agent_ca
         &server,
         &key,
         sip_port,
-        &["--transport", "twilio", "--calls", "3", "--concurrency", "3", "--cps", "20", "--duration", "90s", "--utterance", "What are your opening hours?"],
+        &[
+            "--transport", "twilio", "--calls", "3", "--concurrency", "3", "--cps", "20", "--duration", "90s", "--reply-timeout", "40s",
+            "--utterance", "What are your opening hours?", "--utterance", "Thank you.",
+        ],
     );
     let summary = &report["summary"];
     assert_eq!((summary["placed"].as_u64(), summary["answered"].as_u64()), (Some(3), Some(3)), "{summary}");
@@ -119,6 +122,9 @@ async fn the_twilio_websocket_transport_plays_the_provider_and_measures_agent_ca
         assert_eq!((record["carrier"].as_str(), record["status"].as_str()), (Some("twilio"), Some("completed")), "{record}");
     }
     assert!(summary["metrics"]["voice_to_voice_ms"]["n"].as_u64().is_some_and(|n| n >= 1), "no turn was answered: {summary}");
+    // The first answers were heard to their end (the second ones are cut by the hang-up).
+    let gap = &summary["metrics"]["reply_longest_gap_ms"];
+    assert!(gap["n"].as_u64().is_some_and(|n| n >= 1) && gap["max"].as_f64().is_some_and(|ms| ms > 0.0 && ms < 800.0), "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

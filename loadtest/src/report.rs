@@ -276,6 +276,7 @@ fn summarise(mode: Mode, calls: &[CallRecord], timeline: &[Sample]) -> Summary {
     add("greeting_ms", heard.iter().filter_map(|h| h.greeting_ms).collect());
     add(turn_metric(mode), turns().filter_map(|t| t.latency_ms).collect());
     add("barge_in_stop_ms", turns().filter_map(|t| t.barge_in_stop_ms).collect());
+    add("reply_longest_gap_ms", turns().filter_map(|t| t.longest_gap_ms).collect());
     add("call_jitter_ms", heard.iter().map(|h| h.rtp.jitter_ms).collect());
     let mut rtp = RtpTotals::default();
     for h in &heard {
@@ -428,7 +429,7 @@ mod tests {
             turns: latencies
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| Turn { turn: i as u32 + 1, latency_ms: (l > 0.0).then_some(l), barge_in_stop_ms: None, at_ms: 1000.0 * i as f64 })
+                .map(|(i, &l)| Turn { turn: i as u32 + 1, latency_ms: (l > 0.0).then_some(l), barge_in_stop_ms: None, longest_gap_ms: None, at_ms: 1000.0 * i as f64 })
                 .collect(),
             rtp: RtpQuality { packets_received: 1000 - lost, lost, ..RtpQuality::default() },
             ended_by: "caller".into(),

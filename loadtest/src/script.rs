@@ -48,6 +48,11 @@ pub struct Turn {
     /// We interrupted the previous answer with this utterance: our first
     /// packet -> the agent's last packet before it went quiet.
     pub barge_in_stop_ms: Option<f64>,
+    /// Agent mode, an answer heard to its end: the longest silence between
+    /// two of its loud packets (shorter than `--quiet`, which ends the
+    /// answer). Words and sentence breaks leave a few hundred ms; more is
+    /// the agent's next piece not being ready in time.
+    pub longest_gap_ms: Option<f64>,
     /// When the turn's latency was measured, from the start of the run.
     pub at_ms: f64,
 }
@@ -152,6 +157,7 @@ impl Script {
                 turn: i as u32 + 1,
                 latency_ms: reply.map(|at| ms(at - end)),
                 barge_in_stop_ms,
+                longest_gap_ms: None,
                 at_ms: ms(Instant::now() - epoch),
             });
             let Some(reply_at) = reply else { continue };
@@ -166,6 +172,9 @@ impl Script {
             }
             if !interrupting {
                 line.wait_quiet(self.quiet, Instant::now() + self.reply_timeout * 3).await?;
+                if let Some(t) = heard.turns.last_mut() {
+                    t.longest_gap_ms = line.ear.longest_gap_since(reply_at).map(ms);
+                }
             }
         }
         Ok(())
@@ -179,7 +188,13 @@ impl Script {
             turn += 1;
             let (start, _) = line.speak(&self.audio[0]).await?;
             let echo = line.wait_loud_since(start, start + BURST_EVERY).await?;
-            heard.turns.push(Turn { turn, latency_ms: echo.map(|at| ms(at - start)), barge_in_stop_ms: None, at_ms: ms(Instant::now() - epoch) });
+            heard.turns.push(Turn {
+                turn,
+                latency_ms: echo.map(|at| ms(at - start)),
+                barge_in_stop_ms: None,
+                longest_gap_ms: None,
+                at_ms: ms(Instant::now() - epoch),
+            });
             line.listen_until(next).await?;
         }
         Ok(())
@@ -239,6 +254,13 @@ impl Ear {
     /// The agent was heard within the last [`BARGE_GAP`].
     fn talking(&self, now: Instant) -> bool {
         self.last_loud().is_some_and(|t| now.saturating_duration_since(t) < BARGE_GAP)
+    }
+
+    /// The longest time between two loud arrivals since `from` (None with
+    /// fewer than two).
+    fn longest_gap_since(&self, from: Instant) -> Option<Duration> {
+        let heard = self.loud.iter().skip_while(|t| **t < from);
+        heard.clone().zip(heard.skip(1)).map(|(a, b)| *b - *a).max()
     }
 
     /// The last loud arrival in `[from, to]` that starts a gap of at least
@@ -365,6 +387,20 @@ mod tests {
         }
         assert_eq!(ear.last_loud_between(at(500), at(1200)), Some(at(560)));
         assert_eq!(ear.last_loud_between(at(600), at(800)), None, "it had stopped already");
+    }
+
+    #[test]
+    fn the_longest_gap_is_measured_inside_the_answer_only() {
+        let mut ear = Ear::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Our utterance's echo ends at 100; the answer plays 1000-1400, stalls, goes on 2100-2500.
+        for t in (0..=100).step_by(20).chain((1000..=1400).step_by(20)).chain((2100..=2500).step_by(20)) {
+            ear.hear(&frame(at(t), 5000));
+        }
+        assert_eq!(ear.longest_gap_since(at(1000)), Some(Duration::from_millis(700)));
+        assert_eq!(ear.longest_gap_since(at(2100)), Some(Duration::from_millis(20)));
+        assert_eq!(ear.longest_gap_since(at(2500)), None, "one packet has no gap");
     }
 
     #[test]
