@@ -368,8 +368,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("voxgate.toml", "[calls.turn]\npause_ms = 60\n")?;
             jail.set_env("VOXGATE_CALLS__TURN__END_SILENCE_MS", "700");
+            jail.set_env("VOXGATE_CALLS__TURN__FIRST_PIECE_WORDS", "3");
             let turn = Config::load(Path::new("voxgate.toml")).unwrap().calls.turn;
-            assert_eq!((turn.pause_ms, turn.end_silence_ms, turn.early_end_silence_ms), (60, 700, 240));
+            assert_eq!((turn.pause_ms, turn.end_silence_ms, turn.early_end_silence_ms, turn.first_piece_words), (60, 700, 240, 3));
             Ok(())
         });
         figment::Jail::expect_with(|jail| {

@@ -2,16 +2,12 @@
 //! sentences, and the first phrase early so that the agent starts speaking
 //! before its first sentence is finished.
 
-/// The first piece may end at a comma once it has this many words.
+/// The first piece may end at a comma once it has this many words (or the
+/// first phrase's, when that is fewer).
 const FIRST_CLAUSE_WORDS: usize = 3;
-/// Without a comma, the first piece ends before a word that opens a phrase
-/// ("to", "with", "and"...) once it has this many words, or after
-/// `FIRST_PHRASE_MAX_WORDS` (fewer when the last of them leans on the next:
-/// "the", "of", "our"...): the caller waits in silence for the first
-/// piece, its words are written one token at a time, and its synthesis
-/// takes as long as its audio.
-const FIRST_PHRASE_WORDS: usize = 4;
-const FIRST_PHRASE_MAX_WORDS: usize = 6;
+/// Words a first phrase may add to its minimum so as not to end on a word
+/// that leans on the next.
+const FIRST_PHRASE_SLACK: usize = 2;
 /// A piece never grows past this many characters (cut at a space).
 const MAX_CHARS: usize = 160;
 
@@ -42,13 +38,24 @@ impl Piece {
     }
 }
 
-#[derive(Default)]
+/// Without a comma, the first piece ends before a word that opens a phrase
+/// ("to", "with", "and"...) once it has `first_words` words, or after
+/// `first_words` + [`FIRST_PHRASE_SLACK`] (fewer when the last of them
+/// leans on the next: "the", "of", "our"...): the caller waits in silence
+/// for the first piece, its words are written one token at a time, and its
+/// synthesis takes as long as its audio.
 pub struct SentenceChunker {
     buf: String,
     emitted: usize,
+    first_words: usize,
 }
 
 impl SentenceChunker {
+    /// A chunker whose first phrase has at least `first_words` words (1 or more).
+    pub fn new(first_words: usize) -> SentenceChunker {
+        SentenceChunker { buf: String::new(), emitted: 0, first_words: first_words.max(1) }
+    }
+
     /// Adds `text`; returns the pieces it completed.
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.buf.push_str(text);
@@ -86,10 +93,10 @@ impl SentenceChunker {
     }
 
     /// The end of the first phrase of a sentence still without a comma:
-    /// before the first phrase opener once `FIRST_PHRASE_WORDS` words are
-    /// said, else after `FIRST_PHRASE_MAX_WORDS` words less those at the end
-    /// that lean on the next. Only whole words count (a word is whole once
-    /// the space after it has arrived).
+    /// before the first phrase opener once `first_words` words are said,
+    /// else after `first_words` + [`FIRST_PHRASE_SLACK`] words less those at
+    /// the end that lean on the next. Only whole words count (a word is
+    /// whole once the space after it has arrived).
     fn first_phrase(&self) -> Option<usize> {
         // (end, leans on the next word) of each whole word.
         let mut words: Vec<(usize, bool)> = Vec::new();
@@ -98,12 +105,12 @@ impl SentenceChunker {
             if c.is_whitespace() {
                 if let Some(start) = word_start.take() {
                     let word = self.buf[start..pos].trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-                    if words.len() >= FIRST_PHRASE_WORDS && PHRASE_OPENERS.contains(&word.as_str()) {
+                    if words.len() >= self.first_words && PHRASE_OPENERS.contains(&word.as_str()) {
                         return Some(start);
                     }
                     words.push((pos, LEANING.contains(&word.as_str())));
-                    if words.len() >= FIRST_PHRASE_MAX_WORDS {
-                        let keep = words.iter().rposition(|w| !w.1).map_or(0, |i| i + 1).max(FIRST_PHRASE_WORDS);
+                    if words.len() >= self.first_words + FIRST_PHRASE_SLACK {
+                        let keep = words.iter().rposition(|w| !w.1).map_or(0, |i| i + 1).max(self.first_words);
                         return Some(words[keep - 1].0);
                     }
                 }
@@ -130,7 +137,7 @@ impl SentenceChunker {
             if c == '\n' && words(&self.buf[..end]) >= 1 {
                 return Some(end);
             }
-            if self.emitted == 0 && matches!(c, ',' | ';' | ':') && next.is_whitespace() && words(&self.buf[..end]) >= FIRST_CLAUSE_WORDS {
+            if self.emitted == 0 && matches!(c, ',' | ';' | ':') && next.is_whitespace() && words(&self.buf[..end]) >= FIRST_CLAUSE_WORDS.min(self.first_words) {
                 return Some(end);
             }
         }
@@ -171,7 +178,7 @@ mod tests {
     use super::*;
 
     fn pieces(tokens: &[&str]) -> Vec<Piece> {
-        let mut c = SentenceChunker::default();
+        let mut c = SentenceChunker::new(4);
         let mut out: Vec<Piece> = tokens.iter().flat_map(|t| c.push(t)).collect();
         out.extend(c.finish());
         out
@@ -212,11 +219,29 @@ mod tests {
     }
 
     #[test]
+    fn a_shorter_first_phrase_is_cut_sooner_and_the_rest_is_unchanged() {
+        let text = "We're happy to assist you with any questions or concerns. If you need a time, ask.";
+        let mut c = SentenceChunker::new(2);
+        let mut out: Vec<Piece> = words_of(text).iter().flat_map(|t| c.push(t)).collect();
+        out.extend(c.finish());
+        let expected = [("We're happy", true), ("to assist you with any questions or concerns.", false), ("If you need a time, ask.", false)];
+        assert_eq!(out, expected.map(|(t, c)| Piece { text: t.into(), continues: c }));
+        let first = |text: &str| {
+            let mut c = SentenceChunker::new(2);
+            words_of(text).iter().flat_map(|t| c.push(t)).next().unwrap().text
+        };
+        assert_eq!(first("Yes absolutely we certainly do welcome them."), "Yes absolutely we certainly");
+        assert_eq!(first("Yes we are the best clinic."), "Yes we", "not ending on \"are the\"");
+        assert_eq!(first("Sure, we open at nine."), "Sure, we open", "a one-word clause is not a piece");
+        assert_eq!(first("Yes, we do, at nine."), "Yes, we do,");
+    }
+
+    #[test]
     fn short_sentences_are_not_cut_and_a_word_is_judged_whole() {
         // Four words and the opener, but the sentence ends first.
         assert_eq!(feed(&["We", " are", " open", " until", " nine."]), vec!["We are open until nine."]);
         // "to" is not yet a word: it may still become "today".
-        let mut c = SentenceChunker::default();
+        let mut c = SentenceChunker::new(4);
         assert!(c.push("Sure thing we can see to").is_empty());
         assert_eq!(c.push("day at nine."), vec![Piece { text: "Sure thing we can see today".into(), continues: true }]);
     }

@@ -1090,7 +1090,7 @@ impl ReplyJob {
         let started = Instant::now();
         let generation = self.generate(text_tx, hold_rx);
         let speak = async {
-            let mut chunker = SentenceChunker::default();
+            let mut chunker = SentenceChunker::new(self.config.turn.first_piece_words as usize);
             let mut first = true;
             let mut cut_one = false;
             let mut spoken = false;

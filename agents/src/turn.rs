@@ -31,6 +31,13 @@ pub struct TurnConfig {
     /// Costs wasted LLM work (tokens, with a paid remote model) whenever the
     /// caller goes on after a pause.
     pub speculate: bool,
+    /// Words in the first piece of a reply that has no comma early on (it
+    /// may grow by two to avoid ending on "the", "of"...). The caller hears
+    /// nothing until that piece is written and synthesized; fewer words
+    /// answer sooner, but the rest of the sentence must then be ready by the
+    /// time those few words have played. 2 answered ~120 ms sooner than 4
+    /// at p50 with no longer gaps inside the reply (docs/BENCHMARKS.md).
+    pub first_piece_words: u32,
 }
 
 impl Default for TurnConfig {
@@ -43,6 +50,7 @@ impl Default for TurnConfig {
             backchannel_max_ms: 600,
             preroll_ms: 200,
             speculate: true,
+            first_piece_words: 2,
         }
     }
 }
@@ -62,6 +70,9 @@ impl TurnConfig {
         within("pause_ms", self.pause_ms, 40, self.early_end_silence_ms)?;
         within("backchannel_max_ms", self.backchannel_max_ms, 0, 5_000)?;
         within("preroll_ms", self.preroll_ms, 0, 1_000)?;
+        if !(2..=8).contains(&self.first_piece_words) {
+            return Err(format!("first_piece_words must be 2-8 (got {})", self.first_piece_words));
+        }
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
             return Err(format!("threshold must be between 0 and 1 (got {})", self.threshold));
         }
@@ -129,6 +140,7 @@ mod tests {
         assert_eq!(bad(|c| c.pause_ms = 300), "pause_ms must be 40-240 ms (got 300)");
         assert_eq!(bad(|c| c.early_end_silence_ms = 600), "early_end_silence_ms must be 40-500 ms (got 600)");
         assert_eq!(bad(|c| c.end_silence_ms = 50), "end_silence_ms must be 100-5000 ms (got 50)");
+        assert_eq!(bad(|c| c.first_piece_words = 1), "first_piece_words must be 2-8 (got 1)");
         assert_eq!(bad(|c| c.threshold = 1.0), "threshold must be between 0 and 1 (got 1)");
         assert_eq!(bad(|c| c.threshold = f32::NAN), "threshold must be between 0 and 1 (got NaN)");
     }
