@@ -128,7 +128,8 @@ impl Asr {
         };
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         let threads = self.threads.take(threads);
-        params.set_n_threads(threads.n as i32);
+        let n_threads = threads.n;
+        params.set_n_threads(n_threads as i32);
         params.set_language(Some(language));
         params.set_no_context(true);
         params.set_no_timestamps(true);
@@ -187,7 +188,7 @@ impl Asr {
         drop(idle);
         let confidence = if p_n == 0 { 0.0 } else { p_sum / p_n as f32 };
         let text = collapse_repeats(&clean(&text));
-        tracing::debug!(samples = pcm.len(), elapsed_ms = started.elapsed().as_millis() as u64, confidence, text = %text, "transcribed");
+        tracing::debug!(samples = pcm.len(), threads = n_threads, elapsed_ms = started.elapsed().as_millis() as u64, confidence, text = %text, "transcribed");
         Ok((text, confidence))
     }
 }

@@ -442,7 +442,7 @@ impl Core {
                         self.answered = true;
                         deadline = self.config.max_duration.map(|d| tokio::time::Instant::now() + d);
                         self.start_greeting();
-                        true
+                        self.play_first_frame().await
                     }
                     Some(Input::Close(line)) => {
                         self.begin_closing(line).await;
@@ -450,7 +450,7 @@ impl Core {
                     }
                     None => break,
                 },
-                Some(w) = self.work_rx.recv() => self.on_work(w).await,
+                Some(w) = self.work_rx.recv() => self.on_work(w).await && self.play_first_frame().await,
                 _ = max_duration => {
                     let _ = self.events.send(AgentEvent::Hangup(HangupReason::MaxDuration)).await;
                     false
@@ -1030,6 +1030,19 @@ impl Core {
             self.emit(AgentEvent::TurnMetrics(m)).await;
         }
         self.maybe_finish_reply().await
+    }
+
+    /// Sends the first frame of what the agent says as soon as its audio is
+    /// here. The caller's frames pace the rest, but the next of them is up to
+    /// 20 ms away, and the media leg then holds the frame for its next tick:
+    /// sent now, it is on the wire ~20 ms sooner, and the frames after it
+    /// still go one per caller frame.
+    async fn play_first_frame(&mut self) -> bool {
+        let due = !self.paused && !self.queue.is_empty() && self.reply.as_ref().is_some_and(|r| r.started_ms.is_none());
+        if due {
+            return self.play_frame().await;
+        }
+        true
     }
 
     async fn maybe_finish_reply(&mut self) -> bool {

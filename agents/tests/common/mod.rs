@@ -114,6 +114,18 @@ impl Caller {
         self.push(&vec![0.0; ms * 16]).await;
     }
 
+    /// Waits up to `max` for the session's next event, sending no audio;
+    /// logs it and says whether one came.
+    pub async fn wait_without_audio(&mut self, max: Duration) -> bool {
+        match tokio::time::timeout(max, self.events.recv()).await {
+            Ok(Some(e)) => {
+                self.log.push((self.frames_pushed, e));
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn drain(&mut self) {
         while let Ok(e) = self.events.try_recv() {
             self.log.push((self.frames_pushed, e));
