@@ -103,8 +103,7 @@ fn tts(paths: &ModelPaths, reps: usize) {
     println!("\n### TTS: Piper en_US-joe-medium (ONNX Runtime), whole piece (median of {reps})\n");
     println!("| piece | audio | intra-op threads | espeak-ng phonemes | synthesis (= first audio) | RTF |");
     println!("|---|---|---|---|---|---|");
-    ort::init_from(paths.onnxruntime.display().to_string()).commit().expect("ONNX Runtime (scripts/setup)");
-    let piper = Piper::load(&paths.piper, &paths.piper_config, 1, 2).expect("Piper voice (scripts/setup)");
+    let piper = Piper::load_installed(&paths.dir, 2).expect("Piper voice and ONNX Runtime (scripts/setup)");
     for threads in [1, 2] {
         let wide = threads > 1;
         piper.synthesize(PIECES[0], 1.0, wide).expect("warm-up synthesis");

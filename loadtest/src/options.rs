@@ -82,12 +82,25 @@ pub struct Options {
     pub llm_model: String,
 
     /// What the caller says, one turn each, in order (repeat the option).
-    /// Synthesized once with espeak-ng.
+    /// Synthesized once, in `--caller-voice`.
     #[arg(long = "utterance", default_values_t = [
         "What are your opening hours?".to_string(),
         "Can I book an appointment for Tuesday?".to_string(),
     ])]
     pub utterances: Vec<String>,
+
+    /// The caller's voice. `espeak`: espeak-ng (the same audio every run,
+    /// but robotic: Whisper tiny.en mishears some of it over the phone, so
+    /// the agent may answer another question). `piper`: the Piper voice
+    /// of voxgate's models (`--models-dir`), which an ASR hears as it
+    /// would a person; it varies a little from run to run.
+    #[arg(long, value_enum, default_value_t = CallerVoice::Espeak)]
+    pub caller_voice: CallerVoice,
+
+    /// voxgate's models directory (`scripts/setup` fills it), for
+    /// `--caller-voice piper`.
+    #[arg(long, default_value = "models")]
+    pub models_dir: PathBuf,
 
     /// Interrupt each agent answer this long after it starts (with the next
     /// utterance) and measure how fast the agent stops talking.
@@ -148,6 +161,13 @@ pub struct Options {
 pub enum Mode {
     Agent,
     Media,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallerVoice {
+    Espeak,
+    Piper,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -243,6 +263,9 @@ mod tests {
         assert_eq!(o.utterances.len(), 2);
         assert_eq!(o.ring, Duration::from_millis(500));
         assert_eq!(o.transport, Transport::Sip);
+        assert_eq!(o.caller_voice, CallerVoice::Espeak);
+        assert_eq!(parse(&["--caller-voice", "piper"]).caller_voice, CallerVoice::Piper);
+        assert!(Options::try_parse_from(["x", "--api-key", "k", "--caller-voice", "kokoro"]).is_err());
         assert_eq!(parse(&["--transport", "twilio"]).transport.provider().map(|p| p.as_str()), Some("twilio"));
     }
 

@@ -181,6 +181,7 @@ impl Report {
             ("ring", humantime::format_duration(o.ring).to_string()),
             ("hold", humantime::format_duration(o.hold).to_string()),
             ("utterances", o.utterances.join(" | ")),
+            ("caller_voice", format!("{:?}", o.caller_voice).to_lowercase()),
             ("barge_in_after", o.barge_in_after.map_or("-".into(), |d| humantime::format_duration(d).to_string())),
         ]);
         let summary = summarise(o.mode, &calls, &timeline);

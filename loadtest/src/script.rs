@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use voxgate_agents::tts::Piper;
 use voxgate_media::session::{AudioFrame, MediaEvent, PIPELINE_RATE};
 use voxgate_sip::{Call, CallEvent, Outcome};
 
-use crate::options::{Mode, Options};
+use crate::options::{CallerVoice, Mode, Options};
 
 /// Mean absolute sample value above which a 20 ms frame is speech (about
 /// -38 dBFS; digital silence decodes to 0, speech runs in the thousands).
@@ -96,18 +97,32 @@ enum Input {
 }
 
 impl Script {
-    /// Synthesizes the utterances once (espeak-ng), or makes the tone.
+    /// Synthesizes the utterances once (in the caller's voice), or makes
+    /// the tone.
     pub async fn prepare(o: &Options) -> anyhow::Result<Script> {
         let audio = match o.mode {
             Mode::Agent => {
-                let mut audio = Vec::new();
-                for text in o.utterances.iter().filter(|u| !u.trim().is_empty()) {
-                    // A turn is timed from the caller's last sound, not
-                    // from the end of the silence espeak-ng adds after it.
-                    let pcm = voxgate_agents::tts::espeak(text, "en-us", 1.0).await?;
-                    audio.push(voxgate_agents::tts::trim_to_sound(pcm));
-                }
-                audio
+                let texts: Vec<String> = o.utterances.iter().filter(|u| !u.trim().is_empty()).cloned().collect();
+                let spoken = match o.caller_voice {
+                    CallerVoice::Espeak => {
+                        let mut spoken = Vec::new();
+                        for text in &texts {
+                            spoken.push(voxgate_agents::tts::espeak(text, "en-us", 1.0).await?);
+                        }
+                        spoken
+                    }
+                    CallerVoice::Piper => {
+                        let dir = o.models_dir.clone();
+                        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<i16>>> {
+                            let piper = Piper::load_installed(&dir, 1)?;
+                            Ok(texts.iter().map(|t| piper.synthesize(t, 1.0, false)).collect::<Result<_, _>>()?)
+                        })
+                        .await??
+                    }
+                };
+                // A turn is timed from the caller's last sound, not from
+                // the end of the silence the voice adds after it.
+                spoken.into_iter().map(voxgate_agents::tts::trim_to_sound).collect()
             }
             Mode::Media => vec![tone(BURST)],
         };
@@ -409,5 +424,27 @@ mod tests {
         assert_eq!(t.len(), 3200);
         let mut ear = Ear::default();
         assert!(ear.hear(&AudioFrame { pcm: t[..320].to_vec(), received_at: Some(Instant::now()) }).is_some());
+    }
+
+    fn options(args: &[&str]) -> Options {
+        use clap::Parser;
+        Options::try_parse_from([&["voxgate-loadtest", "--api-key", "k"], args].concat()).expect("parses")
+    }
+
+    #[tokio::test]
+    async fn the_caller_can_speak_in_the_piper_voice_of_the_models_dir() {
+        let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+        let o = options(&["--caller-voice", "piper", "--models-dir", models, "--utterance", "What are your opening hours?"]);
+        let script = Script::prepare(&o).await.expect("the Piper voice (scripts/setup)");
+        assert_eq!(script.audio.len(), 1);
+        let speech = &script.audio[0];
+        let secs = speech.len() as f64 / f64::from(PIPELINE_RATE);
+        assert!((0.8..3.0).contains(&secs), "{secs:.2} s for five words");
+        // Trimmed to its sound: a turn is timed from the last of it.
+        assert!(speech[speech.len() - 160..].iter().any(|s| *s != 0), "ends in silence");
+
+        let o = options(&["--caller-voice", "piper", "--models-dir", "/nonexistent/models"]);
+        let err = Script::prepare(&o).await.err().expect("no voice there").to_string();
+        assert!(err.contains("scripts/setup"), "{err}");
     }
 }

@@ -59,6 +59,23 @@ fn ort_err(e: ort::Error) -> AgentError {
 }
 
 impl Piper {
+    /// The voice `scripts/setup` installed in `models_dir`, with the ONNX
+    /// Runtime library found there: for a tool that speaks without the
+    /// rest of the engines.
+    pub fn load_installed(models_dir: &Path, wide_threads: usize) -> Result<Self, AgentError> {
+        let paths = crate::models::ModelPaths::new(models_dir);
+        // Checked first: `ort` panics on a library it cannot open.
+        for file in [&paths.onnxruntime, &paths.piper, &paths.piper_config] {
+            if !file.is_file() {
+                return Err(AgentError::Unavailable(format!("{} is missing; run scripts/setup", file.display())));
+            }
+        }
+        ort::init_from(paths.onnxruntime.display().to_string())
+            .commit()
+            .map_err(|e| AgentError::Unavailable(format!("ONNX Runtime ({}): {e}", paths.onnxruntime.display())))?;
+        Piper::load(&paths.piper, &paths.piper_config, 1, wide_threads)
+    }
+
     /// Loads the voice; `instances` single-threaded sessions for that many
     /// concurrent syntheses, and one on `wide_threads` threads when that is
     /// more than one.
