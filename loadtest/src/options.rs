@@ -92,8 +92,8 @@ pub struct Options {
     /// The caller's voice. `espeak`: espeak-ng (the same audio every run,
     /// but robotic: Whisper tiny.en mishears some of it over the phone, so
     /// the agent may answer another question). `piper`: the Piper voice
-    /// of voxgate's models (`--models-dir`), which an ASR hears as it
-    /// would a person; it varies a little from run to run.
+    /// of voxgate's models (`--models-dir`), which Whisper hears far
+    /// better; it varies a little from run to run.
     #[arg(long, value_enum, default_value_t = CallerVoice::Espeak)]
     pub caller_voice: CallerVoice,
 
