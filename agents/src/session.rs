@@ -273,7 +273,7 @@ struct Reply {
     /// When its work began (`started_ms` is when it began to play).
     spawned_at: Instant,
     metrics: TurnMetrics,
-    sent_first_frame: bool,
+    /// When its first frame was sent (on the session's sample clock).
     started_ms: Option<u64>,
     /// Not yet in the history (greetings are added when they start).
     record: bool,
@@ -296,7 +296,6 @@ impl Reply {
             end_of_speech,
             spawned_at: Instant::now(),
             metrics,
-            sent_first_frame: false,
             started_ms: None,
             record: true,
             ends_call: false,
@@ -1015,9 +1014,6 @@ impl Core {
             r.played += n;
             if r.started_ms.is_none() {
                 r.started_ms = Some(now_ms);
-            }
-            if !r.sent_first_frame {
-                r.sent_first_frame = true;
                 if let Some(eos) = r.end_of_speech {
                     r.metrics.voice_to_voice_ms = ms_between(eos, Instant::now());
                     r.metrics.reply_start_ms = ms_between(eos, r.spawned_at);

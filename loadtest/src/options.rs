@@ -249,10 +249,11 @@ impl Options {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Options {
+    /// `args` after the program name and an API key, parsed.
+    pub(crate) fn parse(args: &[&str]) -> Options {
         Options::try_parse_from([&["voxgate-loadtest", "--api-key", "k"], args].concat()).expect("parses")
     }
 

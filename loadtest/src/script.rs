@@ -374,6 +374,7 @@ impl Line<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::tests::parse;
 
     fn frame(at: Instant, level: i16) -> AudioFrame {
         AudioFrame { pcm: vec![level; 320], received_at: Some(at) }
@@ -426,15 +427,10 @@ mod tests {
         assert!(ear.hear(&AudioFrame { pcm: t[..320].to_vec(), received_at: Some(Instant::now()) }).is_some());
     }
 
-    fn options(args: &[&str]) -> Options {
-        use clap::Parser;
-        Options::try_parse_from([&["voxgate-loadtest", "--api-key", "k"], args].concat()).expect("parses")
-    }
-
     #[tokio::test]
     async fn the_caller_can_speak_in_the_piper_voice_of_the_models_dir() {
         let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
-        let o = options(&["--caller-voice", "piper", "--models-dir", models, "--utterance", "What are your opening hours?"]);
+        let o = parse(&["--caller-voice", "piper", "--models-dir", models, "--utterance", "What are your opening hours?"]);
         let script = Script::prepare(&o).await.expect("the Piper voice (scripts/setup)");
         assert_eq!(script.audio.len(), 1);
         let speech = &script.audio[0];
@@ -443,7 +439,7 @@ mod tests {
         // Trimmed to its sound: a turn is timed from the last of it.
         assert!(speech[speech.len() - 160..].iter().any(|s| *s != 0), "ends in silence");
 
-        let o = options(&["--caller-voice", "piper", "--models-dir", "/nonexistent/models"]);
+        let o = parse(&["--caller-voice", "piper", "--models-dir", "/nonexistent/models"]);
         let err = Script::prepare(&o).await.err().expect("no voice there").to_string();
         assert!(err.contains("scripts/setup"), "{err}");
     }
