@@ -37,10 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_exceptions(config.ssrf.allow_networks.clone(), config.ssrf.allow_http_in_allowed_networks);
     let engines = SpeechEngines::new(config.agents.clone());
     if config.calls.preload_models {
-        let engines = engines.clone();
-        tokio::spawn(async move {
-            let _ = engines.get().await;
-        });
+        engines.start_loading();
     }
     let (sip, inbound) = SipAgent::start(config.sip.clone(), shutdown.child_token())
         .await

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::error::ErrorBody;
 use crate::state::AppState;
+use crate::voice::engines::Readiness;
 use crate::Error;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -29,15 +30,19 @@ pub async fn health() -> Json<Status> {
     Json(Status { status: "ok" })
 }
 
-/// Readiness: the database answers.
+/// Readiness: the database answers, and the speech models are not being
+/// loaded (a call placed meanwhile would wait for them; a process whose load
+/// failed still serves everything but voice agents, which say why).
 #[utoipa::path(get, path = "/ready", tag = "system",
     responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.db.ping().await {
-        Json(Status { status: "ready" }).into_response()
-    } else {
-        Error::Unavailable("database unreachable".into()).into_response()
+    if !state.db.ping().await {
+        return Error::Unavailable("database unreachable".into()).into_response();
     }
+    if state.engines.readiness() == Readiness::Loading {
+        return Error::Unavailable("the speech models are loading".into()).into_response();
+    }
+    Json(Status { status: "ready" }).into_response()
 }
 
 /// Prometheus metrics in the text exposition format.

@@ -1,22 +1,43 @@
 //! The speech engines of this process, loaded once (at start-up when
 //! `calls.preload_models`, else at first use) on a blocking thread, and
 //! shared by every agent check and every call.
+//!
+//! The load runs on a task of its own: a request that stops waiting for it
+//! (its client went away, or the request timed out while the cores were busy)
+//! leaves it running, and the next request waits for the same load instead
+//! of starting another.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 use voxgate_agents::{Engines, EnginesConfig};
 
 use crate::{Error, Result};
 
+/// A finished load: the engines, or why they could not be loaded.
+type Loaded = std::result::Result<Arc<Engines>, String>;
+
 pub struct SpeechEngines {
     config: EnginesConfig,
-    loaded: OnceCell<std::result::Result<Arc<Engines>, String>>,
+    /// `None` until the load has finished.
+    loaded: watch::Sender<Option<Loaded>>,
+    started: AtomicBool,
+}
+
+/// Where the load of the models stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Nothing asked for them yet (they load at first use).
+    NotLoaded,
+    Loading,
+    Loaded,
+    Failed,
 }
 
 impl SpeechEngines {
     pub fn new(config: EnginesConfig) -> Arc<Self> {
-        Arc::new(SpeechEngines { config, loaded: OnceCell::new() })
+        Arc::new(SpeechEngines { config, loaded: watch::Sender::new(None), started: AtomicBool::new(false) })
     }
 
     /// Whether `model` is a speech engine of this process (local, or hosted
@@ -25,27 +46,81 @@ impl SpeechEngines {
         self.config.has_tts(model)
     }
 
+    pub fn readiness(&self) -> Readiness {
+        match &*self.loaded.borrow() {
+            Some(Ok(_)) => Readiness::Loaded,
+            Some(Err(_)) => Readiness::Failed,
+            None if self.started.load(Ordering::Acquire) => Readiness::Loading,
+            None => Readiness::NotLoaded,
+        }
+    }
+
+    /// Starts the load unless it has started already.
+    pub fn start_loading(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let config = this.config.clone();
+            let started = std::time::Instant::now();
+            let result = tokio::task::spawn_blocking(move || Engines::load(config))
+                .await
+                .map_err(|e| format!("loader panicked: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match &result {
+                Ok(_) => tracing::info!(ms = started.elapsed().as_millis() as u64, "speech engines loaded"),
+                Err(e) => tracing::error!(error = %e, "speech engines failed to load"),
+            }
+            this.loaded.send_replace(Some(result));
+        });
+    }
+
     /// The engines, loading them on first use. A failed load is remembered
     /// (the models do not appear by themselves) and reported as 503.
-    pub async fn get(&self) -> Result<Arc<Engines>> {
-        let loaded = self
-            .loaded
-            .get_or_init(|| async {
-                let config = self.config.clone();
-                let started = std::time::Instant::now();
-                let result = tokio::task::spawn_blocking(move || Engines::load(config))
-                    .await
-                    .map_err(|e| format!("loader panicked: {e}"))
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                match &result {
-                    Ok(_) => tracing::info!(ms = started.elapsed().as_millis() as u64, "speech engines loaded"),
-                    Err(e) => tracing::error!(error = %e, "speech engines failed to load"),
-                }
-                result
-            })
-            .await;
-        loaded.clone().map_err(|e| {
+    pub async fn get(self: &Arc<Self>) -> Result<Arc<Engines>> {
+        self.start_loading();
+        let mut rx = self.loaded.subscribe();
+        let loaded = match rx.wait_for(Option::is_some).await {
+            Ok(loaded) => loaded.clone().expect("waited for Some"),
+            // The sender lives in `self`, which outlives this call.
+            Err(_) => Err("the loader is gone".to_owned()),
+        };
+        loaded.map_err(|e| {
             Error::Unavailable(format!("voice agents are unavailable: the speech models could not be loaded ({e}); install them with scripts/setup"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn installed() -> EnginesConfig {
+        let dir = std::env::var("VOXGATE_MODELS_DIR").unwrap_or_else(|_| format!("{}/models", env!("CARGO_MANIFEST_DIR")));
+        EnginesConfig { models_dir: dir.into(), ..EnginesConfig::default() }
+    }
+
+    #[tokio::test]
+    async fn a_load_goes_on_when_the_request_waiting_for_it_gives_up() {
+        let engines = SpeechEngines::new(installed());
+        assert_eq!(engines.readiness(), Readiness::NotLoaded);
+        // The models take far longer than a millisecond to load.
+        assert!(tokio::time::timeout(Duration::from_millis(1), engines.get()).await.is_err());
+        assert_eq!(engines.readiness(), Readiness::Loading);
+        let first = engines.get().await.expect("models installed by scripts/setup");
+        assert_eq!(engines.readiness(), Readiness::Loaded);
+        let again = engines.get().await.expect("loaded");
+        assert!(Arc::ptr_eq(&first, &again), "loaded once and shared");
+    }
+
+    #[tokio::test]
+    async fn a_failed_load_is_remembered_and_named() {
+        let engines = SpeechEngines::new(EnginesConfig { models_dir: "/nonexistent/models".into(), ..EnginesConfig::default() });
+        let err = engines.get().await.err().expect("no models there").to_string();
+        assert!(err.contains("scripts/setup"), "{err}");
+        assert_eq!(engines.readiness(), Readiness::Failed);
     }
 }

@@ -235,6 +235,19 @@ impl TestServer {
         self.http.delete(self.url(path)).bearer_auth(key).send().await.expect("request")
     }
 
+    /// Waits until `/ready` answers 200 (the speech models are not loading).
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let resp = self.http.get(self.url("/ready")).send().await.expect("GET /ready");
+            if resp.status() == 200 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "not ready after {within:?}: {}", resp.text().await.unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The server's process id (for tools that sample it).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

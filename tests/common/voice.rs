@@ -21,17 +21,20 @@ pub const RECEPTIONIST: &str = "You are the receptionist of Bright Dental. The o
      Answer in one short sentence.";
 
 /// Creates an agent (Piper + local SmolLM2); returns its id.
+///
+/// The first agent of a server loads its speech models. On a machine busy
+/// with the rest of the suite that can outlast the request's 30 s timeout
+/// (503); the load goes on, so this waits for `/ready` and asks once more,
+/// as a client would.
 pub async fn create_agent(server: &TestServer, key: &str, greeting: &str) -> String {
-    let resp = server
-        .post(
-            "/api/voice-agent/agents",
-            key,
-            json!({"name": "Reception", "systemPrompt": RECEPTIONIST, "greeting": greeting, "ttsModel": "piper", "llmModel": "smollm2-135m"}),
-        )
-        .await;
-    let (status, body) = json(resp).await;
-    assert_eq!(status, 201, "{body}");
-    body["data"]["id"].as_str().expect("id").to_owned()
+    let body = json!({"name": "Reception", "systemPrompt": RECEPTIONIST, "greeting": greeting, "ttsModel": "piper", "llmModel": "smollm2-135m"});
+    let (mut status, mut created) = json(server.post("/api/voice-agent/agents", key, body.clone()).await).await;
+    if status == 503 && created["error"] == "request timed out" {
+        server.wait_ready(Duration::from_secs(120)).await;
+        (status, created) = json(server.post("/api/voice-agent/agents", key, body).await).await;
+    }
+    assert_eq!(status, 201, "{created}");
+    created["data"]["id"].as_str().expect("id").to_owned()
 }
 
 /// Places a call; returns its id.
