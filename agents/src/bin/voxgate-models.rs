@@ -23,7 +23,7 @@ fn step(what: &str, out: &Path, run: impl FnOnce() -> Result<(), voxgate_agents:
 fn prepare_all(dir: &Path) -> Result<(), String> {
     let paths = ModelPaths::new(dir);
     let ct2 = dir.join("asr/tiny.en-ct2");
-    step("Whisper tiny.en: CTranslate2 -> ggml", &paths.whisper, || prepare::whisper::convert(&ct2, &paths.whisper))?;
+    step("Whisper tiny.en: CTranslate2 -> ggml", &paths.whisper, || prepare::whisper::convert(&ct2, &paths.whisper, prepare::whisper::Weights::F16))?;
     let q4 = dir.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf");
     step("SmolLM2-135M-Instruct: Q4_1 -> Q8_0", &paths.llm, || prepare::gguf::requantize_q8_0(&q4, &paths.llm))?;
     let missing = paths.missing();

@@ -4,8 +4,9 @@
 //!
 //! The layout written is the one of whisper.cpp's `convert-pt-to-ggml.py`:
 //! hyper-parameters, the 80-bin mel filterbank, the byte-level vocabulary,
-//! then every tensor under its OpenAI name, f16 for matrices and f32 for
-//! vectors and positional embeddings. CTranslate2 fuses the attention
+//! then every tensor under its OpenAI name, f16 (or, as whisper.cpp's
+//! `quantize` writes them, Q8_0) for matrices and f32 for vectors and
+//! positional embeddings. CTranslate2 fuses the attention
 //! projections (q|k|v in one matrix for self-attention, k|v for
 //! cross-attention), so they are split back here.
 
@@ -118,12 +119,59 @@ impl Ct2Var {
     }
 }
 
-/// A tensor ready to write: f32 values, its shape, and whether to store f16.
+/// How the model's matrices are stored in the ggml file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// 16-bit floats, as `convert-pt-to-ggml.py` writes them.
+    F16,
+    /// ggml's Q8_0 (blocks of 32 int8 with one f16 scale), as whisper.cpp's
+    /// `quantize q8_0` writes them: the convolutions stay f16. Not what
+    /// set-up installs: in calls its decodes were no faster than f16's
+    /// (`examples/whisper_weights.rs`, docs/BENCHMARKS.md session 22).
+    Q8_0,
+}
+
+impl Weights {
+    /// The file's `ftype` (ggml_ftype, with the quantization version
+    /// whisper.cpp's `quantize` adds).
+    fn ftype(self) -> i32 {
+        match self {
+            Weights::F16 => 1,
+            Weights::Q8_0 => 7 + GGML_QNT_VERSION * 1000,
+        }
+    }
+}
+
+/// ggml's quantization format version (ggml.h `GGML_QNT_VERSION`).
+const GGML_QNT_VERSION: i32 = 2;
+
+/// How one tensor is written (ggml_type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    F32 = 0,
+    F16 = 1,
+    Q8_0 = 8,
+}
+
+/// A tensor ready to write: f32 values, its shape, and whether it is one of
+/// the model's weights (stored as `Weights`) rather than a vector.
 struct Out {
     name: String,
     shape: Vec<usize>,
     values: Vec<f32>,
     half: bool,
+}
+
+impl Out {
+    /// whisper.cpp makes every 2-D matrix of the model `wtype` (the file's
+    /// weight type) and the 3-D convolution kernels f16 unless the model is f32.
+    fn stored(&self, weights: Weights) -> Stored {
+        match (self.half, weights) {
+            (false, _) => Stored::F32,
+            (true, Weights::Q8_0) if self.shape.len() == 2 => Stored::Q8_0,
+            (true, _) => Stored::F16,
+        }
+    }
 }
 
 struct Builder<'a> {
@@ -229,8 +277,9 @@ fn unicode_to_byte() -> HashMap<char, u8> {
     bs.into_iter().zip(cs).map(|(b, c)| (char::from_u32(c).expect("valid"), b as u8)).collect()
 }
 
-/// Converts `model_dir` (model.bin, vocabulary.txt) into a ggml file at `out`.
-pub fn convert(model_dir: &Path, out: &Path) -> Result<(), AgentError> {
+/// Converts `model_dir` (model.bin, vocabulary.txt) into a ggml file at
+/// `out`, its matrices stored as `weights`.
+pub fn convert(model_dir: &Path, out: &Path, weights: Weights) -> Result<(), AgentError> {
     let mut bytes = Vec::new();
     std::fs::File::open(model_dir.join("model.bin"))?.read_to_end(&mut bytes)?;
     let vars = read_ct2(&bytes)?;
@@ -259,7 +308,7 @@ pub fn convert(model_dir: &Path, out: &Path) -> Result<(), AgentError> {
         heads("decoder/num_heads")? as i32,
         n_dec as i32,
         n_mels as i32,
-        1, // ftype: mostly f16
+        weights.ftype(),
     ];
 
     let mut b = Builder { vars: &vars, out: Vec::new() };
@@ -322,21 +371,18 @@ pub fn convert(model_dir: &Path, out: &Path) -> Result<(), AgentError> {
     }
     for t in &b.out {
         let name = t.name.as_bytes();
+        let stored = t.stored(weights);
         w.write_all(&(t.shape.len() as i32).to_le_bytes())?;
         w.write_all(&(name.len() as i32).to_le_bytes())?;
-        w.write_all(&(if t.half { 1i32 } else { 0 }).to_le_bytes())?;
+        w.write_all(&(stored as i32).to_le_bytes())?;
         for d in t.shape.iter().rev() {
             w.write_all(&(*d as i32).to_le_bytes())?;
         }
         w.write_all(name)?;
-        if t.half {
-            for v in &t.values {
-                w.write_all(&f16::from_f32(*v).to_le_bytes())?;
-            }
-        } else {
-            for v in &t.values {
-                w.write_all(&v.to_le_bytes())?;
-            }
+        match stored {
+            Stored::F32 => t.values.iter().try_for_each(|v| w.write_all(&v.to_le_bytes()))?,
+            Stored::F16 => t.values.iter().try_for_each(|v| w.write_all(&f16::from_f32(*v).to_le_bytes()))?,
+            Stored::Q8_0 => w.write_all(&q8_0(&t.name, &t.shape, &t.values)?)?,
         }
     }
     w.into_inner().map_err(|e| AgentError::Io(e.into_error()))?.sync_all()?;
@@ -344,9 +390,39 @@ pub fn convert(model_dir: &Path, out: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// A row-major matrix as ggml Q8_0 blocks (the layout is the same in candle
+/// and ggml: each row's values in blocks of 32).
+fn q8_0(name: &str, shape: &[usize], values: &[f32]) -> Result<Vec<u8>, AgentError> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let err = |e: candle_core::Error| bad(format!("{name}: Q8_0: {e}"));
+    let t = candle_core::Tensor::from_slice(values, shape, &candle_core::Device::Cpu).map_err(err)?;
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).map_err(err)?;
+    Ok(q.data().map_err(err)?.into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8_0_blocks_hold_32_values_and_their_scale() {
+        let row: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) / 8.0).collect();
+        let bytes = q8_0("m", &[2, 32], &row).unwrap();
+        assert_eq!(bytes.len(), 2 * 34);
+        // First block: -4.0 ..= -0.125, so the scale is 4/127 and -4.0 is -127.
+        let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+        assert!((d - 4.0 / 127.0).abs() < 1e-4, "{d}");
+        assert_eq!(bytes[2] as i8, -127);
+    }
+
+    #[test]
+    fn only_matrices_are_quantized_and_convolutions_stay_f16() {
+        let out = |shape: Vec<usize>, half| Out { name: "t".into(), shape, values: Vec::new(), half };
+        assert_eq!(out(vec![384, 384], true).stored(Weights::Q8_0), Stored::Q8_0);
+        assert_eq!(out(vec![384, 80, 3], true).stored(Weights::Q8_0), Stored::F16);
+        assert_eq!(out(vec![384], false).stored(Weights::Q8_0), Stored::F32);
+        assert_eq!(out(vec![384, 384], true).stored(Weights::F16), Stored::F16);
+    }
 
     #[test]
     fn mel_filters_match_librosa_shape_and_norm() {
