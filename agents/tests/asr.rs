@@ -16,6 +16,23 @@ fn converted_whisper_transcribes_espeak_speech() {
 }
 
 #[test]
+fn a_q8_0_conversion_loads_and_hears_what_the_f16_one_hears() {
+    use voxgate_agents::prepare::whisper::{convert, Weights};
+    let paths = common::models();
+    let dir = tempfile::tempdir().unwrap();
+    let q8 = dir.path().join("ggml-tiny.en-q8_0.bin");
+    convert(&paths.dir.join("asr/tiny.en-ct2"), &q8, Weights::Q8_0).unwrap();
+    let (q8_size, f16_size) = (std::fs::metadata(&q8).unwrap().len(), std::fs::metadata(&paths.whisper).unwrap().len());
+    assert!(q8_size * 10 < f16_size * 6, "Q8_0 {q8_size} bytes, f16 {f16_size}");
+    let (q8, f16) = (Asr::load(&q8, 1).unwrap(), Asr::load(&paths.whisper, 1).unwrap());
+    for text in ["What are your opening hours?", "I would like to book a table for two people tomorrow evening."] {
+        let pcm = common::speak(text);
+        let (a, b) = (q8.transcribe(&pcm, "en").unwrap(), f16.transcribe(&pcm, "en").unwrap());
+        assert!(common::wer(text, &a) <= 0.10 && common::wer(text, &b) <= 0.10, "{text:?} heard as {a:?} (Q8_0) and {b:?} (f16)");
+    }
+}
+
+#[test]
 fn short_partial_audio_returns_quickly() {
     let paths = common::models();
     let asr = Asr::load(&paths.whisper, 1).unwrap();
