@@ -19,17 +19,7 @@ async fn health_and_ready() {
 #[tokio::test]
 async fn ready_waits_for_the_speech_models_a_server_preloads() {
     let s = TestServer::start_with(&[("VOXGATE_CALLS__PRELOAD_MODELS", "true")]).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let resp = s.http.get(s.url("/ready")).send().await.unwrap();
-        if resp.status() == 200 {
-            break;
-        }
-        let (status, body) = json(resp).await;
-        assert_eq!((status, body["error"].as_str(), body["code"].as_str()), (503, Some("the speech models are loading"), Some("SERVICE_UNAVAILABLE")));
-        assert!(std::time::Instant::now() < deadline, "models still loading after 120 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.wait_ready(Duration::from_secs(120)).await;
     // Ready means loaded: the models list names the local LLM.
     let (_, key) = s.account("pro", 100);
     let (status, body) = json(s.get("/v1/models", &key).await).await;

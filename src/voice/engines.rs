@@ -7,7 +7,6 @@
 //! leaves it running, and the next request waits for the same load instead
 //! of starting another.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -18,17 +17,22 @@ use crate::{Error, Result};
 /// A finished load: the engines, or why they could not be loaded.
 type Loaded = std::result::Result<Arc<Engines>, String>;
 
-pub struct SpeechEngines {
-    config: EnginesConfig,
-    /// `None` until the load has finished.
-    loaded: watch::Sender<Option<Loaded>>,
-    started: AtomicBool,
+/// Where the load of the models stands.
+enum Load {
+    /// Nothing asked for them yet (they load at first use).
+    NotStarted,
+    Running,
+    Done(Loaded),
 }
 
-/// Where the load of the models stands.
+pub struct SpeechEngines {
+    config: EnginesConfig,
+    load: watch::Sender<Load>,
+}
+
+/// What `/ready` needs to know of the load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// Nothing asked for them yet (they load at first use).
     NotLoaded,
     Loading,
     Loaded,
@@ -37,7 +41,7 @@ pub enum Readiness {
 
 impl SpeechEngines {
     pub fn new(config: EnginesConfig) -> Arc<Self> {
-        Arc::new(SpeechEngines { config, loaded: watch::Sender::new(None), started: AtomicBool::new(false) })
+        Arc::new(SpeechEngines { config, load: watch::Sender::new(Load::NotStarted) })
     }
 
     /// Whether `model` is a speech engine of this process (local, or hosted
@@ -47,17 +51,24 @@ impl SpeechEngines {
     }
 
     pub fn readiness(&self) -> Readiness {
-        match &*self.loaded.borrow() {
-            Some(Ok(_)) => Readiness::Loaded,
-            Some(Err(_)) => Readiness::Failed,
-            None if self.started.load(Ordering::Acquire) => Readiness::Loading,
-            None => Readiness::NotLoaded,
+        match &*self.load.borrow() {
+            Load::NotStarted => Readiness::NotLoaded,
+            Load::Running => Readiness::Loading,
+            Load::Done(Ok(_)) => Readiness::Loaded,
+            Load::Done(Err(_)) => Readiness::Failed,
         }
     }
 
     /// Starts the load unless it has started already.
     pub fn start_loading(self: &Arc<Self>) {
-        if self.started.swap(true, Ordering::AcqRel) {
+        let starts = self.load.send_if_modified(|load| {
+            let first = matches!(load, Load::NotStarted);
+            if first {
+                *load = Load::Running;
+            }
+            first
+        });
+        if !starts {
             return;
         }
         let this = self.clone();
@@ -72,7 +83,7 @@ impl SpeechEngines {
                 Ok(_) => tracing::info!(ms = started.elapsed().as_millis() as u64, "speech engines loaded"),
                 Err(e) => tracing::error!(error = %e, "speech engines failed to load"),
             }
-            this.loaded.send_replace(Some(result));
+            this.load.send_replace(Load::Done(result));
         });
     }
 
@@ -80,11 +91,11 @@ impl SpeechEngines {
     /// (the models do not appear by themselves) and reported as 503.
     pub async fn get(self: &Arc<Self>) -> Result<Arc<Engines>> {
         self.start_loading();
-        let mut rx = self.loaded.subscribe();
-        let loaded = match rx.wait_for(Option::is_some).await {
-            Ok(loaded) => loaded.clone().expect("waited for Some"),
+        let mut rx = self.load.subscribe();
+        let loaded = match rx.wait_for(|load| matches!(load, Load::Done(_))).await.as_deref() {
+            Ok(Load::Done(loaded)) => loaded.clone(),
             // The sender lives in `self`, which outlives this call.
-            Err(_) => Err("the loader is gone".to_owned()),
+            _ => Err("the loader is gone".to_owned()),
         };
         loaded.map_err(|e| {
             Error::Unavailable(format!("voice agents are unavailable: the speech models could not be loaded ({e}); install them with scripts/setup"))

@@ -235,7 +235,8 @@ impl TestServer {
         self.http.delete(self.url(path)).bearer_auth(key).send().await.expect("request")
     }
 
-    /// Waits until `/ready` answers 200 (the speech models are not loading).
+    /// Waits until `/ready` answers 200; meanwhile it may only say that the
+    /// speech models are loading.
     pub async fn wait_ready(&self, within: Duration) {
         let deadline = std::time::Instant::now() + within;
         loop {
@@ -243,8 +244,13 @@ impl TestServer {
             if resp.status() == 200 {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "not ready after {within:?}: {}", resp.text().await.unwrap_or_default());
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (status, body) = json(resp).await;
+            assert_eq!(
+                (status, body["error"].as_str(), body["code"].as_str()),
+                (503, Some("the speech models are loading"), Some("SERVICE_UNAVAILABLE"))
+            );
+            assert!(std::time::Instant::now() < deadline, "models still loading after {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
