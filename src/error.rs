@@ -126,7 +126,12 @@ pub struct ErrorBody {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // A 503 tells the client to retry (models loading, a node at its
+        // call limit, an overloaded database): expected under load, and a
+        // readiness probe meets it every few seconds while models load.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %self, code = self.code(), "request refused for now");
+        } else if status.is_server_error() {
             tracing::error!(error = %self, code = self.code(), "request failed");
         }
         let body = ErrorBody { error: self.public_message(), code: self.code().into() };
@@ -191,6 +196,37 @@ mod tests {
             assert_eq!(body.as_object().unwrap().len(), 2);
             assert_eq!(retry_after.is_some(), status == 429);
         }
+    }
+
+    /// The log lines (level and message) `f` writes.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = lines.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_503_is_logged_as_a_warning_and_a_500_as_an_error() {
+        let loading = logged(|| drop(Error::Unavailable("the speech models are loading".into()).into_response()));
+        assert!(loading.contains("WARN") && loading.contains("the speech models are loading"), "{loading}");
+        assert!(!loading.contains("ERROR"), "{loading}");
+        let broken = logged(|| drop(Error::Internal(anyhow::anyhow!("boom")).into_response()));
+        assert!(broken.contains("ERROR") && broken.contains("boom"), "{broken}");
+        assert!(logged(|| drop(Error::not_found("call").into_response())).is_empty());
     }
 
     #[test]
