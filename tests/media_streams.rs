@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::fake_twilio::{FakeTwilio, INVALID_TO};
 use common::stream_phone::{Kind, StreamPhone};
-use common::voice::{balance, create_agent, ended, recall, transcribe, wait_call};
+use common::voice::{balance, create_agent, ended, get_data, recall, transcribe, wait_call};
 use common::{expect_error, json, TestServer};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -204,6 +204,40 @@ async fn malformed_streams_close_with_a_reason_and_cost_nothing_and_bad_urls_are
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(balance(&server, &key).await, 960);
+}
+
+#[tokio::test]
+async fn a_call_admitted_after_its_request_timed_out_is_hung_up_not_left_queued() {
+    let server = TestServer::start_configured("request_timeout_secs = 1\n\n[calls]\necho = true\nstream_connect_secs = 20\n", &[]).await;
+    let (_, key) = server.account("enterprise", 1000);
+    let agent = create_agent(&server, &key, GREETING).await;
+    // Another writer holds the accounts' rows: the admission waits for
+    // them past the request's timeout, and gets them after the client was
+    // told the request failed.
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&server.db.url).await.expect("database");
+    holder.execute("BEGIN").await.unwrap();
+    holder.execute("UPDATE accounts SET calls_lock = calls_lock").await.unwrap();
+    let body = json!({"agentId": agent, "provider": "twilio", "to": "+14155550100", "from": "+14155550123"});
+    let message = expect_error(server.post("/api/voice-agent/calls/stream", &key, body).await, 503, "SERVICE_UNAVAILABLE").await;
+    assert!(message.contains("timed out"), "{message}");
+    holder.execute("COMMIT").await.unwrap();
+    // The admission went on and made the call: with nobody to give its
+    // stream URL to, it is hung up at once rather than left queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        let calls = get_data(&server, &key, "/api/voice-agent/calls").await;
+        if let Some(id) = calls[0]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the admission never finished: {calls}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let call = wait_call(&server, &key, &id, Duration::from_secs(10), ended).await;
+    assert_eq!(call["endReason"], "canceled", "{call:#}");
+    assert_eq!(call["billedMinutes"], 0, "{call:#}");
+    assert_eq!(balance(&server, &key).await, 1000);
 }
 
 #[tokio::test]

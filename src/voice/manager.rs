@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use voxgate_agents::{AgentConfig, AgentEvent, HangupReason, Session, Speaker};
@@ -206,6 +207,38 @@ impl CallManager {
     /// Admits and places an outbound call; returns as soon as the call task
     /// runs (the INVITE leaves from it at once).
     pub async fn place(&self, call: Outbound) -> Result<Placed> {
+        let this = self.clone();
+        self.detached(move |gone| async move { this.place_now(call, gone).await }, |placed| placed).await
+    }
+
+    /// Runs an admission in a task of its own, so that the request which
+    /// asked for it going away (a client that gives up, the request
+    /// timeout) cannot cut it between the call's row and its task: that
+    /// left the call queued for ever. An admission that finds its requester
+    /// gone does not start; one admitted after it left is hung up at once
+    /// (the client was told it failed, and may place it again).
+    async fn detached<T, F>(&self, admission: impl FnOnce(CancellationToken) -> F, placed: fn(&T) -> &Placed) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let gone = CancellationToken::new();
+        let _requester = gone.clone().drop_guard();
+        let (answer, answered) = oneshot::channel();
+        let this = self.clone();
+        let admission = admission(gone);
+        self.inner.tracker.spawn(async move {
+            if let Err(Ok(unwanted)) = answer.send(admission.await) {
+                if let Placed::New { id, .. } = placed(&unwanted) {
+                    tracing::warn!(call_id = %id, "the request that placed this call went away: hanging it up");
+                    this.hangup(*id).await;
+                }
+            }
+        }.instrument(tracing::Span::current()));
+        answered.await.map_err(|_| Error::Internal(anyhow::anyhow!("the call's admission ended without an answer")))?
+    }
+
+    async fn place_now(&self, call: Outbound, gone: CancellationToken) -> Result<Placed> {
         let inner = &self.inner;
         let leg = self.outbound_leg(call.trunk.as_deref(), &call.to)?;
         let new = NewCall {
@@ -224,7 +257,7 @@ impl CallManager {
             node_id: &inner.node_id,
             spender: call.spender,
         };
-        match self.admit_and_run(&call.agent, call.account, new, leg).await? {
+        match self.admit_and_run(&call.agent, call.account, new, leg, &gone).await? {
             Admission::Replayed { id } => Ok(Placed::Replayed { id }),
             Admission::Placed { id, quota } => Ok(Placed::New { id, quota }),
         }
@@ -233,6 +266,11 @@ impl CallManager {
     /// Admits a call that a provider's media stream will bring in, and
     /// returns the stream URL to give the provider.
     pub async fn place_stream(&self, call: StreamCall) -> Result<(Placed, Option<StreamPlaced>)> {
+        let this = self.clone();
+        self.detached(move |gone| async move { this.place_stream_now(call, gone).await }, |(placed, _)| placed).await
+    }
+
+    async fn place_stream_now(&self, call: StreamCall, gone: CancellationToken) -> Result<(Placed, Option<StreamPlaced>)> {
         let inner = &self.inner;
         let new = NewCall {
             account: call.account,
@@ -247,7 +285,7 @@ impl CallManager {
             node_id: &inner.node_id,
             spender: call.spender,
         };
-        match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.kind)).await? {
+        match self.admit_and_run(&call.agent, call.account, new, Leg::Stream(call.kind), &gone).await? {
             Admission::Replayed { id } => Ok((Placed::Replayed { id }, None)),
             Admission::Placed { id, quota } => {
                 let expires = now_ms() / 1000 + inner.streams.connect_timeout().as_secs() as i64;
@@ -281,7 +319,7 @@ impl CallManager {
 
     /// Checks the agent's engines and this node's capacity, admits the call
     /// (credits, quota, idempotency) and starts its task.
-    async fn admit_and_run(&self, agent: &Agent, account: OrgId, new: NewCall<'_>, leg: Leg) -> Result<Admission> {
+    async fn admit_and_run(&self, agent: &Agent, account: OrgId, new: NewCall<'_>, leg: Leg, gone: &CancellationToken) -> Result<Admission> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(Error::Unavailable("this node is shutting down; retry on another".into()));
@@ -300,6 +338,9 @@ impl CallManager {
             Error::Unavailable(format!("this node is at its limit of {} concurrent calls", inner.config.max_concurrent))
         })?;
         let spender = new.spender;
+        if gone.is_cancelled() {
+            return Err(Error::Unavailable("the request went away before the call was admitted".into()));
+        }
         let admission = calls::admit(&inner.db, new, inner.config.hourly_limit, inner.config.credits_per_minute).await?;
         let Admission::Placed { id, .. } = &admission else { return Ok(admission) };
         let id = *id;

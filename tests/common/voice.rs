@@ -48,8 +48,14 @@ pub async fn place_call(server: &TestServer, key: &str, agent: &str) -> String {
 
 /// The call; waits out the read rate limit (20 per 10 s) when polling hits it.
 pub async fn get_call(server: &TestServer, key: &str, id: &str) -> Value {
+    get_data(server, key, &format!("/api/voice-agent/calls/{id}")).await
+}
+
+/// The `data` of a GET that must succeed; waits out the read rate limit
+/// (20 per 10 s) when polling hits it.
+pub async fn get_data(server: &TestServer, key: &str, path: &str) -> Value {
     loop {
-        let resp = server.get(&format!("/api/voice-agent/calls/{id}"), key).await;
+        let resp = server.get(path, key).await;
         if resp.status() == 429 {
             let secs: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
             tokio::time::sleep(Duration::from_secs(secs)).await;
