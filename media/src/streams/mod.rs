@@ -448,11 +448,9 @@ mod tests {
     }
 
     async fn next_json(far: &mut Far) -> Value {
-        loop {
-            match far.from_us.recv().await.expect("a message") {
-                Frame::Text(t) => return serde_json::from_str(&t).expect("json"),
-                other => panic!("unexpected {other:?}"),
-            }
+        match far.from_us.recv().await.expect("a message") {
+            Frame::Text(t) => serde_json::from_str(&t).expect("json"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
