@@ -4,7 +4,9 @@
 //!
 //! A call is matched to the INVITE it causes by the number it dials: each
 //! call up at once gets its own number (`--number-prefix` + 4 digits), taken
-//! from a pool before the API request and given back when the call is over.
+//! from a pool before the API request and given back when the call is over
+//! (unless voxgate never answered the request: a late INVITE for that
+//! number must not reach another call).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -81,7 +83,9 @@ pub async fn run(o: &Options, interrupt: CancellationToken) -> anyhow::Result<Re
         transport: o.transport,
         script,
         prefix: o.number_prefix.clone(),
-        numbers: Mutex::new((0..o.concurrency).rev().collect()),
+        // All four-digit numbers, lowest first: the ones a call up at once
+        // needs, and spares for those never given back.
+        numbers: Mutex::new((0..10_000).rev().collect()),
         routes: Mutex::new(HashMap::new()),
         live: Live::default(),
         epoch,
@@ -183,7 +187,11 @@ async fn place_and_play(shared: &Shared, index: u32) -> CallRecord {
     if let Ok(mut r) = shared.routes.lock() {
         r.remove(&number);
     }
-    if let Ok(mut n) = shared.numbers.lock() {
+    // A placement voxgate never answered may still have made a call: its
+    // INVITE, however late, must not reach the next call given this number,
+    // so the number is not given out again in this run.
+    let unanswered = matches!(&outcome, Outcome::Refused(r) if r.status == 0);
+    if let (false, Ok(mut n)) = (unanswered, shared.numbers.lock()) {
         n.push(slot);
     }
     let failed = !matches!(outcome, Outcome::Answered);
@@ -199,7 +207,7 @@ async fn place_and_play(shared: &Shared, index: u32) -> CallRecord {
 
 /// A call over SIP: the API request, then the INVITE it causes.
 async fn place_and_answer(shared: &Shared, number: &str, rx: oneshot::Receiver<Call>, requested: Instant, record: &mut CallRecord) -> Outcome {
-    match shared.api.place(&shared.agent, number, shared.trunk.as_deref()).await {
+    match shared.api.place(record.index, &shared.agent, number, shared.trunk.as_deref()).await {
         Err(refusal) => Outcome::Refused(refusal),
         Ok(call_id) => {
             record.call_id = Some(call_id.clone());
@@ -220,7 +228,7 @@ async fn place_and_answer(shared: &Shared, number: &str, rx: oneshot::Receiver<C
 
 /// A call over a media stream: the API request, then our connection as the provider.
 async fn stream_and_play(shared: &Shared, provider: Provider, requested: Instant, record: &mut CallRecord) -> Outcome {
-    match shared.api.place_stream(&shared.agent, provider.as_str()).await {
+    match shared.api.place_stream(record.index, &shared.agent, provider.as_str()).await {
         Err(refusal) => Outcome::Refused(refusal),
         Ok((call_id, url)) => {
             record.call_id = Some(call_id.clone());
