@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake clang libclang-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
