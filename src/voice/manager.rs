@@ -362,10 +362,7 @@ impl CallManager {
             commands: commands_rx,
             // A stream's URL is given out when this returns: the call must
             // already wait for it.
-            opened: match &leg_kind {
-                Some(kind) => Some(inner.streams.open(id, *kind)),
-                None => None,
-            },
+            opened: leg_kind.as_ref().map(|kind| inner.streams.open(id, *kind)),
             slot,
         };
         let session = engines.map(|(engines, agent_config)| Session::start(engines, agent_config));
