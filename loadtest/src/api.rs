@@ -91,8 +91,9 @@ impl Api {
 
     /// Asks for call number `index` of the run, one a provider's media
     /// stream brings in: voxgate's call id and the stream URL to connect
-    /// to, or why it refused. (A replay carries no URL: the call it returns
-    /// was hung up when its first request went unanswered.)
+    /// to, or why it refused. (A replay carries no URL, so the call it
+    /// names cannot be connected from here: it counts as refused, and
+    /// voxgate ends it unbilled when its stream never comes.)
     pub async fn place_stream(&self, index: u32, agent: &str, provider: &str) -> Result<(String, String), Refusal> {
         let body = json!({"agentId": agent, "provider": provider});
         let (status, v) = self.placement("/api/voice-agent/calls/stream", index, &body).await?;
