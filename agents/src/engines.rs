@@ -239,7 +239,7 @@ impl Engines {
                 let (text, speed, pool) = (text.to_string(), speed, self.pool.clone());
                 // On the wide session when a caller waits for it and the
                 // other slots are free (held meanwhile).
-                let most = if urgency == Urgency::Now { piper.wide_threads() - 1 } else { 0 };
+                let most = if urgency.is_now() { piper.wide_threads() - 1 } else { 0 };
                 self.pool
                     .run(urgency, move || {
                         // The wide session's threads want every slot they

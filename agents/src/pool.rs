@@ -8,9 +8,17 @@
 //! the rest of a reply whose start is already playing, a guess, a warm-up,
 //! API work). When calls answer at the same time each one's first audio
 //! comes before any one's second sentence.
+//!
+//! Among the jobs callers wait for, the caller who has waited longest goes
+//! first (earliest deadline first), not the job queued first: a reply's
+//! work comes in several jobs (its transcript, slices of its words, their
+//! audio), and served in turn with another call's they would both end
+//! late, where one after the other the first ends early and the second no
+//! later.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{oneshot, Notify};
 
@@ -19,10 +27,22 @@ use crate::error::AgentError;
 /// How soon a job's result is needed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Urgency {
-    /// A caller hears silence until it is done.
-    Now,
+    /// A caller has heard silence since this instant (the end of their
+    /// words, or the answer), and does until it is done.
+    Now(Instant),
     /// It has slack: audio is already playing, or it is optional.
     Later,
+}
+
+impl Urgency {
+    /// A caller waits for it from now on.
+    pub fn now() -> Self {
+        Urgency::Now(Instant::now())
+    }
+
+    pub fn is_now(self) -> bool {
+        matches!(self, Urgency::Now(_))
+    }
 }
 
 #[derive(Clone)]
@@ -31,10 +51,11 @@ pub struct InferencePool {
     size: usize,
 }
 
-/// Free slots and who waits for one, in order within each urgency.
+/// Free slots and who waits for one: callers' jobs by how long the caller
+/// has waited (the same wait in the order they came), the others in order.
 struct Slots {
     free: usize,
-    now: VecDeque<oneshot::Sender<Slot>>,
+    now: VecDeque<(Instant, oneshot::Sender<Slot>)>,
     later: VecDeque<oneshot::Sender<Slot>>,
     /// Told whenever a slot goes back to the free ones.
     freed: Arc<Notify>,
@@ -57,7 +78,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let Some(shared) = self.slots.take() else { return };
         let mut slots = shared.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(waiter) = slots.now.pop_front().or_else(|| slots.later.pop_front()) {
+        while let Some(waiter) = slots.now.pop_front().map(|(_, w)| w).or_else(|| slots.later.pop_front()) {
             match waiter.send(Slot::of(&shared)) {
                 Ok(()) => return,
                 // That waiter gave up: the slot goes to the next one, and
@@ -157,7 +178,10 @@ impl InferencePool {
             }
             let (tx, rx) = oneshot::channel();
             match urgency {
-                Urgency::Now => slots.now.push_back(tx),
+                Urgency::Now(since) => {
+                    let at = slots.now.partition_point(|(s, _)| *s <= since);
+                    slots.now.insert(at, (since, tx));
+                }
                 Urgency::Later => slots.later.push_back(tx),
             }
             rx
@@ -231,7 +255,7 @@ mod tests {
         let (release, holder) = hold(&pool).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut jobs = Vec::new();
-        for (name, urgency) in [("later 1", Urgency::Later), ("now 1", Urgency::Now), ("later 2", Urgency::Later), ("now 2", Urgency::Now)] {
+        for (name, urgency) in [("later 1", Urgency::Later), ("now 1", Urgency::now()), ("later 2", Urgency::Later), ("now 2", Urgency::now())] {
             let (p, order) = (pool.clone(), order.clone());
             jobs.push(tokio::spawn(async move { p.run(urgency, move || order.lock().unwrap().push(name)).await.unwrap() }));
             // Queued in this order.
@@ -250,6 +274,29 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["now 1", "now 2", "later 1", "later 2"]);
         assert_eq!(pool.idle_slots(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_caller_who_has_waited_longest_goes_first() {
+        let pool = InferencePool::new(1);
+        let (release, holder) = hold(&pool).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(300);
+        let mut jobs = Vec::new();
+        for (name, since) in [("turn ended at 300 ms", later), ("turn ended at 0", t0), ("another turn ended at 300 ms", later)] {
+            let (p, order) = (pool.clone(), order.clone());
+            jobs.push(tokio::spawn(async move { p.run(Urgency::Now(since), move || order.lock().unwrap().push(name)).await.unwrap() }));
+            while pool.lock().now.len() < jobs.len() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        for job in jobs {
+            job.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["turn ended at 0", "turn ended at 300 ms", "another turn ended at 300 ms"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +321,7 @@ mod tests {
         let (wide_tx, wide_rx) = std::sync::mpsc::channel::<()>();
         let (cores_tx, cores) = oneshot::channel();
         let wide = tokio::spawn(async move {
-            p.run(Urgency::Now, move || {
+            p.run(Urgency::now(), move || {
                 let extra = inside.try_extra(usize::MAX);
                 let _ = cores_tx.send(extra.cores());
                 let _ = wide_rx.recv();
@@ -285,7 +332,7 @@ mod tests {
         assert_eq!(cores.await.unwrap(), 2, "its own slot and the one left free");
         assert_eq!(pool.idle_slots(), 0);
         let p = pool.clone();
-        let queued = tokio::spawn(async move { p.run(Urgency::Now, || 5).await.unwrap() });
+        let queued = tokio::spawn(async move { p.run(Urgency::now(), || 5).await.unwrap() });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!queued.is_finished(), "no slot until a job ends");
         assert_eq!(pool.try_extra(usize::MAX).cores(), 1, "nothing free to take");
@@ -303,7 +350,7 @@ mod tests {
         let pool = InferencePool::new(1);
         let (release, holder) = hold(&pool).await;
         let p = pool.clone();
-        let gave_up = tokio::spawn(async move { p.run(Urgency::Now, || ()).await });
+        let gave_up = tokio::spawn(async move { p.run(Urgency::now(), || ()).await });
         while pool.lock().now.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -279,9 +279,10 @@ struct Reply {
     record: bool,
     /// The call ends once this reply has been heard.
     ends_call: bool,
-    /// The caller waits in silence for this reply's work (its first piece
-    /// is not synthesized yet, and it is not a guess).
-    urgent: Arc<AtomicBool>,
+    /// Since when the caller has waited in silence for this reply's work,
+    /// while they do (its first piece is not synthesized yet, and it is not
+    /// a guess).
+    waiting: Arc<Waiting>,
 }
 
 impl Reply {
@@ -299,7 +300,7 @@ impl Reply {
             started_ms: None,
             record: true,
             ends_call: false,
-            urgent: Arc::new(AtomicBool::new(end_of_speech.is_some())),
+            waiting: Arc::new(Waiting(Mutex::new(end_of_speech))),
         }
     }
 }
@@ -414,7 +415,7 @@ impl Core {
                 }
                 None => {
                     tokio::spawn(async move {
-                        match synthesize(&engines, &config, Urgency::Now, &Piece::whole(&text)).await {
+                        match synthesize(&engines, &config, Urgency::now(), &Piece::whole(&text)).await {
                             Ok(pcm) => {
                                 engines.greetings.put(key, Arc::new(pcm.clone()));
                                 let _ = tx.send(Work::Greeting(pcm));
@@ -656,11 +657,12 @@ impl Core {
         abort_stale_partial(&self.partial_job, &u);
         let audio = to_f32(&u.pcm[..(u.voiced_end + TAIL_SAMPLES).min(u.pcm.len())]);
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
+        let urgency = Urgency::Now(u.last_voice_at);
         self.finishing = Some((u, decided));
         tokio::spawn(async move {
             let started = Instant::now();
             let pool = engines.pool.clone();
-            let result = pool.run(Urgency::Now, move || engines.transcribe(&audio, &lang, None)).await;
+            let result = pool.run(urgency, move || engines.transcribe(&audio, &lang, None)).await;
             let (text, confidence) = match result {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) | Err(e) => {
@@ -720,8 +722,8 @@ impl Core {
         s.cancel_on_drop.disarm();
         let mut reply = s.reply;
         if reply.pieces.is_empty() {
-            // The caller now waits for it.
-            reply.urgent.store(true, Ordering::Relaxed);
+            // The caller now waits for it, and has since their words ended.
+            reply.waiting.set(Some(end_of_speech));
         }
         reply.end_of_speech = Some(end_of_speech);
         let made = &reply.metrics;
@@ -862,7 +864,7 @@ impl Core {
             let pcm = if text.is_empty() {
                 Vec::new()
             } else {
-                synthesize(&engines, &config, Urgency::Now, &Piece::whole(&text)).await.unwrap_or_else(|e| {
+                synthesize(&engines, &config, Urgency::now(), &Piece::whole(&text)).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "closing line synthesis failed");
                     Vec::new()
                 })
@@ -903,7 +905,7 @@ impl Core {
             local: self.local.clone(),
             id,
             cancel,
-            urgent: reply.urgent.clone(),
+            waiting: reply.waiting.clone(),
             tx: self.work_tx.clone(),
         };
         tokio::spawn(job.run());
@@ -1084,7 +1086,7 @@ struct ReplyJob {
     id: u64,
     cancel: CancellationToken,
     /// Shared with the session's [`Reply`]: how its pool work is queued.
-    urgent: Arc<AtomicBool>,
+    waiting: Arc<Waiting>,
     tx: mpsc::UnboundedSender<Work>,
 }
 
@@ -1149,8 +1151,8 @@ impl ReplyJob {
                 let on_text = move |t: &str| {
                     let _ = out.blocking_send(t.to_string());
                 };
-                let urgent = self.urgent.clone();
-                let urgency = move || urgency_of(&urgent);
+                let waiting = self.waiting.clone();
+                let urgency = move || waiting.urgency();
                 let reply = generate_sliced(&self.engines.pool, llm, conv, self.messages.clone(), Generation::AGENT, &self.cancel, urgency, Some(hold), on_text).await?;
                 Ok((reply.text, false))
             }
@@ -1185,7 +1187,7 @@ impl ReplyJob {
                 pool.idle_within(TOKEN_IN_PROGRESS).await;
             }
         }
-        let synthesized = synthesize(&self.engines, &self.config, urgency_of(&self.urgent), piece).await;
+        let synthesized = synthesize(&self.engines, &self.config, self.waiting.urgency(), piece).await;
         if let Some(h) = hold {
             h.send_replace(false);
         }
@@ -1193,7 +1195,7 @@ impl ReplyJob {
             Ok(pcm) if !pcm.is_empty() && !self.cancel.is_cancelled() => {
                 let tts_ms = started.elapsed().as_millis() as u32;
                 // Audio to play: the rest of this reply has slack.
-                self.urgent.store(false, Ordering::Relaxed);
+                self.waiting.set(None);
                 self.tx.send(Work::Piece { reply: self.id, text: piece.text.clone(), pcm, tts_ms }).is_ok()
             }
             Ok(_) => false,
@@ -1214,11 +1216,20 @@ async fn synthesize(engines: &Arc<Engines>, config: &AgentConfig, urgency: Urgen
     Ok(trim_for_reply(pcm, piece.continues))
 }
 
-fn urgency_of(urgent: &AtomicBool) -> Urgency {
-    if urgent.load(Ordering::Relaxed) {
-        Urgency::Now
-    } else {
-        Urgency::Later
+/// Since when a caller has waited for a reply's work, while they do: its
+/// pool jobs go before those of callers who have waited less.
+struct Waiting(Mutex<Option<Instant>>);
+
+impl Waiting {
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
+
+    fn urgency(&self) -> Urgency {
+        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(since) => Urgency::Now(since),
+            None => Urgency::Later,
+        }
     }
 }
 

@@ -115,12 +115,12 @@ async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_ca
     let read = Arc::new(Mutex::new(llm.conversation(3)));
     prefill(&pool, &llm, &read, vec![system.clone()]).await.unwrap();
     let turn = vec![system, ChatMessage::new(Role::User, "Do you have pizza?")];
-    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, || Urgency::Now, None, |_| {}).await.unwrap();
+    let reply = generate_sliced(&pool, &llm, &read, turn.clone(), GREEDY, &never, Urgency::now, None, |_| {}).await.unwrap();
     let whole = llm.prompt_tokens(&turn).unwrap();
     assert!(whole > 128 && reply.read * 8 < whole, "read {} of a {whole}-token prompt", reply.read);
     // The same words as without the read-ahead.
     let cold = Arc::new(Mutex::new(llm.conversation(3)));
-    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, || Urgency::Now, None, |_| {}).await.unwrap().text, reply.text);
+    assert_eq!(generate_sliced(&pool, &llm, &cold, turn, GREEDY, &never, Urgency::now, None, |_| {}).await.unwrap().text, reply.text);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,7 +137,7 @@ async fn a_held_reply_stops_after_its_current_token_and_goes_on_when_released() 
         let on_text = move |t: &str| {
             let _ = text_tx.send(t.to_string());
         };
-        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Now, Some(held), on_text).await })
+        tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), Urgency::now, Some(held), on_text).await })
     };
     let quiet = std::time::Duration::from_millis(400);
     assert!(tokio::time::timeout(quiet, text.recv()).await.is_err(), "held from the start: nothing is generated");
