@@ -606,9 +606,9 @@ impl Core {
         if self.partial_job.is_some() || !new_speech || !(step || paused) || u.voiced_end - u.preroll < PARTIAL_MIN_MS * 16 {
             return;
         }
-        // Another call's decode holds every ASR thread: this one would take
-        // a pool slot only to wait (the next frame tries again).
-        if self.engines.asr.busy() {
+        // Another call's decode holds every ASR thread: a step's decode
+        // would take a pool slot only to wait (the next frame tries again).
+        if !paused && self.engines.asr.busy() {
             return;
         }
         // Up to the pause (at most 100 ms) past the last voiced frame when it
@@ -625,18 +625,33 @@ impl Core {
         let (engines, lang, tx, id) = (self.engines.clone(), self.config.language.clone(), self.work_tx.clone(), u.id);
         let abort = Arc::new(AtomicBool::new(false));
         let flag = abort.clone();
-        let job = move || engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default();
-        if let Some(decode) = self.engines.pool.try_run(job) {
-            // Sent once the decode's pool slot is free again: whoever reads
-            // it sees the pool as it is without it.
-            tokio::spawn(async move {
-                let (text, confidence) = decode.await.unwrap_or_default();
-                let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
-            });
-            self.partial_job = Some(abort);
-            u.partial_len = u.pcm.len();
-            u.partial_covered = covered;
+        let job = move || {
+            // Queued, it may have gone stale before it started.
+            if flag.load(Ordering::Relaxed) {
+                return Default::default();
+            }
+            engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default()
+        };
+        let pool = self.engines.pool.clone();
+        // The pause's decode is queued with the work callers wait for: the
+        // caller is silent, and whether the turn ends early and what the
+        // reply starts on depend on it (under load, a slot is never free
+        // while others queue). A step's is optional and only taken free.
+        // Sent once the decode's pool slot is free again: whoever reads it
+        // sees the pool as it is without it.
+        let send = move |(text, confidence): (String, f32)| {
+            let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
+        };
+        if paused {
+            let urgency = Urgency::Now(u.last_voice_at);
+            tokio::spawn(async move { send(pool.run(urgency, job).await.unwrap_or_default()) });
+        } else {
+            let Some(decode) = pool.try_run(job) else { return };
+            tokio::spawn(async move { send(decode.await.unwrap_or_default()) });
         }
+        self.partial_job = Some(abort);
+        u.partial_len = u.pcm.len();
+        u.partial_covered = covered;
     }
 
     async fn end_turn(&mut self, u: Utterance) {
