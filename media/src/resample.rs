@@ -123,7 +123,7 @@ impl HalfBand {
             // y[2n] = Σ_j 2h[2j]·x[n−j]; y[2n+1] = 2h[31]·x[n−15].
             self.even.resize(n, 0.0);
             Self::convolve::<FMA>(&self.branch, buf, &mut self.even);
-            // x[n−15] is buf[n + 16].
+            // x[k−15] of the frame's k-th input is buf[k + 16].
             let odd = &buf[BRANCH - 1 - CENTRE / 2..][..n];
             self.y.resize(2 * n, 0.0);
             for ((pair, &e), &o) in self.y.chunks_exact_mut(2).zip(&self.even).zip(odd) {
