@@ -633,15 +633,15 @@ impl Core {
             engines.transcribe(&audio, &lang, Some(flag)).unwrap_or_default()
         };
         let pool = self.engines.pool.clone();
-        // The pause's decode is queued with the work callers wait for: the
-        // caller is silent, and whether the turn ends early and what the
-        // reply starts on depend on it (under load, a slot is never free
-        // while others queue). A step's is optional and only taken free.
         // Sent once the decode's pool slot is free again: whoever reads it
         // sees the pool as it is without it.
         let send = move |(text, confidence): (String, f32)| {
             let _ = tx.send(Work::Partial { utterance: id, covered, text, confidence });
         };
+        // The pause's decode is queued with the work callers wait for: the
+        // caller is silent, and whether the turn ends early and what the
+        // reply starts on depend on it (under load, a slot is never free
+        // while others queue). A step's is optional and only taken free.
         if paused {
             let urgency = Urgency::Now(u.last_voice_at);
             tokio::spawn(async move { send(pool.run(urgency, job).await.unwrap_or_default()) });
