@@ -16,6 +16,7 @@ pub mod resample;
 pub mod sdp;
 pub mod session;
 pub mod streams;
+mod udp;
 pub mod webrtc;
 
 pub use error::MediaError;

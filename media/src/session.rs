@@ -1,17 +1,20 @@
 //! One call leg's RTP session: a task that owns the UDP sockets, the jitter
 //! buffer and the codecs, and runs on a drift-free 20 ms clock.
 //!
-//! Each tick it plays one frame out of the jitter buffer (decoded, resampled
-//! to 16 kHz, handed to the speech pipeline through a bounded channel) and
-//! sends one frame from the outgoing queue (or silence, so NATs and SBCs keep
-//! the stream alive). The outgoing queue can be flushed at once (barge-in).
+//! Each tick it applies the commands that came since the last one, reads
+//! the packets that arrived (the task wakes only on its clock, and the
+//! kernel stamps each packet's arrival), plays one frame out of the jitter buffer (decoded,
+//! resampled to 16 kHz, handed to the speech pipeline through a bounded
+//! channel) and sends one frame from the outgoing queue (or silence, so NATs
+//! and SBCs keep the stream alive). A flush (barge-in) empties the outgoing
+//! queue before the next frame goes out.
 //! RTP is symmetric: the session sends to where the far end's packets come
 //! from once it has latched onto a source (RFC 4961); packets from any other
 //! source are ignored afterwards. RTCP sender/receiver reports with loss and
 //! jitter go out every 5 s (RFC 3550 §6.4.1).
 //!
-//! The task never blocks on anything but its socket and its clock; the rest
-//! of the system talks to it through [`MediaHandle`].
+//! The task never blocks on anything but its clock; the rest of the system
+//! talks to it through [`MediaHandle`].
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -30,11 +33,16 @@ use crate::g711::Law;
 use crate::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
 use crate::resample::{frame_len, FrameResampler};
 use crate::sdp::{Codec, Direction, RemoteMedia};
+use crate::udp::{Datagram, Now, TickSocket};
 
 /// The rate of the PCM frames exchanged with the speech pipeline.
 pub const PIPELINE_RATE: u32 = 16_000;
 const TICK: Duration = Duration::from_millis(20);
-const RTCP_INTERVAL: Duration = Duration::from_secs(5);
+/// RTCP reports go out every 5 s (250 ticks).
+const RTCP_EVERY_TICKS: u32 = 250;
+/// Incoming RTCP is read every 100 ms: its loss reports tune Opus FEC, which
+/// needs no faster reaction, and most reads would find nothing.
+const RTCP_READ_EVERY_TICKS: u32 = 5;
 /// Stats are published every 100 ms: fresh enough for monitoring and
 /// timeouts, and a clone and a wake-up less on most ticks.
 const STATS_EVERY_TICKS: u32 = 5;
@@ -485,8 +493,8 @@ fn has_lbrr(packet: &[u8]) -> bool {
 }
 
 struct Leg {
-    rtp: UdpSocket,
-    rtcp: UdpSocket,
+    rtp: TickSocket,
+    rtcp: TickSocket,
     remote: Option<RemoteMedia>,
     codecs: Option<Codecs>,
     direction: Direction,
@@ -540,8 +548,8 @@ impl Leg {
         let codecs = remote.as_ref().map(|r| Codecs::new(r.codec, config.opus_complexity)).transpose()?;
         let codec = remote.as_ref().map_or(Codec::Pcmu, |r| r.codec);
         Ok(Leg {
-            rtp,
-            rtcp,
+            rtp: TickSocket::new(rtp)?,
+            rtcp: TickSocket::new(rtcp)?,
             codecs,
             direction: remote.as_ref().map_or(Direction::SendRecv, |r| r.direction.reversed()),
             remote,
@@ -580,32 +588,30 @@ impl Leg {
         let mut tick = tokio::time::interval(TICK);
         // Burst: a late tick is caught up, so the stream never drifts from wall time.
         tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-        let mut rtcp_tick = tokio::time::interval_at(tokio::time::Instant::now() + RTCP_INTERVAL, RTCP_INTERVAL);
         let mut buf = vec![0u8; 2048];
-        let mut rtcp_buf = vec![0u8; 1500];
         loop {
-            tokio::select! {
-                biased;
-                msg = control.recv() => match msg {
-                    Some(msg) => self.on_control(msg),
-                    None => break,
-                },
-                r = self.rtp.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = r {
-                        self.on_rtp(&buf[..n], from);
-                    }
+            tick.tick().await;
+            loop {
+                match control.try_recv() {
+                    Ok(msg) => self.on_control(msg),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
-                r = self.rtcp.recv_from(&mut rtcp_buf) => {
-                    if let Ok((n, _)) = r {
-                        self.on_rtcp(&rtcp_buf[..n]);
-                    }
+            }
+            let now = Now::read();
+            while let Some(d) = self.rtp.recv(&mut buf, &now) {
+                self.on_rtp(&buf[..d.len], d);
+            }
+            if self.ticks % RTCP_READ_EVERY_TICKS == 0 {
+                while let Some(d) = self.rtcp.recv(&mut buf, &now) {
+                    self.on_rtcp(&buf[..d.len]);
                 }
-                _ = tick.tick() => {
-                    if self.on_tick().await.is_err() {
-                        break;
-                    }
-                }
-                _ = rtcp_tick.tick() => self.send_rtcp().await,
+            }
+            if self.on_tick(now.instant()).is_err() {
+                return;
+            }
+            if self.ticks % RTCP_EVERY_TICKS == 0 {
+                self.send_rtcp();
             }
         }
     }
@@ -643,7 +649,7 @@ impl Leg {
         }
     }
 
-    fn on_rtp(&mut self, data: &[u8], from: SocketAddr) {
+    fn on_rtp(&mut self, data: &[u8], Datagram { from, arrival, .. }: Datagram) {
         let Some(remote) = self.remote.as_ref() else { return };
         let mut raw = data;
         let Ok(packet) = rtp::packet::Packet::unmarshal(&mut raw) else { return };
@@ -670,7 +676,7 @@ impl Leg {
         if !ours {
             return;
         }
-        self.last_rx = Instant::now();
+        self.last_rx = arrival;
         self.timed_out = false;
         self.remote_ssrc = Some(packet.header.ssrc);
         self.stats.packets_received += 1;
@@ -697,17 +703,16 @@ impl Leg {
     }
 
     /// One 20 ms step: play one frame in, send one frame out.
-    async fn on_tick(&mut self) -> Result<(), ()> {
-        let now = Instant::now();
+    fn on_tick(&mut self, now: Instant) -> Result<(), ()> {
         let mut publish = self.ticks % STATS_EVERY_TICKS == 0;
         self.ticks = self.ticks.wrapping_add(1);
-        if !self.timed_out && now.duration_since(self.last_rx) >= self.config.media_timeout {
+        if !self.timed_out && now.saturating_duration_since(self.last_rx) >= self.config.media_timeout {
             self.timed_out = true;
             publish = true;
             let _ = self.events.try_send(MediaEvent::Timeout);
         }
         self.play_in(now);
-        self.send_out().await;
+        self.send_out();
         if publish {
             self.stats.jitter = self.jitter.stats();
             self.stats.timed_out = self.timed_out;
@@ -755,7 +760,7 @@ impl Leg {
         }
     }
 
-    async fn send_out(&mut self) {
+    fn send_out(&mut self) {
         let Some((remote_rtp, payload_type, dtmf_payload_type)) =
             self.remote.as_ref().map(|r| (r.rtp, r.payload_type, r.dtmf_payload_type))
         else {
@@ -768,7 +773,7 @@ impl Leg {
         if let (Some((marker, payload)), Some(pt)) = (self.dtmf_out.front().copied(), dtmf_payload_type) {
             self.dtmf_out.pop_front();
             let event_ts = *self.dtmf_ts.get_or_insert(self.ts);
-            self.send_packet(dest, pt, marker, event_ts, &payload).await;
+            self.send_packet(dest, pt, marker, event_ts, &payload);
             if self.dtmf_out.is_empty() || self.dtmf_out.front().is_some_and(|p| p.0) {
                 self.dtmf_ts = None;
             }
@@ -795,7 +800,7 @@ impl Leg {
             }
             let ts = self.ts;
             let payload = std::mem::take(&mut self.payload);
-            self.send_packet(dest, payload_type, marker, ts, &payload).await;
+            self.send_packet(dest, payload_type, marker, ts, &payload);
             self.payload = payload;
             if speaking && self.outgoing.is_empty() {
                 let _ = self.events.try_send(MediaEvent::PlayoutEnded { at: Instant::now() });
@@ -805,7 +810,7 @@ impl Leg {
         self.ts = self.ts.wrapping_add(samples);
     }
 
-    async fn send_packet(&mut self, dest: SocketAddr, pt: u8, marker: bool, ts: u32, payload: &[u8]) {
+    fn send_packet(&mut self, dest: SocketAddr, pt: u8, marker: bool, ts: u32, payload: &[u8]) {
         let header = rtp::header::Header {
             version: 2,
             marker,
@@ -825,13 +830,13 @@ impl Leg {
             return;
         }
         self.wire.extend_from_slice(payload);
-        if self.rtp.send_to(&self.wire, dest).await.is_ok() {
+        if self.rtp.send_to(&self.wire, dest).is_ok() {
             self.stats.packets_sent += 1;
             self.octets_sent = self.octets_sent.wrapping_add(payload.len() as u32);
         }
     }
 
-    async fn send_rtcp(&mut self) {
+    fn send_rtcp(&mut self) {
         let Some(dest) = self.remote.as_ref().and_then(|r| r.rtcp) else { return };
         let js = self.jitter.stats();
         let clock = self.remote.as_ref().map_or(8000, |r| r.codec.clock_rate());
@@ -858,7 +863,7 @@ impl Leg {
             profile_extensions: Bytes::new(),
         };
         if let Ok(bytes) = sr.marshal() {
-            let _ = self.rtcp.send_to(&bytes, dest).await;
+            let _ = self.rtcp.send_to(&bytes, dest);
         }
     }
 }
