@@ -510,12 +510,15 @@ fn line_of(t: voxgate_agents::Transcript) -> TranscriptLine {
     }
 }
 
-/// Sleeps until `at`, or forever when there is no deadline (a `select!` arm
-/// that is off).
-async fn sleep_until_some(at: Option<TokioInstant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Points a timer that lives across a `select!` loop's turns at `at`. It is
+/// moved only when the deadline changes: a timer made anew on each turn
+/// would be registered with the runtime and cancelled again for every audio
+/// frame, 50 times a second per call.
+fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, at: Option<TokioInstant>) {
+    if let Some(at) = at {
+        if timer.deadline() != at {
+            timer.reset(at);
+        }
     }
 }
 
@@ -581,19 +584,22 @@ impl CallRun {
         let mut bye_at: Option<TokioInstant> = None;
         let mut greeting_heard = false;
         let minute = Duration::from_secs(self.inner.config.minute_secs);
+        let billing_timer = tokio::time::sleep(Duration::ZERO);
+        let bye_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(billing_timer, bye_timer);
         let outcome = loop {
             let billing_at = match &billing {
                 Some(b) if b.pending.is_none() && ending.is_none() => Some(if b.checked { b.next_minute_at() } else { b.check_at() }),
                 _ => None,
             };
-            let billing_timer = sleep_until_some(billing_at);
+            arm(billing_timer.as_mut(), billing_at);
             let billing_done = async {
                 match billing.as_mut().and_then(|b| b.pending.as_mut()) {
                     Some(handle) => handle.await.unwrap_or(BillingResult::Unavailable),
                     None => std::future::pending().await,
                 }
             };
-            let bye_timer = sleep_until_some(bye_at);
+            arm(bye_timer.as_mut(), bye_at);
             tokio::select! {
                 ev = call.events.recv() => match ev {
                     Some(CallEvent::Ringing { .. }) => writer.send(self.id, self.account, CallUpdate::Ringing { at: now_ms() }),
@@ -659,11 +665,11 @@ impl CallRun {
                     ending.get_or_insert(why);
                     call.hangup().await;
                 }
-                _ = bye_timer => {
+                _ = &mut bye_timer, if bye_at.is_some() => {
                     bye_at = None;
                     call.hangup().await;
                 }
-                _ = billing_timer => {
+                _ = &mut billing_timer, if billing_at.is_some() => {
                     let b = billing.as_mut().expect("timer runs with billing");
                     b.pending = Some(if b.checked { self.debit(b.paid + 1) } else { self.balance_check() });
                 }
