@@ -8,10 +8,11 @@
 //! silence between spurts, so a frame is speech when its mean level is above
 //! [`LOUD`].
 
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use voxgate_agents::tts::Piper;
 use voxgate_media::session::{AudioFrame, MediaEvent, PIPELINE_RATE};
 use voxgate_sip::{Call, CallEvent, Outcome};
@@ -140,7 +141,7 @@ impl Script {
     /// hangs up, or `stop` fires; then hangs up (BYE) if the call is still up.
     /// `epoch` is the start of the run (for `at_ms`).
     pub async fn run(&self, call: Call, answered: Instant, epoch: Instant, stop: &CancellationToken) -> Heard {
-        let mut line = Line { call, ear: Ear::default(), stop };
+        let mut line = Line::new(call, stop);
         let mut heard = Heard::default();
         let result = match self.mode {
             Mode::Agent => self.converse(&mut line, answered, epoch, &mut heard).await,
@@ -158,7 +159,7 @@ impl Script {
         heard
     }
 
-    async fn converse(&self, line: &mut Line<'_>, answered: Instant, epoch: Instant, heard: &mut Heard) -> Result<(), Stop> {
+    async fn converse(&self, line: &mut Line, answered: Instant, epoch: Instant, heard: &mut Heard) -> Result<(), Stop> {
         if let Some(at) = line.wait_loud_since(answered, answered + self.reply_timeout).await? {
             heard.greeting_ms = Some(ms(at - answered));
         }
@@ -195,7 +196,7 @@ impl Script {
         Ok(())
     }
 
-    async fn echo(&self, line: &mut Line<'_>, epoch: Instant, heard: &mut Heard) -> Result<(), Stop> {
+    async fn echo(&self, line: &mut Line, epoch: Instant, heard: &mut Heard) -> Result<(), Stop> {
         let until = Instant::now() + self.hold;
         let mut turn = 0;
         while Instant::now() + BURST_EVERY <= until {
@@ -287,19 +288,37 @@ impl Ear {
 }
 
 /// One call's media and signalling, read together.
-struct Line<'a> {
+struct Line {
     call: Call,
     ear: Ear,
-    stop: &'a CancellationToken,
+    /// The stop signal and the timer live as long as the line: made anew
+    /// for each frame, they would join and leave the token's waiters (one
+    /// lock shared by every call) and the runtime's timers 50 times a second
+    /// per call.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl Line<'_> {
+impl Line {
+    fn new(call: Call, stop: &CancellationToken) -> Self {
+        Line {
+            call,
+            ear: Ear::default(),
+            stopped: Box::pin(stop.clone().cancelled_owned()),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
     /// The next frame (heard by the ear), media event or the timer at `until`.
     async fn next(&mut self, until: Instant) -> Result<Input, Stop> {
+        let until = tokio::time::Instant::from_std(until);
+        if self.timer.deadline() != until {
+            self.timer.as_mut().reset(until);
+        }
         loop {
             tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return Err(Stop::Cancelled),
+                _ = self.stopped.as_mut() => return Err(Stop::Cancelled),
                 ev = self.call.events.recv() => match ev {
                     Some(CallEvent::Ended(outcome)) => return Err(Stop::Ended(Some(outcome))),
                     None => return Err(Stop::Ended(None)),
@@ -313,7 +332,7 @@ impl Line<'_> {
                     }
                     None => return Err(Stop::Ended(None)),
                 },
-                _ = tokio::time::sleep_until(until.into()) => return Ok(Input::Timer),
+                _ = self.timer.as_mut() => return Ok(Input::Timer),
             }
         }
     }
