@@ -3,11 +3,11 @@
 //!
 //! Each tick it applies the commands that came since the last one, reads
 //! the packets that arrived (the task wakes only on its clock, and the
-//! kernel stamps each packet's arrival), plays one frame out of the jitter buffer (decoded,
-//! resampled to 16 kHz, handed to the speech pipeline through a bounded
-//! channel) and sends one frame from the outgoing queue (or silence, so NATs
-//! and SBCs keep the stream alive). A flush (barge-in) empties the outgoing
-//! queue before the next frame goes out.
+//! kernel stamps each packet's arrival), plays one frame out of the jitter
+//! buffer (decoded, resampled to 16 kHz, handed to the speech pipeline
+//! through a bounded channel) and sends one frame from the outgoing queue
+//! (or silence, so NATs and SBCs keep the stream alive). A flush (barge-in)
+//! empties the outgoing queue before the next frame goes out.
 //! RTP is symmetric: the session sends to where the far end's packets come
 //! from once it has latched onto a source (RFC 4961); packets from any other
 //! source are ignored afterwards. RTCP sender/receiver reports with loss and
@@ -43,6 +43,12 @@ const RTCP_EVERY_TICKS: u32 = 250;
 /// Incoming RTCP is read every 100 ms: its loss reports tune Opus FEC, which
 /// needs no faster reaction, and most reads would find nothing.
 const RTCP_READ_EVERY_TICKS: u32 = 5;
+/// Packets read from a socket per tick, at most: a far end sends one to
+/// four in 20 ms (up to 10 ms packets, a burst after a stall), a sender of
+/// more than 3,000 a second is flooding.
+const MAX_PACKETS_PER_TICK: usize = 64;
+/// Room in a leg's command channel, and the most commands applied per tick.
+const CONTROL_CAPACITY: usize = 256;
 /// Stats are published every 100 ms: fresh enough for monitoring and
 /// timeouts, and a clone and a wake-up less on most ticks.
 const STATS_EVERY_TICKS: u32 = 5;
@@ -253,7 +259,7 @@ pub fn start(
     config: SessionConfig,
 ) -> Result<MediaHandle, MediaError> {
     let local = sockets.0.local_addr()?;
-    let (control_tx, control_rx) = mpsc::channel(256);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
     let (incoming_tx, incoming_rx) = mpsc::channel(50);
     let (events_tx, events_rx) = mpsc::channel(64);
     let (stats_tx, stats_rx) = watch::channel(SessionStats::default());
@@ -591,19 +597,23 @@ impl Leg {
         let mut buf = vec![0u8; 2048];
         loop {
             tick.tick().await;
-            loop {
+            for _ in 0..CONTROL_CAPACITY {
                 match control.try_recv() {
                     Ok(msg) => self.on_control(msg),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
+            // Bounded reads: a flood on the ports waits in (and overflows)
+            // the kernel's buffer instead of holding the worker thread.
             let now = Now::read();
-            while let Some(d) = self.rtp.recv(&mut buf, &now) {
+            for _ in 0..MAX_PACKETS_PER_TICK {
+                let Some(d) = self.rtp.recv(&mut buf, &now) else { break };
                 self.on_rtp(&buf[..d.len], d);
             }
             if self.ticks % RTCP_READ_EVERY_TICKS == 0 {
-                while let Some(d) = self.rtcp.recv(&mut buf, &now) {
+                for _ in 0..MAX_PACKETS_PER_TICK {
+                    let Some(d) = self.rtcp.recv(&mut buf, &now) else { break };
                     self.on_rtcp(&buf[..d.len]);
                 }
             }
