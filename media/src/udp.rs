@@ -175,19 +175,32 @@ mod tests {
         assert!(socket.recv(&mut buf, &now).is_none(), "drained");
     }
 
-    #[tokio::test]
-    async fn an_icmp_error_queued_on_the_socket_does_not_hide_the_datagram_behind_it() {
-        let mut socket = bound().await;
-        // Nobody listens here: the send queues ECONNREFUSED on our socket.
+    /// A socket with ECONNREFUSED queued on it (connected to a closed port,
+    /// it hears the ICMP port unreachable for what it sent there), then
+    /// connected to `peer`, which has sent it a datagram behind the error.
+    async fn refused_then_reached(peer: &std::net::UdpSocket) -> tokio::net::UdpSocket {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let gone_addr = gone.local_addr().unwrap();
         drop(gone);
-        let _ = socket.send_to(b"x", gone_addr);
+        socket.connect(gone_addr).await.unwrap();
+        socket.send(b"x").await.unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer.local_addr().unwrap()).await.unwrap();
         peer.send_to(b"after", socket.local_addr().unwrap()).unwrap();
         std::thread::sleep(Duration::from_millis(20));
+        socket
+    }
+
+    #[tokio::test]
+    async fn an_error_queued_on_the_socket_does_not_hide_the_datagram_behind_it() {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut buf = [0u8; 64];
+        // A plain read meets the error first: the setup does queue one.
+        let plain = refused_then_reached(&peer).await.into_std().unwrap();
+        let first = plain.recv_from(&mut buf).expect_err("an error queued first");
+        assert_eq!(first.kind(), io::ErrorKind::ConnectionRefused);
+        let mut socket = TickSocket::new(refused_then_reached(&peer).await).unwrap();
         let d = socket.recv(&mut buf, &Now::read()).expect("the datagram after the error");
         assert_eq!(&buf[..d.len], b"after");
     }
