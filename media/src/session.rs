@@ -86,11 +86,15 @@ impl PortRange {
     }
 }
 
-/// 20 ms of caller audio at 16 kHz, with the time its packet reached us.
+/// 20 ms of caller audio at 16 kHz, with the time it was handed over.
 #[derive(Debug, Clone)]
 pub struct AudioFrame {
     pub pcm: Vec<i16>,
-    /// When the RTP packet carrying it arrived (None for concealment/silence).
+    /// When it was handed over (None for concealment/silence): for RTP and
+    /// WebRTC legs the tick that played its packet out of the jitter buffer
+    /// (the packet's arrival plus its wait there, up to the buffer's target
+    /// delay); for WebSocket legs, which have no jitter buffer, the arrival
+    /// of the message carrying it.
     pub received_at: Option<Instant>,
 }
 
