@@ -109,6 +109,8 @@ impl TickSocket {
                     .map(|a| SocketAddr::V4((*a).into()))
                     .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())))
             });
+            // No IP source: skipped like a failed read, not taken for "drained".
+            let Some(from) = from else { continue };
             let stamp = msg.cmsgs().ok().and_then(|mut cmsgs| {
                 cmsgs.find_map(|c| match c {
                     ControlMessageOwned::ScmTimestampns(ts) => {
@@ -119,8 +121,7 @@ impl TickSocket {
                 })
             });
             let arrival = stamp.map_or(now.instant(), |wall| now.at(wall));
-            let len = msg.bytes;
-            return from.map(|from| Datagram { len, from, arrival });
+            return Some(Datagram { len: msg.bytes, from, arrival });
         }
         None
     }
