@@ -207,6 +207,38 @@ macro_rules! q8_kernels {
                 [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])]
             }
 
+            /// Dots of the weight row `w` with each of `N` tokens (`xs`,
+            /// their blocks' scales as f32 in `xd`): each weight block is
+            /// loaded and its scale converted once for all of them, and
+            /// nothing is computed twice (a group of four filled up with
+            /// copies of its last token did that for two and three).
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn row_tokens<const N: usize>(w: &[Block], xs: [&[Block]; N], xd: [&[f32]; N], ahead: &[Block]) -> [f32; N] {
+                let mut acc = [_mm256_setzero_ps(); N];
+                let blocks = w.len();
+                assert!(xs.iter().all(|x| x.len() == blocks) && xd.iter().all(|d| d.len() == blocks));
+                for k in 0..blocks {
+                    // SAFETY: k < blocks, the length of every slice (checked
+                    // above); qs is 32 bytes; the loads are unaligned.
+                    let wb = unsafe { w.get_unchecked(k) };
+                    if let Some(next) = ahead.get(k) {
+                        _mm_prefetch::<_MM_HINT_T0>(next as *const Block as *const i8);
+                    }
+                    let wv = unsafe { _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i) };
+                    let abs_w = _mm256_sign_epi8(wv, wv);
+                    let dw = scale(wb.d);
+                    for i in 0..N {
+                        let (xb, d) = unsafe { (xs[i].get_unchecked(k), *xd[i].get_unchecked(k)) };
+                        let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                        let ($abs, $signed) = (abs_w, _mm256_sign_epi8(xv, wv));
+                        let dot = _mm256_cvtepi32_ps($sums);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d), dot, acc[i]);
+                    }
+                }
+                std::array::from_fn(|i| sum(acc[i]))
+            }
+
             /// See `super::dot_chunk`. One token: four weight rows at a time
             /// against it. More: each weight row against four tokens at a time,
             /// so a prompt reads each row from memory once, not once per token.
@@ -229,11 +261,23 @@ macro_rules! q8_kernels {
                         out[at..at + n].copy_from_slice(&d[..n]);
                     }
                 } else {
+                    // The tokens' scales once per chunk, not once per row.
+                    let xd: Vec<f32> = xs.iter().map(|b| scale(b.d)).collect();
+                    let scales = |t: usize| &xd[t * row_blocks..(t + 1) * row_blocks];
+                    const AHEAD: usize = 2;
                     for r in rows.clone() {
+                        let ahead = w.get((r + AHEAD) * row_blocks..((r + AHEAD + 1) * row_blocks).min(w.len())).unwrap_or(&[]);
                         for (t, n) in four(0, tokens) {
-                            let d = dot4(std::array::from_fn(|i| token(t + i.min(n - 1))), row(r), &[]);
+                            // The next row is on its way by the first group's end.
+                            let ahead = if t == 0 { ahead } else { &[] };
                             let at = (r - rows.start) * tokens + t;
-                            out[at..at + n].copy_from_slice(&d[..n]);
+                            let out = &mut out[at..at + n];
+                            match n {
+                                4 => out.copy_from_slice(&row_tokens::<4>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
+                                3 => out.copy_from_slice(&row_tokens::<3>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
+                                2 => out.copy_from_slice(&row_tokens::<2>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
+                                _ => out.copy_from_slice(&row_tokens::<1>(row(r), [token(t)], [scales(t)], ahead)),
+                            }
                         }
                     }
                 }
@@ -528,7 +572,8 @@ mod tests {
     fn the_scalar_and_vector_dots_agree() {
         let (_, m) = matrix(9, 96, 3);
         let w = m.blocks().unwrap();
-        for tokens in [1, 5] {
+        // Groups of four tokens and the rest (three, two, one) apart.
+        for tokens in [1, 2, 3, 5, 7] {
             let xq = quantize(&input(96 * tokens));
             for (kernel, dot) in kernels() {
                 let mut out = vec![0.0; 9 * tokens];
