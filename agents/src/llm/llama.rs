@@ -90,6 +90,14 @@ pub struct KvCache {
     written: Vec<u32>,
 }
 
+/// One conversation's next token for [`Llama::forward_batch`]: `token` at
+/// position `pos` of `cache` (which must hold the `pos` tokens before it).
+pub struct Read<'a> {
+    pub cache: &'a mut KvCache,
+    pub pos: usize,
+    pub token: u32,
+}
+
 impl KvCache {
     /// The tokens whose keys and values the cache holds, in order.
     pub fn tokens(&self) -> &[u32] {
@@ -208,6 +216,59 @@ impl Llama {
         let logits = logits.flatten_all()?;
         cache.written.extend_from_slice(tokens);
         Ok(logits)
+    }
+
+    /// One new token for each of several conversations, read in one pass:
+    /// the products take the tokens as the rows of one input, so each weight
+    /// row is read from memory once for all of them (as a prompt's tokens
+    /// are), and each token attends to its own cache at its own position.
+    /// Returns the logits after each token, in the order of `reads`.
+    pub fn forward_batch(&self, reads: &mut [Read<'_>], wide: &dyn Fn() -> bool) -> Result<Vec<Tensor>> {
+        if reads.len() == 1 || !self.device.is_cpu() {
+            return reads.iter_mut().map(|r| self.forward(r.cache, r.pos, &[r.token], wide)).collect();
+        }
+        for r in reads.iter_mut() {
+            if r.pos > r.cache.written.len() || r.pos + 1 > MAX_POSITIONS {
+                candle_core::bail!("a token at {} on a cache holding {}", r.pos, r.cache.written.len());
+            }
+            // As in `forward`: nothing from `pos` on until the pass is done.
+            r.cache.written.truncate(r.pos);
+            self.reserve(r.cache, r.pos + 1)?;
+        }
+        let n = reads.len();
+        let tokens: Vec<u32> = reads.iter().map(|r| r.token).collect();
+        let positions = Tensor::new(reads.iter().map(|r| r.pos as u32).collect::<Vec<_>>(), &self.device)?;
+        let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
+        let mut x = self.embeddings.forward(&Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(0)?)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.attention_norm.forward(&x)?;
+            let [q, k, v] = self.products(wide, &h, [&layer.wq, &layer.wk, &layer.wv])?;
+            // The tokens stand where a prompt's positions would: rotated
+            // each by its own position's angles.
+            let q = candle_nn::rotary_emb::rope_i(&self.heads_of(&q, self.heads, n)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&self.heads_of(&k, self.kv_heads, n)?, &cos, &sin)?;
+            let v = self.heads_of(&v, self.kv_heads, n)?;
+            let mut attended = Vec::with_capacity(n);
+            for (i, r) in reads.iter().enumerate() {
+                let (k_cache, v_cache) = &r.cache.layers[l];
+                k_cache.slice_set(&k.narrow(2, i, 1)?.contiguous()?, 2, r.pos)?;
+                v_cache.slice_set(&v.narrow(2, i, 1)?.contiguous()?, 2, r.pos)?;
+                attended.push(self.attend_one(&q.narrow(2, i, 1)?, k_cache, v_cache, r.pos + 1, r.cache.capacity)?);
+            }
+            let [out] = self.products(wide, &Tensor::cat(&attended, 1)?, [&layer.wo])?;
+            let x1 = (out + &x)?;
+            let h = layer.ffn_norm.forward(&x1)?;
+            let [gate, up] = self.products(wide, &h, [&layer.gate, &layer.up])?;
+            let [mlp] = self.products(wide, &(candle_nn::ops::silu(&gate)? * up)?, [&layer.down])?;
+            x = (mlp + x1)?;
+        }
+        let [logits] = self.products(wide, &self.norm.forward(&x)?, [&self.output])?;
+        let mut out = Vec::with_capacity(n);
+        for (i, r) in reads.iter_mut().enumerate() {
+            out.push(logits.i((0, i))?);
+            r.cache.written.push(r.token);
+        }
+        Ok(out)
     }
 
     /// `x` (1, tokens, cols) times each of `weights`, as (1, tokens,
@@ -486,6 +547,84 @@ mod tests {
             // Each row's sum is the same whichever thread does it.
             assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "token {i}");
         }
+    }
+
+    /// Not a check but a measurement for docs/BENCHMARKS.md (run by hand,
+    /// alone on the machine: `cargo test --release -p voxgate-agents --lib
+    /// pass_cost -- --ignored --nocapture`): the time of one pass for one
+    /// token, for a prompt of n tokens, and for n conversations' tokens
+    /// read together, on one thread and with the spare thread.
+    #[test]
+    #[ignore]
+    fn pass_cost_by_tokens_read_together() {
+        let (_, ours) = both();
+        let prompt: Vec<u32> = (0..100u32).map(|i| 300 + i * 11).collect();
+        let read = || {
+            let mut cache = KvCache::default();
+            ours.forward(&mut cache, 0, &prompt, &|| false).unwrap();
+            cache
+        };
+        let ms = |t: std::time::Instant, passes: usize| t.elapsed().as_secs_f64() * 1000.0 / passes as f64;
+        println!("| threads | tokens | one prompt: ms a pass | conversations together: ms a pass |\n|---|---|---|---|");
+        for wide in [false, true] {
+            let threads = if wide { 2 } else { 1 };
+            let mut cache = read();
+            let t = std::time::Instant::now();
+            for i in 0..40 {
+                ours.forward(&mut cache, prompt.len() + i, &[700 + i as u32], &|| wide).unwrap();
+            }
+            println!("| {threads} | 1 | {:.1} | |", ms(t, 40));
+            for n in [2usize, 4, 8, 16] {
+                let tokens: Vec<u32> = (0..n as u32).map(|i| 900 + i).collect();
+                let t = std::time::Instant::now();
+                for _ in 0..10 {
+                    ours.forward(&mut cache, 140, &tokens, &|| wide).unwrap();
+                }
+                let prompt_ms = ms(t, 10);
+                let mut caches: Vec<KvCache> = (0..n).map(|_| read()).collect();
+                let t = std::time::Instant::now();
+                for i in 0..10 {
+                    let mut reads: Vec<Read> = caches.iter_mut().map(|cache| Read { cache, pos: prompt.len() + i, token: 800 + i as u32 }).collect();
+                    assert_eq!(ours.forward_batch(&mut reads, &|| wide).unwrap().len(), n);
+                }
+                println!("| {threads} | {n} | {prompt_ms:.1} | {:.1} |", ms(t, 10));
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_of_several_conversations_read_together_give_each_its_own_logits() {
+        let (_, ours) = both();
+        // Conversations of different lengths, so that every token sits at
+        // another position and attends to another cache.
+        let prompts: Vec<Vec<u32>> = [30u32, 57, 12].iter().map(|&n| (0..n).map(|i| 400 + i * 13 + n).collect()).collect();
+        let read = |prompt: &Vec<u32>| {
+            let mut cache = KvCache::default();
+            ours.forward(&mut cache, 0, prompt, &|| false).unwrap();
+            cache
+        };
+        let mut alone: Vec<KvCache> = prompts.iter().map(read).collect();
+        let mut together: Vec<KvCache> = prompts.iter().map(read).collect();
+        for step in 0..3u32 {
+            let tokens: Vec<u32> = (0..3).map(|c| 1000 * (c + 1) + step).collect();
+            let pos = |c: usize| prompts[c].len() + step as usize;
+            let expected: Vec<Vec<f32>> = (0..3).map(|c| ours.forward(&mut alone[c], pos(c), &[tokens[c]], &|| false).unwrap().to_vec1().unwrap()).collect();
+            let mut reads: Vec<Read> = together.iter_mut().enumerate().map(|(c, cache)| Read { cache, pos: pos(c), token: tokens[c] }).collect();
+            // The second step with the spare thread: rows are summed alike.
+            let got = ours.forward_batch(&mut reads, &|| step == 1).unwrap();
+            for (c, logits) in got.iter().enumerate() {
+                // Each row's products and the attention are the same sums in
+                // the same order whichever way the tokens come.
+                assert_eq!(logits.to_vec1::<f32>().unwrap(), expected[c], "conversation {c}, step {step}");
+            }
+        }
+        for (c, cache) in together.iter().enumerate() {
+            assert!(cache.holds(&[prompts[c].clone(), (0..3).map(|s| 1000 * (c as u32 + 1) + s).collect()].concat()));
+        }
+        // A position the cache does not reach is refused, as in `forward`.
+        let mut cache = KvCache::default();
+        let mut other = KvCache::default();
+        assert!(ours.forward_batch(&mut [Read { cache: &mut cache, pos: 3, token: 5 }, Read { cache: &mut other, pos: 0, token: 5 }], &|| false).is_err());
     }
 
     #[test]
