@@ -205,6 +205,19 @@ impl InferencePool {
         Extra { slots: taken }
     }
 
+    /// A job a caller waits for is queued that is due before work of
+    /// `urgency` (for work with slack: any such job). Work that can stop
+    /// between steps, such as replies read together, gives way to it.
+    pub fn urgent_waiting_before(&self, urgency: Urgency) -> bool {
+        let slots = self.lock();
+        let first = slots.now.iter().find(|(_, waiter)| !waiter.is_closed());
+        match (first, urgency) {
+            (None, _) => false,
+            (Some(_), Urgency::Later) => true,
+            (Some((since, _)), Urgency::Now(mine)) => *since < mine,
+        }
+    }
+
     /// Runs `job` once a slot is free for work of this `urgency`.
     pub async fn run<T: Send + 'static>(&self, urgency: Urgency, job: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
         let slot = self.take(urgency).await?;
@@ -259,13 +272,7 @@ mod tests {
             let (p, order) = (pool.clone(), order.clone());
             jobs.push(tokio::spawn(async move { p.run(urgency, move || order.lock().unwrap().push(name)).await.unwrap() }));
             // Queued in this order.
-            while {
-                let slots = pool.lock();
-                slots.now.len() + slots.later.len()
-            } < jobs.len()
-            {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            waiting(&pool, jobs.len()).await;
         }
         release.send(()).unwrap();
         holder.await.unwrap();
@@ -274,6 +281,46 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["now 1", "now 2", "later 1", "later 2"]);
         assert_eq!(pool.idle_slots(), 1);
+    }
+
+    /// Returns once `n` jobs wait for a slot.
+    async fn waiting(pool: &InferencePool, n: usize) {
+        while {
+            let slots = pool.lock();
+            slots.now.len() + slots.later.len()
+        } < n
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn running_work_learns_when_a_caller_due_before_it_waits() {
+        let pool = InferencePool::new(1);
+        let (release, holder) = hold(&pool).await;
+        let t0 = Instant::now();
+        let (early, late) = (Urgency::Now(t0), Urgency::Now(t0 + Duration::from_millis(300)));
+        assert!(!pool.urgent_waiting_before(Urgency::Later), "nobody waits");
+        let queue = |urgency: Urgency| {
+            let p = pool.clone();
+            tokio::spawn(async move { p.run(urgency, || ()).await })
+        };
+        let slack = queue(Urgency::Later);
+        waiting(&pool, 1).await;
+        assert!(!pool.urgent_waiting_before(Urgency::Later), "work with slack is no reason to give way");
+        let caller = queue(late);
+        waiting(&pool, 2).await;
+        assert!(pool.urgent_waiting_before(Urgency::Later));
+        assert!(pool.urgent_waiting_before(Urgency::Now(t0 + Duration::from_millis(400))), "for a caller due after it");
+        assert!(!pool.urgent_waiting_before(late), "not for a caller due at the same time");
+        assert!(!pool.urgent_waiting_before(early), "not for one due later");
+        // A waiter that gave up is nobody.
+        caller.abort();
+        let _ = caller.await;
+        assert!(!pool.urgent_waiting_before(Urgency::Later));
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        slack.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
