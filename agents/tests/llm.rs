@@ -124,6 +124,34 @@ async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_ca
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn replies_of_several_calls_are_read_together_and_each_says_what_it_would_alone() {
+    let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
+    let never = CancellationToken::new();
+    let long = Generation { max_tokens: 40, temperature: 0.0, top_p: 1.0 };
+    let questions = ["Tell me about your menu.", "Where exactly are you?", "Can I bring my two dogs and a cat?"];
+    let turn = |q: &str| vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, q)];
+    let alone: Vec<String> = questions.iter().map(|q| llm.generate_with(&mut llm.conversation(5), &turn(q), long, &never, |_| {}).unwrap().text).collect();
+    // One slot: while one reply's slice runs the others queue behind it,
+    // and the next job reads all of them.
+    let pool = InferencePool::new(1);
+    let replies: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let (pool, llm, messages) = (pool.clone(), llm.clone(), turn(q));
+            let conv = Arc::new(Mutex::new(llm.conversation(5)));
+            tokio::spawn(async move { generate_sliced(&pool, &llm, &conv, messages, long, &CancellationToken::new(), || Urgency::Later, None, |_| {}).await })
+        })
+        .collect();
+    let mut together = Vec::new();
+    for r in replies {
+        together.push(r.await.unwrap().unwrap().text);
+    }
+    assert_eq!(together, alone, "read together, each reply says what it says alone");
+    let (passes, tokens) = llm.queued_passes();
+    assert!(tokens > passes + passes / 2, "{tokens} tokens in {passes} passes: the replies were not read together");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_held_reply_stops_after_its_current_token_and_goes_on_when_released() {
     let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
     let pool = InferencePool::new(2);

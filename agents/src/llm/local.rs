@@ -7,21 +7,24 @@
 //! new tokens, so time to first token does not grow with the call. A reply
 //! that was thrown away (started on a guess of the caller's words, or cut
 //! off) is undone by going back to the state before it, not by reading the
-//! whole conversation again. The forward pass is [`super::llama`]'s.
+//! whole conversation again. Replies of several calls generated at the same
+//! time are read together, one token of each per pass over the weights
+//! ([`generate_sliced`]). The forward pass is [`super::llama`]'s.
 
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatMessage, ChatTemplate, Role};
-use super::llama::{KvCache, Llama};
+use super::llama::{KvCache, Llama, Read};
 use super::{tokenizer, MAX_REPLY_TOKENS};
 use crate::error::AgentError;
 use crate::pool::{InferencePool, Urgency};
@@ -46,6 +49,10 @@ const PREFILL_SLICE_TOKENS: usize = SLICE_TOKENS * 4;
 /// a slice's length): more means the conversation so far is not read yet,
 /// which the prefill or the reply will do.
 const LISTEN_TOKENS: usize = PREFILL_SLICE_TOKENS;
+/// Replies read in one pass at most (see [`LocalLlm::run_queued`]): more
+/// wait for the next pass, so that one slice stays a few hundred
+/// milliseconds of work.
+const MAX_BATCH: usize = 8;
 
 fn inference(e: candle_core::Error) -> AgentError {
     AgentError::Inference(format!("llm: {e}"))
@@ -60,6 +67,41 @@ pub struct LocalLlm {
     /// Whether a product may use a second core now (see
     /// [`LocalLlm::with_spare_core`]).
     spare_core: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Replies waiting for their next slice (see [`generate_sliced`]).
+    queued: Mutex<Vec<Queued>>,
+    /// Passes over the weights for queued replies, and the tokens they read.
+    passes: AtomicU64,
+    pass_tokens: AtomicU64,
+}
+
+/// A reply's text callback, boxed so that replies of several calls can wait
+/// in one queue.
+type OnText = Box<dyn FnMut(&str) + Send>;
+
+/// What a slice leaves: the reply, its callback, and whether it is over.
+type Sliced = (Box<Generating>, OnText, bool);
+
+/// What a reply's caller hears of a slice of it.
+enum Step {
+    /// The slice is over and the reply is back (over, or held).
+    Back(Sliced),
+    /// The reply went on and is queued for its next slice already (so that
+    /// the next job finds every reply of the slice, not only the first one
+    /// whose caller came back): it needs a pool job.
+    Queued,
+}
+
+/// A reply waiting for its next slice: whichever pool job runs first reads
+/// the next tokens of every reply waiting, together.
+struct Queued {
+    conv: Arc<Mutex<LocalConversation>>,
+    g: Box<Generating>,
+    on_text: OnText,
+    cancel: CancellationToken,
+    hold: Option<watch::Receiver<bool>>,
+    /// How soon its caller needs it, as it was queued.
+    urgency: Urgency,
+    tell: mpsc::UnboundedSender<Result<Step, AgentError>>,
 }
 
 /// A generated reply.
@@ -170,7 +212,7 @@ impl LocalLlm {
             .and_then(|v| v.to_u32().ok())
             .map_or(DEFAULT_CONTEXT, |c| (c as usize).min(DEFAULT_CONTEXT));
         let model = Llama::from_gguf(&content, &mut reader, &device).map_err(|e| AgentError::Model(format!("llm: {e}")))?;
-        Ok(LocalLlm { model, tokenizer, template, stop, context, spare_core: Box::new(|| false) })
+        Ok(LocalLlm { model, tokenizer, template, stop, context, spare_core: Box::new(|| false), queued: Mutex::new(Vec::new()), passes: AtomicU64::new(0), pass_tokens: AtomicU64::new(0) })
     }
 
     /// Lets the model's products use a second thread while `idle` says the
@@ -261,6 +303,13 @@ impl LocalLlm {
         self.count(&self.template.render(messages)?)
     }
 
+    /// Passes over the weights that read replies' queued slices, and the
+    /// tokens those passes read (more tokens than passes: replies of several
+    /// calls were read together).
+    pub fn queued_passes(&self) -> (u64, u64) {
+        (self.passes.load(Ordering::Relaxed), self.pass_tokens.load(Ordering::Relaxed))
+    }
+
     /// The context length in tokens (prompt and reply together).
     pub fn context(&self) -> usize {
         self.context
@@ -340,36 +389,161 @@ impl LocalLlm {
         cancel: &CancellationToken,
         mut on_text: impl FnMut(&str),
     ) -> Result<bool, AgentError> {
+        for _ in 0..tokens {
+            let Some(next) = self.choose(conv, g, cancel, &mut on_text)? else { break };
+            g.logits = Some(self.forward(conv, &[next])?);
+        }
+        Ok(Self::over(conv, g, cancel))
+    }
+
+    /// Picks `g`'s next token from its logits and passes on the text it
+    /// adds; the token is then to be read. None once the reply is over.
+    fn choose(&self, conv: &mut LocalConversation, g: &mut Generating, cancel: &CancellationToken, on_text: &mut impl FnMut(&str)) -> Result<Option<u32>, AgentError> {
         if conv.replies != g.owner {
             g.logits = None;
         }
-        for _ in 0..tokens {
-            let Some(logits) = g.logits.take() else { break };
-            if g.generated.len() >= g.budget || cancel.is_cancelled() {
-                break;
-            }
-            let start = g.generated.len().saturating_sub(REPEAT_WINDOW);
-            let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &g.generated[start..]).map_err(inference)?;
-            let next = g.sampler.sample(&penalised).map_err(inference)?;
-            if self.stop.contains(&next) {
-                break;
-            }
-            g.generated.push(next);
-            let text = self.tokenizer.decode(&g.generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
-            // Hold back an incomplete UTF-8 sequence until its next byte.
-            if !text.ends_with('\u{FFFD}') && text.len() > g.text.len() {
-                let new = &text[g.text.len()..];
-                on_text(new);
-                conv.text.push_str(new);
-                g.text = text;
-            }
-            g.logits = Some(self.forward(conv, &[next])?);
+        let Some(logits) = g.logits.take() else { return Ok(None) };
+        if g.generated.len() >= g.budget || cancel.is_cancelled() {
+            return Ok(None);
         }
+        let start = g.generated.len().saturating_sub(REPEAT_WINDOW);
+        let penalised = candle_transformers::utils::apply_repeat_penalty(&logits, REPEAT_PENALTY, &g.generated[start..]).map_err(inference)?;
+        let next = g.sampler.sample(&penalised).map_err(inference)?;
+        if self.stop.contains(&next) {
+            return Ok(None);
+        }
+        g.generated.push(next);
+        let text = self.tokenizer.decode(&g.generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        // Hold back an incomplete UTF-8 sequence until its next byte.
+        if !text.ends_with('\u{FFFD}') && text.len() > g.text.len() {
+            let new = &text[g.text.len()..];
+            on_text(new);
+            conv.text.push_str(new);
+            g.text = text;
+        }
+        Ok(Some(next))
+    }
+
+    /// The reply is over (an end token, the budget, `cancel`, or another
+    /// reply took the conversation); the conversation is then free.
+    fn over(conv: &mut LocalConversation, g: &Generating, cancel: &CancellationToken) -> bool {
         let over = g.logits.is_none() || g.generated.len() >= g.budget || cancel.is_cancelled();
         if over && conv.replies == g.owner {
             conv.generating = false;
         }
-        Ok(over)
+        over
+    }
+
+    /// Runs the next slice of every reply queued (see [`generate_sliced`]);
+    /// `give_way(u)`: a job more urgent than work of urgency `u` waits.
+    fn run_queued(&self, give_way: &dyn Fn(Urgency) -> bool) {
+        let mut queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
+        while !queued.is_empty() {
+            // Two replies of one conversation (one of them replaced, ending)
+            // cannot both hold it: the later one goes in the next round.
+            let mut round = Vec::new();
+            let mut rest = Vec::new();
+            for q in queued {
+                if round.len() == MAX_BATCH || round.iter().any(|r: &Queued| Arc::ptr_eq(&r.conv, &q.conv)) {
+                    rest.push(q);
+                } else {
+                    round.push(q);
+                }
+            }
+            self.slice_together(round, give_way);
+            queued = rest;
+        }
+    }
+
+    /// Up to [`SLICE_TOKENS`] tokens of each of `replies`, one token of each
+    /// per forward pass ([`Llama::forward_batch`]): the weights are read
+    /// from memory once for all of them. A reply whose caller holds it, or
+    /// that ends, leaves the pass; each is handed back when its slice is
+    /// over. A pass of several replies takes longer than one's, so the
+    /// slice ends early, after any pass, when `give_way` says that a job due
+    /// before the most urgent of them waits for the core.
+    fn slice_together(&self, mut replies: Vec<Queued>, give_way: &dyn Fn(Urgency) -> bool) {
+        // Locked in one order (by address) whichever job takes them, so two
+        // jobs never wait for each other's conversations.
+        replies.sort_by_key(|r| Arc::as_ptr(&r.conv) as usize);
+        let held: Vec<_> = replies.iter().map(|r| r.conv.clone()).collect();
+        let mut convs: Vec<_> = held.iter().map(|c| c.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let most_urgent = replies.iter().map(|r| r.urgency).fold(Urgency::Later, |a, b| match (a, b) {
+            (Urgency::Now(x), Urgency::Now(y)) => Urgency::Now(x.min(y)),
+            (Urgency::Now(_), Urgency::Later) => a,
+            (Urgency::Later, _) => b,
+        });
+        let mut active = vec![true; replies.len()];
+        let mut result: Result<(), AgentError> = Ok(());
+        let (started, mut passes, mut tokens) = (std::time::Instant::now(), 0, 0);
+        for _ in 0..SLICE_TOKENS {
+            let mut next = Vec::new();
+            for (i, r) in replies.iter_mut().enumerate() {
+                if !active[i] {
+                    continue;
+                }
+                match self.choose(&mut convs[i], &mut r.g, &r.cancel, &mut r.on_text) {
+                    Ok(Some(token)) => next.push((i, token)),
+                    Ok(None) => active[i] = false,
+                    Err(e) => result = Err(e),
+                }
+            }
+            if next.is_empty() || result.is_err() {
+                break;
+            }
+            let mut picks = next.iter().peekable();
+            let mut reads = Vec::with_capacity(next.len());
+            for (i, conv) in convs.iter_mut().enumerate() {
+                if let Some(&(_, token)) = picks.next_if(|(j, _)| *j == i) {
+                    let pos = conv.read;
+                    reads.push(Read { cache: &mut conv.cache, pos, token });
+                }
+            }
+            match self.model.forward_batch(&mut reads, &*self.spare_core) {
+                Ok(logits) => {
+                    self.passes.fetch_add(1, Ordering::Relaxed);
+                    self.pass_tokens.fetch_add(logits.len() as u64, Ordering::Relaxed);
+                    (passes, tokens) = (passes + 1, tokens + logits.len());
+                    for (&(i, _), logits) in next.iter().zip(logits) {
+                        convs[i].read += 1;
+                        replies[i].g.logits = Some(logits);
+                        if replies[i].hold.as_ref().is_some_and(|h| *h.borrow()) {
+                            active[i] = false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    result = Err(inference(e));
+                    break;
+                }
+            }
+            if give_way(most_urgent) {
+                break;
+            }
+        }
+        tracing::debug!(replies = replies.len(), passes, tokens, elapsed_ms = started.elapsed().as_millis() as u64, "replies' slice read together");
+        let mut going_on = Vec::new();
+        for (r, conv) in replies.into_iter().zip(convs.iter_mut()) {
+            let step = match &result {
+                Ok(()) => {
+                    let over = Self::over(conv, &r.g, &r.cancel);
+                    // A reply whose caller has gone is dropped here.
+                    if !over && !r.hold.as_ref().is_some_and(|h| *h.borrow()) && !r.tell.is_closed() {
+                        going_on.push(r);
+                        continue;
+                    }
+                    Ok(Step::Back((r.g, r.on_text, over)))
+                }
+                Err(AgentError::Inference(e)) => Err(AgentError::Inference(e.clone())),
+                Err(e) => Err(AgentError::Inference(e.to_string())),
+            };
+            let _ = r.tell.send(step);
+        }
+        let tells: Vec<_> = going_on.iter().map(|r| r.tell.clone()).collect();
+        self.queued.lock().unwrap_or_else(|p| p.into_inner()).extend(going_on);
+        for tell in tells {
+            let _ = tell.send(Ok(Step::Queued));
+        }
     }
 
     /// Reads the first `words` of the caller's turn, still being spoken (a
@@ -437,6 +611,14 @@ impl LocalLlm {
 /// pauses: the slice running ends after its current token and the next
 /// waits (the caller needs the cores for something more urgent, such as
 /// voicing the text already out).
+///
+/// The first slice reads the prompt. Each later one waits in the model's
+/// queue with those of other calls' replies, and the first of their pool
+/// jobs to run reads them all, one token of each per pass over the weights
+/// ([`Llama::forward_batch`]): a pass over four calls' tokens takes about
+/// twice as long as one over a single token, not four times. The jobs that
+/// find the queue emptied end at once. While a caller due before the
+/// replies read waits for the core, the slice ends after its current pass.
 #[allow(clippy::too_many_arguments)]
 pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     pool: &InferencePool,
@@ -449,35 +631,46 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     mut hold: Option<watch::Receiver<bool>>,
     on_text: F,
 ) -> Result<Reply, AgentError> {
-    let mut next = Slice::Start(messages, on_text);
-    loop {
+    if let Some(h) = hold.as_mut() {
+        // A dropped sender holds nothing.
+        let _ = h.wait_for(|held| !held).await;
+    }
+    let (l, c, stop, held) = (llm.clone(), conv.clone(), cancel.clone(), hold.clone());
+    let mut on_text: OnText = Box::new(on_text);
+    let (mut g, mut on_text, mut done) = pool
+        .run(urgency(), move || {
+            let mut conv = c.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = Box::new(l.start(&mut conv, &messages, opts)?);
+            let mut done = false;
+            for _ in 0..SLICE_TOKENS {
+                done = l.step(&mut conv, &mut g, 1, &stop, &mut on_text)?;
+                if done || held.as_ref().is_some_and(|h| *h.borrow()) {
+                    break;
+                }
+            }
+            Ok::<Sliced, AgentError>((g, on_text, done))
+        })
+        .await??;
+    let (tell, mut told) = mpsc::unbounded_channel();
+    while !done {
         if let Some(h) = hold.as_mut() {
-            // A dropped sender holds nothing.
             let _ = h.wait_for(|held| !held).await;
         }
-        let (llm, conv, cancel, held) = (llm.clone(), conv.clone(), cancel.clone(), hold.clone());
-        let (g, on_text, done) = pool
-            .run(urgency(), move || {
-                let mut conv = conv.lock().unwrap_or_else(|p| p.into_inner());
-                let (mut g, mut on_text) = match next {
-                    Slice::Start(messages, on_text) => (Box::new(llm.start(&mut conv, &messages, opts)?), on_text),
-                    Slice::GoOn(g, on_text) => (g, on_text),
-                };
-                let mut done = false;
-                for _ in 0..SLICE_TOKENS {
-                    done = llm.step(&mut conv, &mut g, 1, &cancel, &mut on_text)?;
-                    if done || held.as_ref().is_some_and(|h| *h.borrow()) {
-                        break;
-                    }
+        let queued = Queued { conv: conv.clone(), g, on_text, cancel: cancel.clone(), hold: hold.clone(), urgency: urgency(), tell: tell.clone() };
+        llm.queued.lock().unwrap_or_else(|p| p.into_inner()).push(queued);
+        loop {
+            let (l, p) = (llm.clone(), pool.clone());
+            pool.run(urgency(), move || l.run_queued(&|u| p.urgent_waiting_before(u))).await?;
+            match told.recv().await.ok_or(AgentError::Closed)?? {
+                Step::Queued => continue,
+                Step::Back(sliced) => {
+                    (g, on_text, done) = sliced;
+                    break;
                 }
-                Ok::<_, AgentError>((g, on_text, done))
-            })
-            .await??;
-        if done {
-            return Ok(g.reply());
+            }
         }
-        next = Slice::GoOn(g, on_text);
     }
+    Ok(g.reply())
 }
 
 /// Runs the model over the conversation so far (the system prompt) ahead
@@ -515,12 +708,6 @@ pub async fn prefill(pool: &InferencePool, llm: &Arc<LocalLlm>, conv: &Arc<Mutex
         }
     }
     Ok(())
-}
-
-/// What the next slice of [`generate_sliced`] does.
-enum Slice<F> {
-    Start(Vec<ChatMessage>, F),
-    GoOn(Box<Generating>, F),
 }
 
 impl LocalConversation {
