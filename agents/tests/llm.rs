@@ -127,8 +127,20 @@ async fn a_prompt_read_while_ringing_in_slices_leaves_the_first_turn_only_the_ca
 async fn replies_of_several_calls_are_read_together_and_each_says_what_it_would_alone() {
     let llm = Arc::new(LocalLlm::load(&common::models().llm).expect("the local LLM loads"));
     let never = CancellationToken::new();
-    let long = Generation { max_tokens: 40, temperature: 0.0, top_p: 1.0 };
-    let questions = ["Tell me about your menu.", "Where exactly are you?", "Can I bring my two dogs and a cat?"];
+    let long = Generation { max_tokens: 24, temperature: 0.0, top_p: 1.0 };
+    // More replies than one pass reads (eight): the rest wait for the next.
+    let questions = [
+        "Tell me about your menu.",
+        "Where exactly are you?",
+        "Can I bring my two dogs and a cat?",
+        "Do you have a table for two tonight?",
+        "What are your opening hours?",
+        "Is there parking nearby?",
+        "Do you serve vegan food?",
+        "How much is a pizza?",
+        "Can I book for my birthday?",
+        "Do you deliver?",
+    ];
     let turn = |q: &str| vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::User, q)];
     let alone: Vec<String> = questions.iter().map(|q| llm.generate_with(&mut llm.conversation(5), &turn(q), long, &never, |_| {}).unwrap().text).collect();
     // One slot: while one reply's slice runs the others queue behind it,

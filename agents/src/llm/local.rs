@@ -50,7 +50,7 @@ const PREFILL_SLICE_TOKENS: usize = SLICE_TOKENS * 4;
 /// which the prefill or the reply will do.
 const LISTEN_TOKENS: usize = PREFILL_SLICE_TOKENS;
 /// Replies read in one pass at most (see [`LocalLlm::run_queued`]): more
-/// wait for the next pass, so that one slice stays a few hundred
+/// wait for the next job, so that one slice stays a few hundred
 /// milliseconds of work.
 const MAX_BATCH: usize = 8;
 
@@ -99,7 +99,8 @@ struct Queued {
     on_text: OnText,
     cancel: CancellationToken,
     hold: Option<watch::Receiver<bool>>,
-    /// How soon its caller needs it, as it was queued.
+    /// How soon its caller needs it, as it was queued (a reply queued
+    /// again by its slice keeps it).
     urgency: Urgency,
     tell: mpsc::UnboundedSender<Result<Step, AgentError>>,
 }
@@ -434,24 +435,36 @@ impl LocalLlm {
         over
     }
 
-    /// Runs the next slice of every reply queued (see [`generate_sliced`]);
-    /// `give_way(u)`: a job more urgent than work of urgency `u` waits.
+    /// Runs the next slice of the replies queued (see [`generate_sliced`]),
+    /// up to [`MAX_BATCH`] of them; `give_way(u)`: a job more urgent than
+    /// work of urgency `u` waits.
     fn run_queued(&self, give_way: &dyn Fn(Urgency) -> bool) {
-        let mut queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
-        while !queued.is_empty() {
+        let mut round: Vec<Queued> = Vec::new();
+        let mut rest = Vec::new();
+        for q in std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner())) {
             // Two replies of one conversation (one of them replaced, ending)
-            // cannot both hold it: the later one goes in the next round.
-            let mut round = Vec::new();
-            let mut rest = Vec::new();
-            for q in queued {
-                if round.len() == MAX_BATCH || round.iter().any(|r: &Queued| Arc::ptr_eq(&r.conv, &q.conv)) {
-                    rest.push(q);
-                } else {
-                    round.push(q);
-                }
+            // cannot both hold it: the later one waits, as do those past
+            // the most one pass reads.
+            if round.len() == MAX_BATCH || round.iter().any(|r| Arc::ptr_eq(&r.conv, &q.conv)) {
+                rest.push(q);
+            } else {
+                round.push(q);
             }
+        }
+        // Back in the queue, each with a job of its own to come.
+        self.requeue(rest);
+        if !round.is_empty() {
             self.slice_together(round, give_way);
-            queued = rest;
+        }
+    }
+
+    /// Puts `replies` back in the queue, then tells their callers so that
+    /// each queues a pool job for it (the jobs that took them are over).
+    fn requeue(&self, replies: Vec<Queued>) {
+        let tells: Vec<_> = replies.iter().map(|r| r.tell.clone()).collect();
+        self.queued.lock().unwrap_or_else(|p| p.into_inner()).extend(replies);
+        for tell in tells {
+            let _ = tell.send(Ok(Step::Queued));
         }
     }
 
@@ -466,8 +479,8 @@ impl LocalLlm {
         // Locked in one order (by address) whichever job takes them, so two
         // jobs never wait for each other's conversations.
         replies.sort_by_key(|r| Arc::as_ptr(&r.conv) as usize);
-        let held: Vec<_> = replies.iter().map(|r| r.conv.clone()).collect();
-        let mut convs: Vec<_> = held.iter().map(|c| c.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let shared: Vec<_> = replies.iter().map(|r| r.conv.clone()).collect();
+        let mut convs: Vec<_> = shared.iter().map(|c| c.lock().unwrap_or_else(|p| p.into_inner())).collect();
         let most_urgent = replies.iter().map(|r| r.urgency).fold(Urgency::Later, |a, b| match (a, b) {
             (Urgency::Now(x), Urgency::Now(y)) => Urgency::Now(x.min(y)),
             (Urgency::Now(_), Urgency::Later) => a,
@@ -527,8 +540,14 @@ impl LocalLlm {
             let step = match &result {
                 Ok(()) => {
                     let over = Self::over(conv, &r.g, &r.cancel);
-                    // A reply whose caller has gone is dropped here.
-                    if !over && !r.hold.as_ref().is_some_and(|h| *h.borrow()) && !r.tell.is_closed() {
+                    if r.tell.is_closed() {
+                        // Its caller has gone: the reply ends here.
+                        if conv.replies == r.g.owner {
+                            conv.generating = false;
+                        }
+                        continue;
+                    }
+                    if !over && !r.hold.as_ref().is_some_and(|h| *h.borrow()) {
                         going_on.push(r);
                         continue;
                     }
@@ -539,11 +558,8 @@ impl LocalLlm {
             };
             let _ = r.tell.send(step);
         }
-        let tells: Vec<_> = going_on.iter().map(|r| r.tell.clone()).collect();
-        self.queued.lock().unwrap_or_else(|p| p.into_inner()).extend(going_on);
-        for tell in tells {
-            let _ = tell.send(Ok(Step::Queued));
-        }
+        drop(convs);
+        self.requeue(going_on);
     }
 
     /// Reads the first `words` of the caller's turn, still being spoken (a
