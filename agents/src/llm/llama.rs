@@ -174,29 +174,14 @@ impl Llama {
     /// product at most, not for the rest of a prompt slice.
     pub fn forward(&self, cache: &mut KvCache, pos: usize, tokens: &[u32], wide: &dyn Fn() -> bool) -> Result<Tensor> {
         let seq = tokens.len();
-        if seq == 0 || pos > cache.written.len() {
-            candle_core::bail!("forward of {seq} tokens at {pos} on a cache holding {}", cache.written.len());
-        }
+        self.begin(cache, pos, seq)?;
         let end = pos + seq;
-        if end > MAX_POSITIONS {
-            candle_core::bail!("{end} positions exceed the model's {MAX_POSITIONS}");
-        }
-        // Whatever happens below, the cache holds nothing from `pos` on
-        // until this pass is complete.
-        cache.written.truncate(pos);
-        self.reserve(cache, end)?;
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mask = if seq > 1 { Some(causal_mask(seq, pos, &self.device)?) } else { None };
         let (cos, sin) = (self.cos.narrow(0, pos, seq)?, self.sin.narrow(0, pos, seq)?);
         let mut x = self.embeddings.forward(&input)?;
         for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&cache.layers) {
-            let h = layer.attention_norm.forward(&x)?;
-            let [q, k, v] = self.products(wide, &h, [&layer.wq, &layer.wk, &layer.wv])?;
-            let q = self.heads_of(&q, self.heads, seq)?;
-            let k = self.heads_of(&k, self.kv_heads, seq)?;
-            let v = self.heads_of(&v, self.kv_heads, seq)?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            let (q, k, v) = self.queries_keys_values(wide, layer, &x, &cos, &sin)?;
             k_cache.slice_set(&k, 2, pos)?;
             v_cache.slice_set(&v, 2, pos)?;
             let attended = if seq == 1 && self.device.is_cpu() {
@@ -204,12 +189,7 @@ impl Llama {
             } else {
                 self.attend(&q, k_cache, v_cache, end, seq, mask.as_ref())?
             };
-            let [out] = self.products(wide, &attended, [&layer.wo])?;
-            let x1 = (out + &x)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = self.products(wide, &h, [&layer.gate, &layer.up])?;
-            let [mlp] = self.products(wide, &(candle_nn::ops::silu(&gate)? * up)?, [&layer.down])?;
-            x = (mlp + x1)?;
+            x = self.after_attention(wide, layer, &x, &attended)?;
         }
         let last = self.norm.forward(&x)?.i((.., seq - 1..seq, ..))?;
         let [logits] = self.products(wide, &last, [&self.output])?;
@@ -228,26 +208,17 @@ impl Llama {
             return reads.iter_mut().map(|r| self.forward(r.cache, r.pos, &[r.token], wide)).collect();
         }
         for r in reads.iter_mut() {
-            if r.pos > r.cache.written.len() || r.pos + 1 > MAX_POSITIONS {
-                candle_core::bail!("a token at {} on a cache holding {}", r.pos, r.cache.written.len());
-            }
-            // As in `forward`: nothing from `pos` on until the pass is done.
-            r.cache.written.truncate(r.pos);
-            self.reserve(r.cache, r.pos + 1)?;
+            self.begin(r.cache, r.pos, 1)?;
         }
         let n = reads.len();
         let tokens: Vec<u32> = reads.iter().map(|r| r.token).collect();
         let positions = Tensor::new(reads.iter().map(|r| r.pos as u32).collect::<Vec<_>>(), &self.device)?;
+        // The tokens stand where a prompt's positions would: rotated each by
+        // its own position's angles.
         let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
         let mut x = self.embeddings.forward(&Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(0)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.attention_norm.forward(&x)?;
-            let [q, k, v] = self.products(wide, &h, [&layer.wq, &layer.wk, &layer.wv])?;
-            // The tokens stand where a prompt's positions would: rotated
-            // each by its own position's angles.
-            let q = candle_nn::rotary_emb::rope_i(&self.heads_of(&q, self.heads, n)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&self.heads_of(&k, self.kv_heads, n)?, &cos, &sin)?;
-            let v = self.heads_of(&v, self.kv_heads, n)?;
+            let (q, k, v) = self.queries_keys_values(wide, layer, &x, &cos, &sin)?;
             let mut attended = Vec::with_capacity(n);
             for (i, r) in reads.iter().enumerate() {
                 let (k_cache, v_cache) = &r.cache.layers[l];
@@ -255,12 +226,7 @@ impl Llama {
                 v_cache.slice_set(&v.narrow(2, i, 1)?.contiguous()?, 2, r.pos)?;
                 attended.push(self.attend_one(&q.narrow(2, i, 1)?, k_cache, v_cache, r.pos + 1, r.cache.capacity)?);
             }
-            let [out] = self.products(wide, &Tensor::cat(&attended, 1)?, [&layer.wo])?;
-            let x1 = (out + &x)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let [gate, up] = self.products(wide, &h, [&layer.gate, &layer.up])?;
-            let [mlp] = self.products(wide, &(candle_nn::ops::silu(&gate)? * up)?, [&layer.down])?;
-            x = (mlp + x1)?;
+            x = self.after_attention(wide, layer, &x, &Tensor::cat(&attended, 1)?)?;
         }
         let [logits] = self.products(wide, &self.norm.forward(&x)?, [&self.output])?;
         let mut out = Vec::with_capacity(n);
@@ -269,6 +235,45 @@ impl Llama {
             r.cache.written.push(r.token);
         }
         Ok(out)
+    }
+
+    /// Checks that `seq` tokens fit at `pos` of `cache` and makes room for
+    /// them. Whatever happens after, the cache holds nothing from `pos` on
+    /// until the pass is complete.
+    fn begin(&self, cache: &mut KvCache, pos: usize, seq: usize) -> Result<()> {
+        if seq == 0 || pos > cache.written.len() {
+            candle_core::bail!("forward of {seq} tokens at {pos} on a cache holding {}", cache.written.len());
+        }
+        let end = pos + seq;
+        if end > MAX_POSITIONS {
+            candle_core::bail!("{end} positions exceed the model's {MAX_POSITIONS}");
+        }
+        cache.written.truncate(pos);
+        self.reserve(cache, end)
+    }
+
+    /// A layer's queries, keys and values for the rows of `x` (1, rows,
+    /// hidden), as (1, heads, rows, head_dim), queries and keys rotated by
+    /// `cos`/`sin` (one row of angles per row of `x`).
+    fn queries_keys_values(&self, wide: &dyn Fn() -> bool, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let rows = x.dim(1)?;
+        let h = layer.attention_norm.forward(x)?;
+        let [q, k, v] = self.products(wide, &h, [&layer.wq, &layer.wk, &layer.wv])?;
+        let q = candle_nn::rotary_emb::rope_i(&self.heads_of(&q, self.heads, rows)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&self.heads_of(&k, self.kv_heads, rows)?, cos, sin)?;
+        Ok((q, k, self.heads_of(&v, self.kv_heads, rows)?))
+    }
+
+    /// The rest of a layer once its attention is `attended` (1, rows,
+    /// hidden): the output product and the feed-forward, each added to
+    /// what came in. Returns the layer's output.
+    fn after_attention(&self, wide: &dyn Fn() -> bool, layer: &Layer, x: &Tensor, attended: &Tensor) -> Result<Tensor> {
+        let [out] = self.products(wide, attended, [&layer.wo])?;
+        let x1 = (out + x)?;
+        let h = layer.ffn_norm.forward(&x1)?;
+        let [gate, up] = self.products(wide, &h, [&layer.gate, &layer.up])?;
+        let [mlp] = self.products(wide, &(candle_nn::ops::silu(&gate)? * up)?, [&layer.down])?;
+        mlp + x1
     }
 
     /// `x` (1, tokens, cols) times each of `weights`, as (1, tokens,
