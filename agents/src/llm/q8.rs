@@ -207,20 +207,22 @@ macro_rules! q8_kernels {
                 [sum(acc[0]), sum(acc[1]), sum(acc[2]), sum(acc[3])]
             }
 
-            /// Dots of the weight row `w` with each of `N` tokens (`xs`,
-            /// their blocks' scales as f32 in `xd`): each weight block is
+            /// Dots of the weight row `w` with each of the first `N` tokens
+            /// of `xs` (token after token, their blocks' scales as f32 in
+            /// `xd`, laid out alike) into `out`: each weight block is
             /// loaded and its scale converted once for all of them, and
             /// nothing is computed twice (a group of four filled up with
             /// copies of its last token did that for two and three).
             #[target_feature(enable = $features)]
             #[inline]
-            fn row_tokens<const N: usize>(w: &[Block], xs: [&[Block]; N], xd: [&[f32]; N], ahead: &[Block]) -> [f32; N] {
+            fn row_tokens<const N: usize>(w: &[Block], xs: &[Block], xd: &[f32], ahead: &[Block], out: &mut [f32]) {
                 let mut acc = [_mm256_setzero_ps(); N];
                 let blocks = w.len();
-                assert!(xs.iter().all(|x| x.len() == blocks) && xd.iter().all(|d| d.len() == blocks));
+                assert!(xs.len() >= N * blocks && xd.len() >= N * blocks && out.len() == N);
                 for k in 0..blocks {
-                    // SAFETY: k < blocks, the length of every slice (checked
-                    // above); qs is 32 bytes; the loads are unaligned.
+                    // SAFETY: k + i * blocks < N * blocks, within both token
+                    // slices (checked above); qs is 32 bytes; the loads are
+                    // unaligned.
                     let wb = unsafe { w.get_unchecked(k) };
                     if let Some(next) = ahead.get(k) {
                         _mm_prefetch::<_MM_HINT_T0>(next as *const Block as *const i8);
@@ -229,14 +231,16 @@ macro_rules! q8_kernels {
                     let abs_w = _mm256_sign_epi8(wv, wv);
                     let dw = scale(wb.d);
                     for i in 0..N {
-                        let (xb, d) = unsafe { (xs[i].get_unchecked(k), *xd[i].get_unchecked(k)) };
+                        let (xb, d) = unsafe { (xs.get_unchecked(i * blocks + k), *xd.get_unchecked(i * blocks + k)) };
                         let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
                         let ($abs, $signed) = (abs_w, _mm256_sign_epi8(xv, wv));
                         let dot = _mm256_cvtepi32_ps($sums);
                         acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d), dot, acc[i]);
                     }
                 }
-                std::array::from_fn(|i| sum(acc[i]))
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = sum(a);
+                }
             }
 
             /// See `super::dot_chunk`. One token: four weight rows at a time
@@ -263,7 +267,6 @@ macro_rules! q8_kernels {
                 } else {
                     // The tokens' scales once per chunk, not once per row.
                     let xd: Vec<f32> = xs.iter().map(|b| scale(b.d)).collect();
-                    let scales = |t: usize| &xd[t * row_blocks..(t + 1) * row_blocks];
                     const AHEAD: usize = 2;
                     for r in rows.clone() {
                         let ahead = w.get((r + AHEAD) * row_blocks..((r + AHEAD + 1) * row_blocks).min(w.len())).unwrap_or(&[]);
@@ -271,12 +274,12 @@ macro_rules! q8_kernels {
                             // The next row is on its way by the first group's end.
                             let ahead = if t == 0 { ahead } else { &[] };
                             let at = (r - rows.start) * tokens + t;
-                            let out = &mut out[at..at + n];
+                            let (xs, xd, out) = (&xs[t * row_blocks..], &xd[t * row_blocks..], &mut out[at..at + n]);
                             match n {
-                                4 => out.copy_from_slice(&row_tokens::<4>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
-                                3 => out.copy_from_slice(&row_tokens::<3>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
-                                2 => out.copy_from_slice(&row_tokens::<2>(row(r), std::array::from_fn(|i| token(t + i)), std::array::from_fn(|i| scales(t + i)), ahead)),
-                                _ => out.copy_from_slice(&row_tokens::<1>(row(r), [token(t)], [scales(t)], ahead)),
+                                4 => row_tokens::<4>(row(r), xs, xd, ahead, out),
+                                3 => row_tokens::<3>(row(r), xs, xd, ahead, out),
+                                2 => row_tokens::<2>(row(r), xs, xd, ahead, out),
+                                _ => row_tokens::<1>(row(r), xs, xd, ahead, out),
                             }
                         }
                     }
