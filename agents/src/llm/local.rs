@@ -520,7 +520,7 @@ impl LocalLlm {
                     for (&(i, _), logits) in next.iter().zip(logits) {
                         convs[i].read += 1;
                         replies[i].g.logits = Some(logits);
-                        if replies[i].hold.as_ref().is_some_and(|h| *h.borrow()) {
+                        if held(&replies[i].hold) {
                             active[i] = false;
                         }
                     }
@@ -547,7 +547,7 @@ impl LocalLlm {
                         }
                         continue;
                     }
-                    if !over && !r.hold.as_ref().is_some_and(|h| *h.borrow()) {
+                    if !over && !held(&r.hold) {
                         going_on.push(r);
                         continue;
                     }
@@ -647,11 +647,8 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
     mut hold: Option<watch::Receiver<bool>>,
     on_text: F,
 ) -> Result<Reply, AgentError> {
-    if let Some(h) = hold.as_mut() {
-        // A dropped sender holds nothing.
-        let _ = h.wait_for(|held| !held).await;
-    }
-    let (l, c, stop, held) = (llm.clone(), conv.clone(), cancel.clone(), hold.clone());
+    released(&mut hold).await;
+    let (l, c, stop, first_hold) = (llm.clone(), conv.clone(), cancel.clone(), hold.clone());
     let mut on_text: OnText = Box::new(on_text);
     let (mut g, mut on_text, mut done) = pool
         .run(urgency(), move || {
@@ -660,7 +657,7 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
             let mut done = false;
             for _ in 0..SLICE_TOKENS {
                 done = l.step(&mut conv, &mut g, 1, &stop, &mut on_text)?;
-                if done || held.as_ref().is_some_and(|h| *h.borrow()) {
+                if done || held(&first_hold) {
                     break;
                 }
             }
@@ -669,9 +666,7 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
         .await??;
     let (tell, mut told) = mpsc::unbounded_channel();
     while !done {
-        if let Some(h) = hold.as_mut() {
-            let _ = h.wait_for(|held| !held).await;
-        }
+        released(&mut hold).await;
         let queued = Queued { conv: conv.clone(), g, on_text, cancel: cancel.clone(), hold: hold.clone(), urgency: urgency(), tell: tell.clone() };
         llm.queued.lock().unwrap_or_else(|p| p.into_inner()).push(queued);
         loop {
@@ -687,6 +682,19 @@ pub async fn generate_sliced<F: FnMut(&str) + Send + 'static>(
         }
     }
     Ok(g.reply())
+}
+
+/// The reply's caller holds it now (see [`generate_sliced`]).
+fn held(hold: &Option<watch::Receiver<bool>>) -> bool {
+    hold.as_ref().is_some_and(|h| *h.borrow())
+}
+
+/// Returns once the reply's caller does not hold it (at once without a
+/// hold; a dropped sender holds nothing).
+async fn released(hold: &mut Option<watch::Receiver<bool>>) {
+    if let Some(h) = hold.as_mut() {
+        let _ = h.wait_for(|held| !held).await;
+    }
 }
 
 /// Runs the model over the conversation so far (the system prompt) ahead
