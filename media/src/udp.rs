@@ -151,8 +151,15 @@ mod tests {
 
     use super::*;
 
+    /// A socket with receive timestamps on. The kernel stamps datagrams
+    /// only while some socket asks for it, and turns that on a moment after
+    /// the first one does (deferred work); until then a datagram is stamped
+    /// when it is read. The other tests' sockets come and go, so each waits
+    /// for its own request to take effect.
     async fn bound() -> TickSocket {
-        TickSocket::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap()
+        let socket = TickSocket::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket
     }
 
     #[tokio::test]
