@@ -2,8 +2,9 @@
 //! about what it hears.
 //!
 //! All times are taken at the wire: a packet's arrival (`AudioFrame::
-//! received_at`) for what we hear, the first and last packet of a spurt
-//! leaving (`MediaEvent::PlayoutStarted`/`PlayoutEnded`) for what we say.
+//! arrived_at`, the kernel's receive time, before our jitter buffer's wait)
+//! for what we hear, the first and last packet of a spurt leaving
+//! (`MediaEvent::PlayoutStarted`/`PlayoutEnded`) for what we say.
 //! Agent audio is told from silence by its level: voxgate sends digital
 //! silence between spurts, so a frame is speech when its mean level is above
 //! [`LOUD`].
@@ -251,7 +252,7 @@ struct Ear {
 
 impl Ear {
     fn hear(&mut self, frame: &AudioFrame) -> Option<Instant> {
-        let at = frame.received_at?;
+        let at = frame.arrived_at?;
         let level = frame.pcm.iter().map(|s| u64::from(s.unsigned_abs())).sum::<u64>() / frame.pcm.len().max(1) as u64;
         if level <= u64::from(LOUD) {
             return None;
@@ -396,7 +397,7 @@ mod tests {
     use crate::options::tests::parse;
 
     fn frame(at: Instant, level: i16) -> AudioFrame {
-        AudioFrame { pcm: vec![level; 320], received_at: Some(at) }
+        AudioFrame { pcm: vec![level; 320], received_at: Some(at), arrived_at: Some(at) }
     }
 
     #[test]
@@ -406,7 +407,7 @@ mod tests {
         assert_eq!(ear.hear(&frame(t0, 0)), None);
         assert_eq!(ear.hear(&frame(t0, 300)), None);
         assert_eq!(ear.hear(&frame(t0, -3000)), Some(t0));
-        assert_eq!(ear.hear(&AudioFrame { pcm: vec![3000; 320], received_at: None }), None, "concealment is not heard");
+        assert_eq!(ear.hear(&AudioFrame { pcm: vec![3000; 320], received_at: None, arrived_at: None }), None, "concealment is not heard");
         assert!(ear.talking(t0 + Duration::from_millis(100)));
         assert!(!ear.talking(t0 + Duration::from_millis(300)));
     }
@@ -443,7 +444,7 @@ mod tests {
         let t = tone(BURST);
         assert_eq!(t.len(), 3200);
         let mut ear = Ear::default();
-        assert!(ear.hear(&AudioFrame { pcm: t[..320].to_vec(), received_at: Some(Instant::now()) }).is_some());
+        assert!(ear.hear(&AudioFrame { pcm: t[..320].to_vec(), received_at: Some(Instant::now()), arrived_at: Some(Instant::now()) }).is_some());
     }
 
     #[tokio::test]

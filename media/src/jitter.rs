@@ -82,7 +82,8 @@ pub struct JitterStats {
 
 pub struct JitterBuffer<T> {
     cfg: JitterConfig,
-    frames: BTreeMap<u64, T>,
+    /// Each packet with its arrival.
+    frames: BTreeMap<u64, (Instant, T)>,
     /// Highest extended sequence number seen.
     highest: Option<u64>,
     /// First extended sequence number seen, for the expected count.
@@ -105,6 +106,8 @@ pub struct JitterBuffer<T> {
     /// (extended sequence number, timestamp) of the newest packet.
     newest: Option<(u64, u32)>,
     stats: JitterStats,
+    /// When the packet the last `Frame` played arrived.
+    played_arrival: Option<Instant>,
 }
 
 /// Consecutive misses after which the buffer stops and rebuffers: the far
@@ -116,6 +119,7 @@ impl<T> JitterBuffer<T> {
         JitterBuffer {
             cfg,
             frames: BTreeMap::new(),
+            played_arrival: None,
             highest: None,
             base: None,
             next: None,
@@ -175,7 +179,7 @@ impl<T> JitterBuffer<T> {
         }
         self.highest = Some(self.highest.map_or(ext, |h| h.max(ext)));
         self.base = Some(self.base.map_or(ext, |b| b.min(ext)));
-        self.frames.insert(ext, payload);
+        self.frames.insert(ext, (arrival, payload));
         // Keep the delay bounded: drop the oldest frames beyond the maximum.
         let max_frames = self.frames_for(self.cfg.max_delay).max(1);
         while self.frames.len() > max_frames {
@@ -248,7 +252,8 @@ impl<T> JitterBuffer<T> {
             }
         }
         match self.frames.remove(&next) {
-            Some(frame) => {
+            Some((arrival, frame)) => {
+                self.played_arrival = Some(arrival);
                 self.next = Some(next + 1);
                 self.misses = 0;
                 self.held = false;
@@ -293,11 +298,17 @@ impl<T> JitterBuffer<T> {
         }
     }
 
+    /// When the packet of the last [`Playout::Frame`] arrived: its time on
+    /// the wire, before its wait here.
+    pub fn played_arrival(&self) -> Option<Instant> {
+        self.played_arrival
+    }
+
     /// The frame the next `pop` plays, if it is here. Right after a `Lost`
     /// it is the packet that follows the lost one, which carries Opus's
     /// in-band copy of the lost audio.
     pub fn peek(&self) -> Option<&T> {
-        self.next.and_then(|n| self.frames.get(&n))
+        self.next.and_then(|n| self.frames.get(&n)).map(|(_, frame)| frame)
     }
 
     /// Drops everything buffered (e.g. on a codec change or resume).
@@ -440,6 +451,27 @@ mod tests {
         assert_eq!(frames(&out), (0..20).collect::<Vec<_>>());
         let s = jb.stats();
         assert_eq!((s.late, s.lost, s.concealed), (0, 0, 1 + 4), "one tick stretched, then the tail after the last packet: {s:?}");
+    }
+
+    #[test]
+    fn each_frame_played_tells_when_its_packet_arrived() {
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let t0 = Instant::now();
+        assert_eq!(jb.played_arrival(), None);
+        // Packets 0 and 1 arrive together (a burst) at tick 0, packet 2 at
+        // tick 3 (late: tick 2 is concealed while waiting for it).
+        jb.push(0, 0, t0, 0u16);
+        jb.push(1, 160, t0 + Duration::from_millis(1), 1);
+        let mut played = Vec::new();
+        for tick in 0..4u32 {
+            if tick == 3 {
+                jb.push(2, 320, t0 + FRAME * 3, 2);
+            }
+            if let Playout::Frame(f) = jb.pop() {
+                played.push((f, jb.played_arrival().unwrap() - t0));
+            }
+        }
+        assert_eq!(played, [(0, Duration::ZERO), (1, Duration::from_millis(1)), (2, FRAME * 3)]);
     }
 
     #[test]

@@ -96,6 +96,11 @@ pub struct AudioFrame {
     /// delay); for WebSocket legs, which have no jitter buffer, the arrival
     /// of the message carrying it.
     pub received_at: Option<Instant>,
+    /// When the packet carrying it reached this host (the kernel's receive
+    /// time), before any wait in a jitter buffer: its time on the wire, for
+    /// a far end that measures latency there. `None` as for `received_at`;
+    /// for WebSocket legs the same as `received_at`.
+    pub arrived_at: Option<Instant>,
 }
 
 /// Things the session reports besides audio.
@@ -741,7 +746,7 @@ impl Leg {
     fn play_in(&mut self, now: Instant) {
         let Some(codecs) = self.codecs.as_mut() else { return };
         let codec_frame = frame_len(codecs.pcm_rate);
-        let mut received_at = None;
+        let (mut received_at, mut arrived_at) = (None, None);
         // Pull packets as the 20 ms frame needs them, whatever their length.
         while self.pcm_in.len() < codec_frame {
             self.scratch.clear();
@@ -749,6 +754,7 @@ impl Leg {
                 Pulled::Packet => {
                     self.packet_samples = self.scratch.len().max(1);
                     received_at = Some(now);
+                    arrived_at = self.jitter.played_arrival();
                 }
                 Pulled::Recovered => self.stats.fec_recovered += 1,
                 Pulled::Concealed => {}
@@ -769,7 +775,7 @@ impl Leg {
                 let _ = self.events.try_send(MediaEvent::Dtmf(Digit { digit: key, duration_ms: 0 }));
             }
         }
-        if self.incoming.try_send(AudioFrame { pcm, received_at }).is_err() {
+        if self.incoming.try_send(AudioFrame { pcm, received_at, arrived_at }).is_err() {
             self.stats.dropped_frames += 1;
         }
     }
@@ -1263,6 +1269,49 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(b.control.stats().ignored_packets, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_frame_tells_when_its_packet_arrived_before_the_jitter_buffers_wait() {
+        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 45000, 46000);
+        let sock = ports.bind().await.unwrap();
+        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut h = start(sock, Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
+        let dest = h.control.local_addr().unwrap();
+        // The kernel stamps arrivals a moment after the first socket asks
+        // (see udp.rs); until then it stamps them when they are read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sender = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut tick = tokio::time::interval(TICK);
+            for i in 0..25u16 {
+                tick.tick().await;
+                let mut payload = Vec::new();
+                Law::Ulaw.encode(&[1000; 160], &mut payload);
+                let packet = rtp::packet::Packet {
+                    header: rtp::header::Header { version: 2, payload_type: 0, sequence_number: i, timestamp: u32::from(i) * 160, ssrc: 7, ..Default::default() },
+                    payload: Bytes::from(payload),
+                };
+                sent.push(Instant::now());
+                far.send_to(&packet.marshal().unwrap(), dest).await.unwrap();
+            }
+            sent
+        });
+        let mut played = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+        while let Ok(Some(f)) = tokio::time::timeout_at(deadline, h.incoming.recv()).await {
+            if let Some(received) = f.received_at {
+                played.push((f.arrived_at.expect("a played packet's arrival"), received));
+            }
+        }
+        let sent = sender.await.unwrap();
+        assert_eq!(played.len(), 25, "every packet played once");
+        for (i, (arrived, received)) in played.iter().enumerate() {
+            // Packet i's own arrival: after it was sent, before the next was.
+            assert!(*arrived >= sent[i], "frame {i}: arrival before its packet was sent");
+            assert!(sent.get(i + 1).is_none_or(|next| arrived < next), "frame {i}: arrival after the next packet was sent");
+            assert!(arrived < received, "frame {i}: arrival not before the tick that played it");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

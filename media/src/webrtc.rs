@@ -314,11 +314,11 @@ impl Leg {
                         return StreamEnd::Timeout;
                     }
                     // One frame of caller audio in.
-                    let mut received_at = None;
+                    let (mut received_at, mut arrived_at) = (None, None);
                     while pcm_in.len() < frame {
                         let mut out = Vec::with_capacity(frame * 6);
                         match codecs.pull(&mut jitter, frame, &mut out) {
-                            Pulled::Packet => received_at = Some(now),
+                            Pulled::Packet => (received_at, arrived_at) = (Some(now), jitter.played_arrival()),
                             Pulled::Recovered => self.stats.fec_recovered += 1,
                             Pulled::Concealed => {}
                             Pulled::Buffering => out.resize(frame - pcm_in.len(), 0),
@@ -326,7 +326,7 @@ impl Leg {
                         pcm_in.extend(out);
                     }
                     let pcm: Vec<i16> = pcm_in.drain(..frame).collect();
-                    if self.incoming.try_send(AudioFrame { pcm, received_at }).is_err() {
+                    if self.incoming.try_send(AudioFrame { pcm, received_at, arrived_at }).is_err() {
                         self.stats.dropped_frames += 1;
                     }
                     // One frame of agent audio (or silence) out.

@@ -198,7 +198,7 @@ async fn play(
                             while heard.len() >= n {
                                 let part: Vec<i16> = heard.drain(..n).collect();
                                 let mut pcm = Vec::with_capacity(n16);
-                                if down.process(&part, &mut pcm).is_ok() && incoming.try_send(AudioFrame { pcm, received_at: Some(at) }).is_err() {
+                                if down.process(&part, &mut pcm).is_ok() && incoming.try_send(AudioFrame { pcm, received_at: Some(at), arrived_at: Some(at) }).is_err() {
                                     stats.dropped_frames += 1;
                                 }
                             }

@@ -374,7 +374,7 @@ impl StreamLeg {
             if codec.decode_rs.process(&frame, &mut pcm).is_err() {
                 continue;
             }
-            if self.incoming.try_send(AudioFrame { pcm, received_at: Some(now) }).is_err() {
+            if self.incoming.try_send(AudioFrame { pcm, received_at: Some(now), arrived_at: Some(now) }).is_err() {
                 self.stats.dropped_frames += 1;
             }
         }
