@@ -206,7 +206,7 @@ impl FrameResampler {
     /// of samples in 20 ms.
     pub fn new(from: u32, to: u32) -> Result<Self, MediaError> {
         for rate in [from, to] {
-            if rate == 0 || (rate * FRAME_MS) % 1000 != 0 {
+            if rate == 0 || !(rate * FRAME_MS).is_multiple_of(1000) {
                 return Err(MediaError::Resample(format!("{rate} Hz has no whole number of samples in 20 ms")));
             }
         }

@@ -620,7 +620,7 @@ impl Leg {
                 let Some(d) = self.rtp.recv(&mut buf, &now) else { break };
                 self.on_rtp(&buf[..d.len], d);
             }
-            if self.ticks % RTCP_READ_EVERY_TICKS == 0 {
+            if self.ticks.is_multiple_of(RTCP_READ_EVERY_TICKS) {
                 for _ in 0..MAX_PACKETS_PER_TICK {
                     let Some(d) = self.rtcp.recv(&mut buf, &now) else { break };
                     self.on_rtcp(&buf[..d.len]);
@@ -629,7 +629,7 @@ impl Leg {
             if self.on_tick(now.instant()).is_err() {
                 return;
             }
-            if self.ticks % RTCP_EVERY_TICKS == 0 {
+            if self.ticks.is_multiple_of(RTCP_EVERY_TICKS) {
                 self.send_rtcp();
             }
         }
@@ -723,7 +723,7 @@ impl Leg {
 
     /// One 20 ms step: play one frame in, send one frame out.
     fn on_tick(&mut self, now: Instant) -> Result<(), ()> {
-        let mut publish = self.ticks % STATS_EVERY_TICKS == 0;
+        let mut publish = self.ticks.is_multiple_of(STATS_EVERY_TICKS);
         self.ticks = self.ticks.wrapping_add(1);
         if !self.timed_out && now.saturating_duration_since(self.last_rx) >= self.config.media_timeout {
             self.timed_out = true;

@@ -347,7 +347,7 @@ impl Leg {
                         let _ = self.events.try_send(MediaEvent::PlayoutEnded { at: Instant::now() });
                     }
                     was_playing = speaking;
-                    if self.stats.packets_sent % 5 == 0 {
+                    if self.stats.packets_sent.is_multiple_of(5) {
                         self.stats.jitter = jitter.stats();
                         self.stats_tx.send_replace(self.stats.clone());
                     }

@@ -22,7 +22,7 @@ pub fn free_udp_range(len: u16) -> u16 {
     loop {
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let port = s.local_addr().unwrap().port();
-        if port % 2 != 0 || port >= 65000 - len {
+        if !port.is_multiple_of(2) || port >= 65000 - len {
             continue;
         }
         drop(s);

@@ -130,7 +130,7 @@ impl Llama {
         let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
         let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
         let freq_base = md("llama.rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hidden % heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !hidden.is_multiple_of(heads) {
             candle_core::bail!("unsupported head layout: {heads} heads on {kv_heads} key heads, width {hidden}");
         }
         let head_dim = hidden / heads;

@@ -481,7 +481,7 @@ fn spare_loop(shared: &Shared) {
             continue;
         }
         polls = polls.wrapping_add(1);
-        if polls % 64 != 0 || last_job.elapsed() < SPIN {
+        if !polls.is_multiple_of(64) || last_job.elapsed() < SPIN {
             std::hint::spin_loop();
         } else {
             // A post unparks this thread; one made between the check above

@@ -232,7 +232,7 @@ async fn play(
                 }
                 was_speaking = speaking && !speech.is_empty();
                 chunk += 1;
-                if chunk % 5 == 0 {
+                if chunk.is_multiple_of(5) {
                     stats_tx.send_replace(stats.clone());
                 }
             }

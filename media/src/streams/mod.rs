@@ -299,7 +299,7 @@ impl StreamLeg {
                         return Exit::End(StreamEnd::Timeout);
                     }
                     self.send_out(outgoing);
-                    if self.stats.packets_received % 5 == 0 {
+                    if self.stats.packets_received.is_multiple_of(5) {
                         self.stats_tx.send_replace(self.stats.clone());
                     }
                 }
