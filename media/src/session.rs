@@ -1310,8 +1310,13 @@ mod tests {
             // Packet i's own arrival: after it was sent, before the next was.
             assert!(*arrived >= sent[i], "frame {i}: arrival before its packet was sent");
             assert!(sent.get(i + 1).is_none_or(|next| arrived < next), "frame {i}: arrival after the next packet was sent");
-            assert!(arrived < received, "frame {i}: arrival not before the tick that played it");
+            assert!(arrived <= received, "frame {i}: arrival after the tick that played it");
         }
+        // Before the tick that played it: a packet that lands between the
+        // tick's clock reading and its read of the socket is stamped with the
+        // tick's time, so a few may tie, not most.
+        let earlier = played.iter().filter(|(arrived, received)| arrived < received).count();
+        assert!(earlier >= 20, "only {earlier} of 25 arrivals before their tick: the tick's time was taken");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
