@@ -1064,6 +1064,16 @@ mod tests {
             .collect()
     }
 
+    /// A PCMU session on a port from `first_port` on, whose far end is a
+    /// plain socket of the test's; and the session's RTP address.
+    async fn facing_a_socket(first_port: u16) -> (MediaHandle, UdpSocket, SocketAddr) {
+        let ports = PortRange::new("127.0.0.1".parse().unwrap(), first_port, first_port + 1000);
+        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let h = start(ports.bind().await.unwrap(), Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
+        let dest = h.control.local_addr().unwrap();
+        (h, far, dest)
+    }
+
     async fn collect(h: &mut MediaHandle, ms: u64) -> Vec<i16> {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
@@ -1147,9 +1157,7 @@ mod tests {
 
     #[tokio::test]
     async fn packets_leave_in_sequence_with_one_ssrc_and_a_marker_on_the_spurts_first() {
-        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 44000, 45000);
-        let ours = start(ports.bind().await.unwrap(), Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
+        let (ours, far, _) = facing_a_socket(44000).await;
         async fn next(far: &UdpSocket) -> rtp::packet::Packet {
             let mut buf = [0u8; 1500];
             let len = tokio::time::timeout(Duration::from_secs(2), far.recv(&mut buf)).await.expect("RTP keeps coming").unwrap();
@@ -1273,11 +1281,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_frame_tells_when_its_packet_arrived_before_the_jitter_buffers_wait() {
-        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 45000, 46000);
-        let sock = ports.bind().await.unwrap();
-        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut h = start(sock, Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
-        let dest = h.control.local_addr().unwrap();
+        let (mut h, far, dest) = facing_a_socket(45000).await;
         // The kernel stamps arrivals a moment after the first socket asks
         // (see udp.rs); until then it stamps them when they are read.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1321,11 +1325,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn thirty_ms_packets_are_cut_into_twenty_ms_frames_without_losing_audio() {
-        let ports = PortRange::new("127.0.0.1".parse().unwrap(), 43000, 44000);
-        let sock = ports.bind().await.unwrap();
-        let far = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut h = start(sock, Some(remote_for(far.local_addr().unwrap())), SessionConfig::default()).unwrap();
-        let dest = h.control.local_addr().unwrap();
+        let (mut h, far, dest) = facing_a_socket(43000).await;
         // 1 s of a 1 kHz tone at 8 kHz in 30 ms PCMU packets, paced in real time.
         let tone8: Vec<i16> = (0..8000).map(|n| (8000.0 * (2.0 * std::f32::consts::PI * 1000.0 * n as f32 / 8000.0).sin()) as i16).collect();
         let sender = tokio::spawn(async move {
