@@ -24,8 +24,10 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::error::AgentError;
 
-/// How soon a job's result is needed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How soon a job's result is needed, ordered by when it is due: a caller
+/// who has waited longer is due sooner, and every caller before any work
+/// with slack (the least urgency is the most urgent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Urgency {
     /// A caller has heard silence since this instant (the end of their
     /// words, or the answer), and does until it is done.
@@ -210,12 +212,7 @@ impl InferencePool {
     /// between steps, such as replies read together, gives way to it.
     pub fn urgent_waiting_before(&self, urgency: Urgency) -> bool {
         let slots = self.lock();
-        let first = slots.now.iter().find(|(_, waiter)| !waiter.is_closed());
-        match (first, urgency) {
-            (None, _) => false,
-            (Some(_), Urgency::Later) => true,
-            (Some((since, _)), Urgency::Now(mine)) => *since < mine,
-        }
+        slots.now.iter().find(|(_, waiter)| !waiter.is_closed()).is_some_and(|(since, _)| Urgency::Now(*since) < urgency)
     }
 
     /// Runs `job` once a slot is free for work of this `urgency`.

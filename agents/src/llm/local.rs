@@ -429,10 +429,18 @@ impl LocalLlm {
     /// reply took the conversation); the conversation is then free.
     fn over(conv: &mut LocalConversation, g: &Generating, cancel: &CancellationToken) -> bool {
         let over = g.logits.is_none() || g.generated.len() >= g.budget || cancel.is_cancelled();
-        if over && conv.replies == g.owner {
-            conv.generating = false;
+        if over {
+            Self::let_go(conv, g);
         }
         over
+    }
+
+    /// The conversation is free for another reply, unless a later one has
+    /// taken it already.
+    fn let_go(conv: &mut LocalConversation, g: &Generating) {
+        if conv.replies == g.owner {
+            conv.generating = false;
+        }
     }
 
     /// Runs the next slice of the replies queued (see [`generate_sliced`]),
@@ -481,11 +489,7 @@ impl LocalLlm {
         replies.sort_by_key(|r| Arc::as_ptr(&r.conv) as usize);
         let shared: Vec<_> = replies.iter().map(|r| r.conv.clone()).collect();
         let mut convs: Vec<_> = shared.iter().map(|c| c.lock().unwrap_or_else(|p| p.into_inner())).collect();
-        let most_urgent = replies.iter().map(|r| r.urgency).fold(Urgency::Later, |a, b| match (a, b) {
-            (Urgency::Now(x), Urgency::Now(y)) => Urgency::Now(x.min(y)),
-            (Urgency::Now(_), Urgency::Later) => a,
-            (Urgency::Later, _) => b,
-        });
+        let most_urgent = replies.iter().map(|r| r.urgency).min().unwrap_or(Urgency::Later);
         let mut active = vec![true; replies.len()];
         let mut result: Result<(), AgentError> = Ok(());
         let (started, mut passes, mut tokens) = (std::time::Instant::now(), 0, 0);
@@ -542,9 +546,7 @@ impl LocalLlm {
                     let over = Self::over(conv, &r.g, &r.cancel);
                     if r.tell.is_closed() {
                         // Its caller has gone: the reply ends here.
-                        if conv.replies == r.g.owner {
-                            conv.generating = false;
-                        }
+                        Self::let_go(conv, &r.g);
                         continue;
                     }
                     if !over && !held(&r.hold) {
