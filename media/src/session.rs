@@ -1282,9 +1282,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_frame_tells_when_its_packet_arrived_before_the_jitter_buffers_wait() {
         let (mut h, far, dest) = facing_a_socket(45000).await;
-        // The kernel stamps arrivals a moment after the first socket asks
-        // (see udp.rs); until then it stamps them when they are read.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        crate::udp::timestamps_on().await;
         let sender = tokio::spawn(async move {
             let mut sent = Vec::new();
             let mut tick = tokio::time::interval(TICK);

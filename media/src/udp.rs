@@ -21,6 +21,16 @@ use std::time::{Instant, SystemTime};
 /// until the next tick.
 const MAX_ERRORS_PER_READ: usize = 4;
 
+/// Waits until a socket just made can count on kernel timestamps. The kernel
+/// stamps datagrams only while some socket asks for it, and turns that on a
+/// moment after the first one does (deferred work); until then a datagram is
+/// stamped when it is read. Tests' sockets come and go, so a test that
+/// checks arrival times waits for its own request to take effect.
+#[cfg(test)]
+pub(crate) async fn timestamps_on() {
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
 /// One datagram read off a [`TickSocket`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Datagram {
@@ -151,14 +161,10 @@ mod tests {
 
     use super::*;
 
-    /// A socket with receive timestamps on. The kernel stamps datagrams
-    /// only while some socket asks for it, and turns that on a moment after
-    /// the first one does (deferred work); until then a datagram is stamped
-    /// when it is read. The other tests' sockets come and go, so each waits
-    /// for its own request to take effect.
+    /// A socket with receive timestamps on.
     async fn bound() -> TickSocket {
         let socket = TickSocket::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        timestamps_on().await;
         socket
     }
 
