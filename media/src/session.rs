@@ -6,8 +6,10 @@
 //! kernel stamps each packet's arrival), plays one frame out of the jitter
 //! buffer (decoded, resampled to 16 kHz, handed to the speech pipeline
 //! through a bounded channel) and sends one frame from the outgoing queue
-//! (or silence, so NATs and SBCs keep the stream alive). A flush (barge-in)
-//! empties the outgoing queue before the next frame goes out.
+//! (or silence, so NATs and SBCs keep the stream alive). A quiet leg also
+//! wakes on a command, so a spurt's first frame leaves when it is queued
+//! rather than at the next tick. A flush (barge-in) empties the outgoing
+//! queue before the next frame goes out.
 //! RTP is symmetric: the session sends to where the far end's packets come
 //! from once it has latched onto a source (RFC 4961); packets from any other
 //! source are ignored afterwards. RTCP sender/receiver reports with loss and
