@@ -168,7 +168,7 @@ async fn connect(offer: String, config: &WebRtcConfig, events: mpsc::Sender<Peer
     pc.on_track(Box::new(move |remote, _, _| {
         let events = events.clone();
         Box::pin(async move {
-            if remote.codec().capability.mime_type.to_ascii_lowercase() != MIME_TYPE_OPUS.to_ascii_lowercase() {
+            if !remote.codec().capability.mime_type.eq_ignore_ascii_case(MIME_TYPE_OPUS) {
                 return;
             }
             tokio::spawn(async move {

@@ -137,23 +137,25 @@ pub fn start(provider: Provider, socket: Socket, stream_id: String) -> (MediaHan
     let (events_tx, events_rx) = mpsc::channel(64);
     let (stats_tx, stats_rx) = watch::channel(SessionStats::default());
     let (life_tx, life_rx) = mpsc::channel(4);
+    let mut ends = TaskEnds { control: control_rx, incoming: incoming_tx, events: events_tx, stats: stats_tx, life: life_tx };
     let task = tokio::spawn(async move {
-        let end = play(provider, socket, &stream_id, control_rx, incoming_tx, events_tx, &stats_tx, &life_tx).await;
-        let _ = life_tx.send(StreamEvent::Ended(end)).await;
+        let end = play(provider, socket, &stream_id, &mut ends).await;
+        let _ = ends.life.send(StreamEvent::Ended(end)).await;
     });
     (MediaHandle::new(MediaControl::new(control_tx, stats_rx, None), incoming_rx, events_rx, task), life_rx)
 }
 
-async fn play(
-    provider: Provider,
-    socket: Socket,
-    stream_id: &str,
-    mut control: mpsc::Receiver<Control>,
+/// The stream task's ends of the channels its [`MediaHandle`] holds.
+struct TaskEnds {
+    control: mpsc::Receiver<Control>,
     incoming: mpsc::Sender<AudioFrame>,
     events: mpsc::Sender<MediaEvent>,
-    stats_tx: &watch::Sender<SessionStats>,
-    life: &mpsc::Sender<StreamEvent>,
-) -> StreamEnd {
+    stats: watch::Sender<SessionStats>,
+    life: mpsc::Sender<StreamEvent>,
+}
+
+async fn play(provider: Provider, socket: Socket, stream_id: &str, ends: &mut TaskEnds) -> StreamEnd {
+    let TaskEnds { control, incoming, events, stats: stats_tx, life } = ends;
     let Socket { incoming: mut from_server, outgoing: to_server } = socket;
     let encoding = provider.opening_encoding();
     let rate = encoding.rate();
