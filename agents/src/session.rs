@@ -1045,23 +1045,17 @@ impl Core {
         self.maybe_finish_reply().await
     }
 
-    /// Sends the first two frames of what the agent says as soon as its
-    /// audio is here. The caller's frames pace the rest, but the next of them
-    /// is up to 20 ms away: a quiet RTP leg given two frames sends the first
-    /// at once and the second at its next tick, and the frames after them
-    /// still go one per caller frame, in time for the ticks after that.
+    /// Sends the first frame of what the agent says as soon as its audio is
+    /// here. The caller's frames pace the rest, but the next of them is up to
+    /// 20 ms away, and the media leg then holds the frame for its next tick:
+    /// sent now, it is on the wire ~20 ms sooner, and the frames after it
+    /// still go one per caller frame.
     async fn play_first_frame(&mut self) -> bool {
         let due = !self.paused && !self.queue.is_empty() && self.reply.as_ref().is_some_and(|r| r.started_ms.is_none());
-        if !due {
-            return true;
+        if due {
+            return self.play_frame().await;
         }
-        if !self.play_frame().await {
-            return false;
-        }
-        if self.paused || self.queue.is_empty() {
-            return true;
-        }
-        self.play_frame().await
+        true
     }
 
     async fn maybe_finish_reply(&mut self) -> bool {

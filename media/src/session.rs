@@ -6,10 +6,8 @@
 //! kernel stamps each packet's arrival), plays one frame out of the jitter
 //! buffer (decoded, resampled to 16 kHz, handed to the speech pipeline
 //! through a bounded channel) and sends one frame from the outgoing queue
-//! (or silence, so NATs and SBCs keep the stream alive). A quiet leg also
-//! wakes on a command, so a spurt's first frame leaves when it is queued
-//! rather than at the next tick. A flush (barge-in) empties the outgoing
-//! queue before the next frame goes out.
+//! (or silence, so NATs and SBCs keep the stream alive). A flush (barge-in)
+//! empties the outgoing queue before the next frame goes out.
 //! RTP is symmetric: the session sends to where the far end's packets come
 //! from once it has latched onto a source (RFC 4961); packets from any other
 //! source are ignored afterwards. RTCP sender/receiver reports with loss and
@@ -545,14 +543,6 @@ struct Leg {
     last_rx: Instant,
     timed_out: bool,
     was_playing: bool,
-    /// Silence went out at the last tick: audio queued before the next one
-    /// may start its spurt at once (see [`Leg::start_spurt`]).
-    quiet: bool,
-    /// A spurt's first frame left ahead of its tick, so the stream runs one
-    /// frame ahead of its clock; the first silent tick after the spurt sends
-    /// nothing and puts it back in step (RTP timestamps keep pace with the
-    /// clock, as a receiver's playout assumes).
-    ahead: bool,
     ticks: u32,
     stats: SessionStats,
     octets_sent: u32,
@@ -600,8 +590,6 @@ impl Leg {
             last_rx: Instant::now(),
             timed_out: false,
             was_playing: false,
-            quiet: false,
-            ahead: false,
             ticks: 0,
             stats: SessionStats::default(),
             octets_sent: 0,
@@ -617,19 +605,7 @@ impl Leg {
         tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut buf = vec![0u8; 2048];
         loop {
-            tokio::select! {
-                biased;
-                _ = tick.tick() => {}
-                // Between ticks only a quiet leg listens, to start a spurt
-                // the moment it is queued; a speaking one takes its commands
-                // at the tick, and wakes only on its clock.
-                msg = control.recv(), if self.quiet => {
-                    let Some(msg) = msg else { return };
-                    self.on_control(msg);
-                    self.start_spurt();
-                    continue;
-                }
-            }
+            tick.tick().await;
             for _ in 0..CONTROL_CAPACITY {
                 match control.try_recv() {
                     Ok(msg) => self.on_control(msg),
@@ -804,31 +780,14 @@ impl Leg {
         }
     }
 
-    /// Sends a spurt's first frame now instead of at the next tick, up to
-    /// 20 ms later: the caller hears the agent that much sooner. Only with a
-    /// second frame queued for that tick, so the spurt has no gap after its
-    /// first packet (a far end's jitter buffer would conceal one in the
-    /// middle of a word).
-    fn start_spurt(&mut self) {
-        if self.outgoing.len() < 2 * frame_len(PIPELINE_RATE) || !self.dtmf_out.is_empty() {
-            return;
-        }
-        if self.send_out() {
-            self.ahead = true;
-        }
-    }
-
-    /// Sends one frame: DTMF, queued audio or silence. Returns whether it
-    /// was queued audio that went out.
-    fn send_out(&mut self) -> bool {
-        self.quiet = false;
+    fn send_out(&mut self) {
         let Some((remote_rtp, payload_type, dtmf_payload_type)) =
             self.remote.as_ref().map(|r| (r.rtp, r.payload_type, r.dtmf_payload_type))
         else {
-            return false;
+            return;
         };
-        let Some(dest) = self.latched.or(remote_rtp) else { return false };
-        let Some(codecs) = self.codecs.as_mut() else { return false };
+        let Some(dest) = self.latched.or(remote_rtp) else { return };
+        let Some(codecs) = self.codecs.as_mut() else { return };
         // RTP timestamp units per 20 ms (48 kHz for Opus whatever it codes at).
         let samples = frame_len(codecs.codec.clock_rate()) as u32;
         if let (Some((marker, payload)), Some(pt)) = (self.dtmf_out.front().copied(), dtmf_payload_type) {
@@ -839,22 +798,17 @@ impl Leg {
                 self.dtmf_ts = None;
             }
             self.ts = self.ts.wrapping_add(samples);
-            return false;
+            return;
         }
         self.dtmf_out.clear();
         let frame16 = frame_len(PIPELINE_RATE);
         let have = self.outgoing.len().min(frame16);
         let speaking = have > 0;
-        if !speaking && self.ahead {
-            self.ahead = false;
-            self.was_playing = false;
-            return false;
-        }
         take_front(&mut self.outgoing, have, &mut self.frame);
         self.frame.resize(frame16, 0);
         self.coded.clear();
         if codecs.encode_rs.process(&self.frame, &mut self.coded).is_err() {
-            return false;
+            return;
         }
         self.payload.clear();
         codecs.encode(&self.coded, &mut self.payload);
@@ -873,9 +827,7 @@ impl Leg {
             }
         }
         self.was_playing = speaking;
-        self.quiet = !speaking && self.direction.we_send();
         self.ts = self.ts.wrapping_add(samples);
-        speaking && self.direction.we_send()
     }
 
     fn send_packet(&mut self, dest: SocketAddr, pt: u8, marker: bool, ts: u32, payload: &[u8]) {
@@ -1203,28 +1155,19 @@ mod tests {
         (with_fec, ssrc)
     }
 
-    /// The next RTP packet at `far`, and when it was read.
-    async fn next_packet(far: &UdpSocket) -> (rtp::packet::Packet, Instant) {
-        let mut buf = [0u8; 1500];
-        let len = tokio::time::timeout(Duration::from_secs(2), far.recv(&mut buf)).await.expect("RTP keeps coming").unwrap();
-        (rtp::packet::Packet::unmarshal(&mut &buf[..len]).unwrap(), Instant::now())
-    }
-
-    /// A PCMU packet with sound in it.
-    fn loud_packet(packet: &rtp::packet::Packet) -> bool {
-        let mut pcm = Vec::new();
-        Law::Ulaw.decode(&packet.payload, &mut pcm);
-        pcm.iter().any(|s| s.unsigned_abs() > 500)
-    }
-
     #[tokio::test]
     async fn packets_leave_in_sequence_with_one_ssrc_and_a_marker_on_the_spurts_first() {
         let (ours, far, _) = facing_a_socket(44000).await;
-        let first = next_packet(&far).await.0;
+        async fn next(far: &UdpSocket) -> rtp::packet::Packet {
+            let mut buf = [0u8; 1500];
+            let len = tokio::time::timeout(Duration::from_secs(2), far.recv(&mut buf)).await.expect("RTP keeps coming").unwrap();
+            rtp::packet::Packet::unmarshal(&mut &buf[..len]).unwrap()
+        }
+        let first = next(&far).await;
         ours.control.play(tone(100)).await;
         let mut packets = vec![first];
         for _ in 0..20 {
-            packets.push(next_packet(&far).await.0);
+            packets.push(next(&far).await);
         }
         for pair in packets.windows(2) {
             let (a, b) = (&pair[0].header, &pair[1].header);
@@ -1235,42 +1178,16 @@ mod tests {
         assert!(packets.iter().all(|p| p.header.version == 2 && p.header.payload_type == 0 && p.payload.len() == 160));
         // Silence, then the tone's five packets (a sixth may carry the
         // resampler's 2 ms tail), the first of them marked.
-        let loud: Vec<usize> = (0..packets.len()).filter(|&i| loud_packet(&packets[i])).collect();
+        let loud: Vec<usize> = (0..packets.len())
+            .filter(|&i| {
+                let mut pcm = Vec::new();
+                Law::Ulaw.decode(&packets[i].payload, &mut pcm);
+                pcm.iter().any(|s| s.unsigned_abs() > 500)
+            })
+            .collect();
         assert!((5..=6).contains(&loud.len()) && loud.windows(2).all(|w| w[1] == w[0] + 1), "one spurt: {loud:?}");
         let marked: Vec<usize> = (0..packets.len()).filter(|&i| packets[i].header.marker).collect();
         assert_eq!(marked, [loud[0]], "the marker is on the spurt's first packet only");
-    }
-
-    #[tokio::test]
-    async fn a_spurt_leaves_when_queued_and_the_stream_keeps_its_clock() {
-        let (ours, far, _) = facing_a_socket(46000).await;
-        let (first, first_at) = next_packet(&far).await;
-        let (mut early, mut last) = (0, (first.clone(), first_at));
-        for _ in 0..5 {
-            // Just after a packet of silence: the leg's next tick is ~20 ms away.
-            let silent_at = loop {
-                let (p, at) = next_packet(&far).await;
-                if !loud_packet(&p) {
-                    break at;
-                }
-            };
-            ours.control.play(tone(100)).await;
-            let (p, at) = next_packet(&far).await;
-            assert!(p.header.marker && loud_packet(&p), "the spurt's first packet comes next");
-            early += usize::from(at - silent_at < TICK / 2);
-            for _ in 0..8 {
-                last = next_packet(&far).await;
-                assert!(!last.0.header.marker, "one spurt, one marker");
-            }
-        }
-        assert!(early >= 4, "only {early} of 5 spurts started before the next tick");
-        // A spurt started early puts the stream a frame ahead; the silence
-        // after it takes the frame back, so the timestamps still follow the
-        // clock (five spurts would otherwise be 100 ms ahead).
-        let (p, at) = last;
-        let stamped_ms = f64::from(p.header.timestamp.wrapping_sub(first.header.timestamp)) / 8.0;
-        let elapsed_ms = (at - first_at).as_secs_f64() * 1000.0;
-        assert!((stamped_ms - elapsed_ms).abs() < 30.0, "timestamps say {stamped_ms} ms, the clock {elapsed_ms:.0} ms");
     }
 
     #[tokio::test]
