@@ -40,11 +40,8 @@ pub fn to_16k(pcm: &[i16], from: u32) -> Result<Vec<i16>, AgentError> {
 /// Loudness (RMS, i16 scale) under which a 10 ms window of synthesized
 /// speech counts as silence: about -42 dBFS, below a voice's softest onset.
 const SILENT_RMS: f32 = 260.0;
-/// Silence kept before the first sound (the first 10 ms above
-/// [`SILENT_RMS`]), so a soft onset is not clipped: half of the quieter
-/// window before it. No more: every sample of it is time the caller waits
-/// before hearing the agent.
-const LEAD_KEPT: usize = 16 * 5;
+/// Silence kept before the first sound, so a soft onset is not clipped.
+const LEAD_KEPT: usize = 16 * 20;
 /// Silence kept after a piece that ends inside its sentence: a breath, not
 /// the full stop's pause the voice leaves.
 const PHRASE_PAUSE_KEPT: usize = 16 * 120;
@@ -99,14 +96,14 @@ mod tests {
         let quiet = |ms: usize| vec![30i16; ms * 16];
         let pcm: Vec<i16> = [quiet(100), tone(500), quiet(340)].concat();
         let sentence = trim_for_reply(pcm.clone(), false);
-        assert_eq!(sentence.len(), (5 + 500 + 340) * 16, "5 ms kept before the sound, the full stop's pause after");
-        assert!(sentence[..16 * 5].iter().all(|s| *s == 30) && sentence[16 * 5] != 30);
+        assert_eq!(sentence.len(), (20 + 500 + 340) * 16, "20 ms kept before the sound, the full stop's pause after");
+        assert!(sentence[..16 * 20].iter().all(|s| *s == 30) && sentence[16 * 20] != 30);
         let phrase = trim_for_reply(pcm, true);
-        assert_eq!(phrase.len(), (5 + 500 + 120) * 16);
+        assert_eq!(phrase.len(), (20 + 500 + 120) * 16);
         // Silence alone is left alone.
         assert_eq!(trim_for_reply(quiet(200), true).len(), 200 * 16);
         let utterance = trim_to_sound([quiet(100), tone(500), quiet(300)].concat());
-        assert_eq!(utterance.len(), (5 + 500) * 16, "nothing kept after the last sound");
+        assert_eq!(utterance.len(), (20 + 500) * 16, "nothing kept after the last sound");
     }
 
     #[test]
