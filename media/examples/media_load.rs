@@ -4,6 +4,11 @@
 //! session, so the process runs 2N sessions; figures are per session.
 //!
 //! cargo run --release -p voxgate-media --example media_load -- <sessions> <seconds>
+//!
+//! With `floor` after the seconds it measures instead what no media engine
+//! can save: the kernel's part. The same 2N sockets in pairs, each sending
+//! one 172-byte datagram (a PCMU packet's size) every 20 ms and reading what
+//! came, from one thread with no audio work, no runtime and no wake-ups.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -49,10 +54,54 @@ fn drain(mut h: MediaHandle) -> MediaHandle {
     h
 }
 
+/// Plain UDP at the legs' rate: the kernel's cost of sending and receiving
+/// 50 packets a second on each of `2 * n` sockets.
+fn floor(n: usize, seconds: u64) {
+    let sockets: Vec<std::net::UdpSocket> = (0..2 * n)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.set_nonblocking(true).expect("non-blocking");
+            s
+        })
+        .collect();
+    let peers: Vec<SocketAddr> = sockets.iter().map(|s| s.local_addr().expect("bound")).collect();
+    let (packet, mut buf) = ([0x80u8; 172], [0u8; 2048]);
+    let warmup = 100u32;
+    let ticks = warmup + u32::try_from(seconds * 50).unwrap_or(u32::MAX);
+    let start = Instant::now();
+    let (mut cpu0, mut t0, mut received) = (cpu_seconds(), start, 0u64);
+    for tick in 1..=ticks {
+        // Drift-free: each tick is due 20 ms after the last one was.
+        if let Some(wait) = (start + Duration::from_millis(20) * tick).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if tick == warmup {
+            (cpu0, t0, received) = (cpu_seconds(), Instant::now(), 0);
+        }
+        for (i, s) in sockets.iter().enumerate() {
+            let _ = s.send_to(&packet, peers[i ^ 1]);
+        }
+        for s in &sockets {
+            while s.recv_from(&mut buf).is_ok() {
+                received += 1;
+            }
+        }
+    }
+    let (cpu, elapsed) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+    let expected = (2 * n) as f64 * elapsed * 50.0;
+    println!("plain UDP, {} sockets in pairs, one thread, measured {:.1} s", 2 * n, elapsed);
+    println!("CPU: {:.1} % of one core in all, {:.4} % per socket", cpu / elapsed * 100.0, cpu / elapsed * 100.0 / (2 * n) as f64);
+    println!("packets received: {received} of {expected:.0} expected ({:.3} %; under 100 % the one thread fell behind)", received as f64 * 100.0 / expected);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200);
     let seconds: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(20);
+    if args.get(3).is_some_and(|a| a == "floor") {
+        floor(n, seconds);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async move {
         let ports = PortRange::new("127.0.0.1".parse().unwrap(), 20000, 60000);
