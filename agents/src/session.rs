@@ -809,14 +809,8 @@ impl Core {
         let job = move || {
             // Busy with a reply being dropped: not worth waiting for.
             let Ok(mut conv) = conv.try_lock() else { return };
-            // The same oldest lines dropped as for the reply's prompt.
-            let mut messages = history;
-            messages.push(ChatMessage::new(Role::User, words.clone()));
-            let read = llm.trim(&mut messages).and_then(|()| {
-                messages.pop();
-                llm.listen_ahead(&mut conv, &messages, &words)
-            });
-            if let Err(e) = read {
+            // The model lets go of the same oldest lines as for the reply.
+            if let Err(e) = llm.listen_ahead(&mut conv, &history, &words) {
                 tracing::debug!(error = %e, "listen-ahead failed");
             }
         };
@@ -903,15 +897,10 @@ impl Core {
 
     /// Starts the LLM → TTS job answering `messages`; its work comes back
     /// tagged with the returned reply's id.
-    fn spawn_reply(&mut self, mut messages: Vec<ChatMessage>, end_of_speech: Option<Instant>, metrics: TurnMetrics) -> Reply {
+    fn spawn_reply(&mut self, messages: Vec<ChatMessage>, end_of_speech: Option<Instant>, metrics: TurnMetrics) -> Reply {
         let id = self.next_id;
         self.next_id += 1;
         let cancel = self.cancel.child_token();
-        if let Some(llm) = self.engines.llm.as_ref().filter(|_| self.local.is_some()) {
-            if let Err(e) = llm.trim(&mut messages) {
-                tracing::warn!(error = %e, "history does not fit");
-            }
-        }
         let reply = Reply::new(id, cancel.clone(), end_of_speech, metrics);
         let job = ReplyJob {
             engines: self.engines.clone(),

@@ -1,5 +1,6 @@
 //! The local language model's memory within a call: a reply reads only what
-//! is new in the prompt, also after a reply that was thrown away.
+//! is new in the prompt, also after a reply that was thrown away and once
+//! the call has outgrown the context.
 
 mod common;
 
@@ -47,6 +48,51 @@ fn a_reply_thrown_away_is_undone_without_reading_the_call_again() {
     assert_eq!(after_guess, without_guess);
     let whole = llm.prompt_tokens(&history).unwrap();
     assert!(after_guess.read * 4 < whole, "read {} of a {whole}-token prompt", after_guess.read);
+}
+
+#[test]
+fn a_call_longer_than_the_context_lets_its_oldest_exchanges_go_and_reads_only_its_new_words() {
+    let llm = LocalLlm::load(&common::models().llm).expect("the local LLM loads");
+    let never = CancellationToken::new();
+    let mut conv = llm.conversation(3);
+    let mut history = vec![ChatMessage::new(Role::System, PROMPT), ChatMessage::new(Role::Assistant, "Luigi's, good evening, how can I help?")];
+    let long_question = |turn: usize| {
+        format!(
+            "This is question number {turn} of my long list: we are a group of {} friends coming from the north of the country by train, \
+             arriving late in the evening after a long day of walking in the hills, and some of us cannot eat gluten or dairy. \
+             Could you tell me what you would suggest for us, and whether the kitchen is still open at that hour?",
+            turn + 2
+        )
+    };
+    let mut start = Vec::new();
+    let (mut turns_past_the_context, mut turn) = (0, 0);
+    while turns_past_the_context < 3 {
+        turn += 1;
+        assert!(turn <= 60, "the conversation never outgrew the context");
+        history.push(ChatMessage::new(Role::User, long_question(turn)));
+        let whole = llm.prompt_tokens(&history).unwrap();
+        let past = whole + GREEDY.max_tokens > llm.context();
+        let asked = std::time::Instant::now();
+        let first_token = std::cell::Cell::new(None);
+        let reply = llm.generate_with(&mut conv, &history, GREEDY, &never, |_| first_token.set(first_token.get().or(Some(asked.elapsed())))).unwrap();
+        eprintln!("turn {turn}: prompt {whole} tokens, read {}, held {}, first text after {:?}", reply.read, conv.tokens().len(), first_token.get());
+        assert!(!reply.text.trim().is_empty(), "turn {turn}: no answer");
+        if turn == 1 {
+            start = conv.tokens()[..40].to_vec();
+        } else {
+            // Only the new question and the template around it, never the
+            // call again, also on the turns whose whole history no longer
+            // fits.
+            assert!(reply.read < 160, "turn {turn} read {} tokens (whole prompt {whole})", reply.read);
+        }
+        assert!(conv.tokens().len() <= llm.context(), "turn {turn}: {} tokens held", conv.tokens().len());
+        assert_eq!(conv.tokens()[..40], start[..], "turn {turn}: the system prompt is kept");
+        turns_past_the_context += usize::from(past);
+        history.push(ChatMessage::new(Role::Assistant, reply.text));
+    }
+    // What the model still holds is much less than the call: the oldest
+    // questions went, in whole exchanges.
+    assert!(conv.tokens().len() * 3 < llm.prompt_tokens(&history).unwrap() * 2);
 }
 
 #[test]

@@ -237,6 +237,35 @@ impl Llama {
         Ok(out)
     }
 
+    /// Drops positions `from..to` from `cache`: the keys and values after
+    /// them move down as many places, the keys turned back by as many
+    /// positions' angles (RoPE turns a key by its position, so a key moved
+    /// d places earlier is the same key turned by -d), as llama.cpp's
+    /// context shift does. The entries that move keep what their tokens
+    /// made of the dropped ones in the layers above the first: a
+    /// conversation loses those words without reading the rest again.
+    pub fn forget(&self, cache: &mut KvCache, from: usize, to: usize) -> Result<()> {
+        let held = cache.written.len();
+        if from > to || to > held {
+            candle_core::bail!("cannot forget positions {from}..{to} of a cache holding {held}");
+        }
+        let (gap, moved) = (to - from, held - to);
+        if gap > 0 && moved > 0 {
+            let cos = self.cos.narrow(0, gap, 1)?.repeat((moved, 1))?;
+            let sin = self.sin.narrow(0, gap, 1)?.neg()?.repeat((moved, 1))?;
+            for (k_cache, v_cache) in &cache.layers {
+                // Copies: the slices are written back into the tensors they
+                // were read from.
+                let k = candle_nn::rotary_emb::rope_i(&k_cache.narrow(2, to, moved)?.force_contiguous()?, &cos, &sin)?;
+                let v = v_cache.narrow(2, to, moved)?.force_contiguous()?;
+                k_cache.slice_set(&k, 2, from)?;
+                v_cache.slice_set(&v, 2, from)?;
+            }
+        }
+        cache.written.drain(from..to);
+        Ok(())
+    }
+
     /// Checks that `seq` tokens fit at `pos` of `cache` and makes room for
     /// them. Whatever happens after, the cache holds nothing from `pos` on
     /// until the pass is complete.
@@ -655,5 +684,46 @@ mod tests {
         assert!(cache.holds(&[1, 2]));
         assert!(!cache.holds(&[1, 3]));
         assert!(!cache.holds(&[1, 2, 3, 4]));
+    }
+
+    /// The largest difference between two tensors' values.
+    fn farthest(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn forgotten_positions_leave_the_first_layer_as_a_fresh_read_of_the_rest() {
+        let (_, ours) = both();
+        let tokens: Vec<u32> = (0..60u32).map(|i| 300 + (i * 53) % 4000).collect();
+        let mut cache = KvCache::default();
+        ours.forward(&mut cache, 0, &tokens, &|| false).unwrap();
+        ours.forget(&mut cache, 10, 35).unwrap();
+        let rest: Vec<u32> = tokens[..10].iter().chain(&tokens[35..]).copied().collect();
+        assert_eq!(cache.tokens(), &rest[..]);
+        let mut fresh = KvCache::default();
+        ours.forward(&mut fresh, 0, &rest, &|| false).unwrap();
+        // A first layer's keys and values come from each token and its
+        // position alone: the moved ones must be what a fresh read makes
+        // at their new positions. Left where they were, or moved without
+        // turning back, they are far off.
+        let ((k, v), (fresh_k, fresh_v)) = (&cache.layers[0], &fresh.layers[0]);
+        let n = rest.len();
+        let scale = farthest(&fresh_k.narrow(2, 0, n).unwrap(), &fresh_k.narrow(2, 0, n).unwrap().zeros_like().unwrap());
+        assert!(farthest(&k.narrow(2, 0, n).unwrap(), &fresh_k.narrow(2, 0, n).unwrap()) < scale * 1e-4, "keys differ");
+        assert!(farthest(&v.narrow(2, 0, n).unwrap(), &fresh_v.narrow(2, 0, n).unwrap()) < 1e-5, "values differ");
+        let mut whole = KvCache::default();
+        ours.forward(&mut whole, 0, &tokens, &|| false).unwrap();
+        let unturned = whole.layers[0].0.narrow(2, 35, 25).unwrap();
+        assert!(farthest(&fresh_k.narrow(2, 10, 25).unwrap(), &unturned) > scale * 1e-2, "the turn back is what the test checks");
+        // Reading goes on after the kept tokens, and the logits it gives
+        // are close to a fresh read's (only the layers above the first
+        // still carry the forgotten tokens).
+        let next = [1234u32];
+        let (after, fresh_after) = (ours.forward(&mut cache, n, &next, &|| false).unwrap(), ours.forward(&mut fresh, n, &next, &|| false).unwrap());
+        let (_, correlation) = compare(&after, &fresh_after);
+        assert!(correlation > 0.8, "correlation {correlation}");
+        assert!(ours.forget(&mut cache, 5, n + 2).is_err());
     }
 }

@@ -7,7 +7,10 @@
 //! new tokens, so time to first token does not grow with the call. A reply
 //! that was thrown away (started on a guess of the caller's words, or cut
 //! off) is undone by going back to the state before it, not by reading the
-//! whole conversation again. Replies of several calls generated at the same
+//! whole conversation again. A call that outgrows the context lets go of
+//! its oldest exchanges, their keys and values taken out of the cache
+//! (`LocalLlm::fit`), so it too goes on reading only its new words.
+//! Replies of several calls generated at the same
 //! time are read together, one token of each per pass over the weights
 //! ([`generate_sliced`]). The forward pass is [`super::llama`]'s.
 
@@ -175,6 +178,9 @@ pub struct LocalConversation {
     /// [`LocalLlm::listen_ahead`]): where to go back to when the caller's
     /// words turn out other than read.
     heard: Option<Checkpoint>,
+    /// Messages after the system prompt let go of to stay inside the
+    /// context, oldest first (see [`LocalLlm::fit`]).
+    dropped: usize,
 }
 
 #[derive(Clone)]
@@ -227,7 +233,7 @@ impl LocalLlm {
     }
 
     pub fn conversation(&self, seed: u64) -> LocalConversation {
-        LocalConversation { cache: KvCache::default(), read: 0, text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None }
+        LocalConversation { cache: KvCache::default(), read: 0, text: String::new(), seed, before_last: None, replies: 0, generating: false, heard: None, dropped: 0 }
     }
 
     fn count(&self, text: &str) -> Result<usize, AgentError> {
@@ -251,22 +257,76 @@ impl LocalLlm {
         self.tokenizer.decode(&ids[..budget], false).map_err(|e| AgentError::Inference(e.to_string()))
     }
 
-    /// Drops the oldest exchanges (never the system prompt, never the last
-    /// message) until the prompt and a full reply fit the context.
-    pub fn trim(&self, messages: &mut Vec<ChatMessage>) -> Result<(), AgentError> {
-        loop {
-            let prompt = self.template.render(messages)?;
-            if self.count(&prompt)? + MAX_REPLY_TOKENS <= self.context {
-                return Ok(());
-            }
-            let first = messages.iter().position(|m| m.role != Role::System);
-            match first {
-                Some(i) if i + 1 < messages.len() => {
-                    messages.remove(i);
-                }
-                _ => return Err(AgentError::Inference("the prompt does not fit the model's context".into())),
-            }
+    /// `messages` as `conv` reads them: without the oldest exchanges it
+    /// has let go of. When the prompt and a reply of `budget` tokens would
+    /// no longer fit the context, more of the oldest messages go (never the
+    /// system prompt, never the last message; whole exchanges, so that what
+    /// is kept starts with the caller's words) until the prompt takes at
+    /// most half the context, and their keys and values leave the KV cache
+    /// ([`Llama::forget`]): the reply then reads only the new words, not
+    /// the call again (at a few hundred tokens a second, a full context
+    /// read again would be seconds of silence on every later turn), and
+    /// the next turns read on from there until the context is full again.
+    fn fit(&self, conv: &mut LocalConversation, messages: &[ChatMessage], budget: usize) -> Result<Vec<ChatMessage>, AgentError> {
+        let head = messages.iter().take_while(|m| m.role == Role::System).count();
+        let mut kept = messages.to_vec();
+        let dropped = conv.dropped.min(kept.len().saturating_sub(head + 1));
+        kept.drain(head..head + dropped);
+        let prompt = self.template.render(&kept)?;
+        let tokens = match prompt.strip_prefix(conv.text.as_str()).filter(|_| !conv.text.is_empty()) {
+            Some(rest) => conv.read + self.count(rest)?,
+            None => self.count(&prompt)?,
+        };
+        if tokens + budget <= self.context {
+            return Ok(kept);
         }
+        let before = self.template.render_with(&kept, false)?;
+        let mut more = 0;
+        while kept.len() > head + 1 && (kept[head].role != Role::User || self.count(&self.template.render(&kept)?)? > self.context / 2) {
+            kept.remove(head);
+            more += 1;
+        }
+        conv.dropped = dropped + more;
+        let after = self.template.render_with(&kept, false)?;
+        if !self.forget_between(conv, &before, &after)? {
+            conv.reset();
+        }
+        Ok(kept)
+    }
+
+    /// Takes out of `conv` the text `before` (the conversation's messages
+    /// rendered) has and `after` (the same with messages taken out of the
+    /// middle) has not, with its tokens: false when the conversation does
+    /// not hold that text on token boundaries (it read other words), and
+    /// the next reply must read its prompt whole.
+    fn forget_between(&self, conv: &mut LocalConversation, before: &str, after: &str) -> Result<bool, AgentError> {
+        let Some(gone) = before.len().checked_sub(after.len()).filter(|&g| g > 0) else { return Ok(false) };
+        let common = before.bytes().zip(after.bytes()).take_while(|(a, b)| a == b).count();
+        // Where each token's text ends. The cut starts at the last token
+        // boundary inside the text both renderings start with (taking
+        // `gone` bytes out from any point there leaves `after`), and must
+        // end on one too.
+        let tokens = conv.tokens().to_vec();
+        let mut ends = Vec::with_capacity(tokens.len() + 1);
+        ends.push(0);
+        for t in &tokens {
+            let piece = self.tokenizer.decode(&[*t], false).map_err(|e| AgentError::Inference(e.to_string()))?;
+            ends.push(ends.last().copied().unwrap_or(0) + piece.len());
+        }
+        let Some(from) = ends.iter().rposition(|&e| e <= common) else { return Ok(false) };
+        let (cut, cut_end) = (ends[from], ends[from] + gone);
+        let Some(to) = ends.iter().position(|&e| e == cut_end) else { return Ok(false) };
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, false).map_err(|e| AgentError::Inference(e.to_string()));
+        let held = conv.text.get(..cut_end);
+        if held.is_none() || held != before.get(..cut_end) || held != Some(decode(&tokens[..to])?.as_str()) || conv.text.get(..cut) != Some(decode(&tokens[..from])?.as_str()) {
+            return Ok(false);
+        }
+        self.model.forget(&mut conv.cache, from, to).map_err(inference)?;
+        conv.read -= to - from;
+        conv.text.replace_range(cut..cut_end, "");
+        // The states kept to go back to hold the forgotten words.
+        (conv.before_last, conv.heard) = (None, None);
+        Ok(true)
     }
 
     /// The tokens to read ahead of a call's first turn (see [`prefill`]),
@@ -339,7 +399,8 @@ impl LocalLlm {
     /// now on: an earlier reply's further steps end it.
     pub fn start(&self, conv: &mut LocalConversation, messages: &[ChatMessage], opts: Generation) -> Result<Generating, AgentError> {
         let budget = opts.max_tokens.clamp(1, self.context / 2);
-        let prompt = self.template.render(messages)?;
+        let messages = self.fit(conv, messages, budget)?;
+        let prompt = self.template.render(&messages)?;
         let extends = |text: &str| !text.is_empty() && prompt.starts_with(text);
         if !extends(&conv.text) {
             // The last reply is not part of this prompt (it was dropped or
@@ -576,7 +637,8 @@ impl LocalLlm {
         if conv.generating || words.trim().is_empty() {
             return Ok(0);
         }
-        let turn = self.template.open_user_turn(messages)?;
+        let messages = self.fit(conv, messages, MAX_REPLY_TOKENS)?;
+        let turn = self.template.open_user_turn(&messages)?;
         let so_far = format!("{turn}{words}");
         // Read on from here, or from before words read ahead that the
         // caller turned out not to say.
