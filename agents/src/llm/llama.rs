@@ -678,8 +678,7 @@ mod tests {
 
     #[test]
     fn a_cache_holds_the_prefixes_of_what_it_was_written_with() {
-        let mut cache = KvCache::default();
-        cache.written = vec![1, 2, 3];
+        let cache = KvCache { written: vec![1, 2, 3], ..KvCache::default() };
         assert!(cache.holds(&[]));
         assert!(cache.holds(&[1, 2]));
         assert!(!cache.holds(&[1, 3]));
