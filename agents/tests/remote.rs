@@ -57,7 +57,19 @@ async fn chat_server() -> SocketAddr {
         ] } }] });
         Ok(sse(vec![delta("Goodbye, have a nice day!"), call.to_string()], None))
     }
+    /// A model with a small context: refuses a request past 6,000
+    /// characters, as an endpoint refuses one past its context, and says
+    /// how many messages it was sent.
+    async fn small(body: Json<serde_json::Value>) -> Result<Response, StatusCode> {
+        let messages = body["messages"].as_array().ok_or(StatusCode::BAD_REQUEST)?;
+        let chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
+        if chars > 6_000 || messages[0]["role"] != "system" {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        Ok(sse(vec![delta(&format!("{} messages", messages.len()))], None))
+    }
     let app = Router::new()
+        .route("/small/v1/chat/completions", post(small))
         .route("/goodbye/v1/chat/completions", post(goodbye))
         .route("/ok/v1/chat/completions", post(|h: HeaderMap, b: Json<serde_json::Value>| chat(false, h, b)))
         .route("/broken/v1/chat/completions", post(|h: HeaderMap, b: Json<serde_json::Value>| chat(true, h, b)));
@@ -68,7 +80,7 @@ async fn chat_server() -> SocketAddr {
 }
 
 fn remote(addr: SocketAddr, path: &str) -> RemoteLlmConfig {
-    RemoteLlmConfig { models: vec!["remote-model".into()], base_url: format!("http://{addr}/{path}/v1"), api_key: Some("sk-test".into()), timeout_secs: 5, hangup_tool: true }
+    RemoteLlmConfig { models: vec!["remote-model".into()], base_url: format!("http://{addr}/{path}/v1"), api_key: Some("sk-test".into()), timeout_secs: 5, hangup_tool: true, context_tokens: 8_192 }
 }
 
 #[tokio::test]
@@ -85,6 +97,27 @@ async fn openai_compatible_stream_is_read_to_done() {
         pieces.push(p);
     }
     assert_eq!(pieces.len(), 5, "streamed piece by piece: {pieces:?}");
+}
+
+#[tokio::test]
+async fn a_long_call_sends_a_model_only_what_fits_its_context() {
+    let addr = chat_server().await;
+    let mut history = vec![ChatMessage::new(Role::System, "You are the receptionist.")];
+    for i in 0..60 {
+        history.push(ChatMessage::new(Role::User, format!("question {i}: {}", "words ".repeat(30))));
+        history.push(ChatMessage::new(Role::Assistant, format!("answer {i}: {}", "words ".repeat(30))));
+    }
+    history.push(ChatMessage::new(Role::User, "and the last one?"));
+    let (tx, _rx) = mpsc::channel(16);
+    let never = CancellationToken::new();
+    // Told its context, the client leaves the oldest exchanges out.
+    let fits = RemoteLlm::new(RemoteLlmConfig { context_tokens: 2_000, ..remote(addr, "small") }, reqwest::Client::new());
+    let reply = fits.generate("remote-model", &history, &tx, &never).await.unwrap();
+    let sent: usize = reply.text.trim_end_matches(" messages").parse().unwrap();
+    assert!(sent > 3 && sent < history.len(), "{} of {} messages sent", sent, history.len());
+    // Told a larger one than the model has, it sends the whole call.
+    let too_big = RemoteLlm::new(RemoteLlmConfig { context_tokens: 100_000, ..remote(addr, "small") }, reqwest::Client::new());
+    assert!(too_big.generate("remote-model", &history, &tx, &never).await.is_err());
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ pub enum Role {
     Assistant,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
