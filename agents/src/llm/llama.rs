@@ -685,13 +685,6 @@ mod tests {
         assert!(!cache.holds(&[1, 2, 3, 4]));
     }
 
-    /// The largest difference between two tensors' values.
-    fn farthest(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-    }
-
     #[test]
     fn forgotten_positions_leave_the_first_layer_as_a_fresh_read_of_the_rest() {
         let (_, ours) = both();
@@ -709,7 +702,9 @@ mod tests {
         // turning back, they are far off.
         let ((k, v), (fresh_k, fresh_v)) = (&cache.layers[0], &fresh.layers[0]);
         let n = rest.len();
-        let scale = farthest(&fresh_k.narrow(2, 0, n).unwrap(), &fresh_k.narrow(2, 0, n).unwrap().zeros_like().unwrap());
+        // The largest difference between two stretches of a cache.
+        let farthest = |a: &Tensor, b: &Tensor| compare(&a.flatten_all().unwrap(), &b.flatten_all().unwrap()).0;
+        let scale = fresh_k.narrow(2, 0, n).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(farthest(&k.narrow(2, 0, n).unwrap(), &fresh_k.narrow(2, 0, n).unwrap()) < scale * 1e-4, "keys differ");
         assert!(farthest(&v.narrow(2, 0, n).unwrap(), &fresh_v.narrow(2, 0, n).unwrap()) < 1e-5, "values differ");
         let mut whole = KvCache::default();

@@ -245,6 +245,11 @@ impl LocalLlm {
         Ok(self.tokenizer.encode(text, false).map_err(|e| AgentError::Inference(e.to_string()))?.get_ids().to_vec())
     }
 
+    /// The text of `ids`, special tokens included.
+    fn decode(&self, ids: &[u32]) -> Result<String, AgentError> {
+        self.tokenizer.decode(ids, false).map_err(|e| AgentError::Inference(e.to_string()))
+    }
+
     /// A system prompt cut to [`SYSTEM_PROMPT_TOKENS`] on a token boundary,
     /// so that a 20,000-character prompt neither overflows the context nor
     /// takes seconds to prefill on a CPU.
@@ -254,11 +259,11 @@ impl LocalLlm {
         if ids.len() <= budget {
             return Ok(prompt.to_string());
         }
-        self.tokenizer.decode(&ids[..budget], false).map_err(|e| AgentError::Inference(e.to_string()))
+        self.decode(&ids[..budget])
     }
 
-    /// `messages` as `conv` reads them: without the oldest exchanges it
-    /// has let go of. When the prompt and a reply of `budget` tokens would
+    /// `messages` as `conv` reads them, and the prompt they make: without
+    /// the oldest exchanges it has let go of. When the prompt and a reply of `budget` tokens would
     /// no longer fit the context, more of the oldest messages go (never the
     /// system prompt, never the last message; whole exchanges, so that what
     /// is kept starts with the caller's words) until the prompt takes at
@@ -267,7 +272,7 @@ impl LocalLlm {
     /// the call again (at a few hundred tokens a second, a full context
     /// read again would be seconds of silence on every later turn), and
     /// the next turns read on from there until the context is full again.
-    fn fit(&self, conv: &mut LocalConversation, messages: &[ChatMessage], budget: usize) -> Result<Vec<ChatMessage>, AgentError> {
+    fn fit(&self, conv: &mut LocalConversation, messages: &[ChatMessage], budget: usize) -> Result<(Vec<ChatMessage>, String), AgentError> {
         let head = messages.iter().take_while(|m| m.role == Role::System).count();
         let mut kept = messages.to_vec();
         let dropped = conv.dropped.min(kept.len().saturating_sub(head + 1));
@@ -278,7 +283,7 @@ impl LocalLlm {
             None => self.count(&prompt)?,
         };
         if tokens + budget <= self.context {
-            return Ok(kept);
+            return Ok((kept, prompt));
         }
         let before = self.template.render_with(&kept, false)?;
         let mut more = 0;
@@ -291,7 +296,8 @@ impl LocalLlm {
         if !self.forget_between(conv, &before, &after)? {
             conv.reset();
         }
-        Ok(kept)
+        let prompt = self.template.render(&kept)?;
+        Ok((kept, prompt))
     }
 
     /// Takes out of `conv` the text `before` (the conversation's messages
@@ -310,15 +316,13 @@ impl LocalLlm {
         let mut ends = Vec::with_capacity(tokens.len() + 1);
         ends.push(0);
         for t in &tokens {
-            let piece = self.tokenizer.decode(&[*t], false).map_err(|e| AgentError::Inference(e.to_string()))?;
-            ends.push(ends.last().copied().unwrap_or(0) + piece.len());
+            ends.push(ends.last().copied().unwrap_or(0) + self.decode(&[*t])?.len());
         }
         let Some(from) = ends.iter().rposition(|&e| e <= common) else { return Ok(false) };
         let (cut, cut_end) = (ends[from], ends[from] + gone);
         let Some(to) = ends.iter().position(|&e| e == cut_end) else { return Ok(false) };
-        let decode = |ids: &[u32]| self.tokenizer.decode(ids, false).map_err(|e| AgentError::Inference(e.to_string()));
         let held = conv.text.get(..cut_end);
-        if held.is_none() || held != before.get(..cut_end) || held != Some(decode(&tokens[..to])?.as_str()) || conv.text.get(..cut) != Some(decode(&tokens[..from])?.as_str()) {
+        if held.is_none() || held != before.get(..cut_end) || held != Some(self.decode(&tokens[..to])?.as_str()) || conv.text.get(..cut) != Some(self.decode(&tokens[..from])?.as_str()) {
             return Ok(false);
         }
         self.model.forget(&mut conv.cache, from, to).map_err(inference)?;
@@ -351,7 +355,7 @@ impl LocalLlm {
     fn read_ahead(&self, conv: &mut LocalConversation, prompt: &str, tokens: &[u32]) -> Result<(), AgentError> {
         let Some(new) = tokens.get(conv.read..).filter(|t| !t.is_empty()) else { return Ok(()) };
         self.forward(conv, new)?;
-        let text = self.tokenizer.decode(tokens, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        let text = self.decode(tokens)?;
         // A cut inside a character decodes to a replacement character: the
         // text is then not known until the next slice.
         conv.text = if prompt.starts_with(&text) { text } else { String::new() };
@@ -399,8 +403,7 @@ impl LocalLlm {
     /// now on: an earlier reply's further steps end it.
     pub fn start(&self, conv: &mut LocalConversation, messages: &[ChatMessage], opts: Generation) -> Result<Generating, AgentError> {
         let budget = opts.max_tokens.clamp(1, self.context / 2);
-        let messages = self.fit(conv, messages, budget)?;
-        let prompt = self.template.render(&messages)?;
+        let (_, prompt) = self.fit(conv, messages, budget)?;
         let extends = |text: &str| !text.is_empty() && prompt.starts_with(text);
         if !extends(&conv.text) {
             // The last reply is not part of this prompt (it was dropped or
@@ -475,7 +478,7 @@ impl LocalLlm {
             return Ok(None);
         }
         g.generated.push(next);
-        let text = self.tokenizer.decode(&g.generated, false).map_err(|e| AgentError::Inference(e.to_string()))?;
+        let text = self.decode(&g.generated)?;
         // Hold back an incomplete UTF-8 sequence until its next byte.
         if !text.ends_with('\u{FFFD}') && text.len() > g.text.len() {
             let new = &text[g.text.len()..];
@@ -637,7 +640,7 @@ impl LocalLlm {
         if conv.generating || words.trim().is_empty() {
             return Ok(0);
         }
-        let messages = self.fit(conv, messages, MAX_REPLY_TOKENS)?;
+        let (messages, _) = self.fit(conv, messages, MAX_REPLY_TOKENS)?;
         let turn = self.template.open_user_turn(&messages)?;
         let so_far = format!("{turn}{words}");
         // Read on from here, or from before words read ahead that the
