@@ -10,6 +10,7 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use voxgate_agents::llm::MAX_REPLY_TOKENS;
 use voxgate_agents::{EnginesConfig, TurnConfig};
 use voxgate_sip::SipConfig;
 
@@ -302,6 +303,13 @@ impl Config {
         }
         anyhow::ensure!(self.calls.stream_connect_secs > 0, "calls.stream_connect_secs must be at least 1");
         anyhow::ensure!(matches!(self.agents.llm_threads, None | Some(1 | 2)), "agents.llm_threads must be 1 or 2");
+        for remote in &self.agents.remote_llms {
+            anyhow::ensure!(
+                remote.context_tokens > MAX_REPLY_TOKENS,
+                "agents.remote_llms ({}): context_tokens must be more than a reply's {MAX_REPLY_TOKENS} tokens",
+                remote.base_url
+            );
+        }
         if let Some(url) = &self.public_url {
             let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("public_url: {e}"))?;
             anyhow::ensure!(
@@ -377,6 +385,24 @@ mod tests {
             jail.create_file("voxgate.toml", "[calls.turn]\npause_ms = 300\n")?;
             let err = Config::load(Path::new("voxgate.toml")).unwrap_err().to_string();
             assert_eq!(err, "calls.turn.pause_ms must be 40-240 ms (got 300)");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_remote_llms_context_must_hold_more_than_a_reply() {
+        let endpoint = |context: &str| format!("[[agents.remote_llms]]\nmodels = [\"m\"]\nbase_url = \"https://llm.example.com/v1\"\n{context}");
+        for bad in ["context_tokens = 0\n", "context_tokens = 120\n"] {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("voxgate.toml", &endpoint(bad))?;
+                let err = Config::load(Path::new("voxgate.toml")).unwrap_err().to_string();
+                assert!(err.contains("context_tokens must be more than"), "{err}");
+                Ok(())
+            });
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("voxgate.toml", &endpoint(""))?;
+            assert_eq!(Config::load(Path::new("voxgate.toml")).unwrap().agents.remote_llms[0].context_tokens, 8_192);
             Ok(())
         });
     }
